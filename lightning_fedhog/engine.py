@@ -1,0 +1,206 @@
+"""The averaging engine: a background thread in each device leader that mixes the device's copy with its peers.
+
+Workers never wait for it: it reads the device's step counters, and every ``period`` device steps it exchanges
+one block of the shared vector with the other leaders and corrects the live vector in place
+(:func:`~lightning_fedhog.averaging.exchange_average_`). It owns a process group that no other thread uses
+(two threads on one gloo group deadlock).
+
+Every leader must issue the same collectives in the same order. Rounds are numbered and the block of a round
+depends only on its number; pausing is agreed *inside* the round's message: a leader that wants to pause sets a
+flag, and in the round where any flag is set, every leader parks. Parked, the engine only does what its main
+thread asks, and all main threads ask the same things in the same order at consensus points:
+``full_average`` (an exact average of the whole vector), then ``resume`` or ``stop``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, Literal, Optional
+
+import torch
+from torch import Tensor
+
+from lightning_fedhog.averaging import exchange_average_
+from lightning_fedhog.schedule import block_bounds, block_for_round
+
+_State = Literal["idle", "running", "parked", "stopped"]
+
+
+class AveragingEngine:
+    """Background, block-wise, in-place averaging of one device's flat vector with the other devices.
+
+    Args:
+        flat: the device's shared flat vector.
+        device_steps: returns the number of optimizer steps the device's workers have taken so far.
+        group: process group of all device leaders, used by this engine's thread only.
+        group_ranks: global ranks of the leaders, for error messages.
+        num_blocks: the vector is exchanged one of this many blocks per round.
+        period: device steps between rounds; the main thread may change it at any time.
+        timeout: how long the main thread waits for the engine to park or finish a command.
+        poll_interval: seconds between two looks at the step counters.
+    """
+
+    def __init__(
+        self,
+        flat: Tensor,
+        device_steps: Callable[[], int],
+        group: Any,
+        group_ranks: list[int],
+        *,
+        num_blocks: int,
+        period: int,
+        timeout: timedelta,
+        poll_interval: float = 0.0005,
+    ) -> None:
+        self.flat = flat
+        self.period = period
+        self.rounds = 0
+        self.error: Optional[RuntimeError] = None
+        self._device_steps = device_steps
+        self._group = group
+        self._group_ranks = group_ranks
+        self._bounds = block_bounds(flat.numel(), num_blocks)
+        self._timeout = timeout.total_seconds()
+        self._poll_interval = poll_interval
+        self._cond = threading.Condition()
+        self._state: _State = "idle"
+        self._pause_requested = False
+        self._abandon = False
+        self._command: Optional[str] = None
+        self._commands_done = 0
+        self._thread = threading.Thread(target=self._run, name="fedhog-averaging", daemon=True)
+
+    # ----------------------------------------------------------------------------------------------- main thread
+    def start(self) -> None:
+        """Starts the background rounds."""
+        self._state = "running"
+        self._thread.start()
+
+    @property
+    def parked(self) -> bool:
+        return self._state == "parked"
+
+    def pause(self) -> None:
+        """Asks all leaders to pause and returns once this engine is parked (after an agreed round)."""
+        with self._cond:
+            self._pause_requested = True
+            self._wait(lambda: self._state in ("parked", "stopped"), "pause the averaging with all peers")
+
+    def full_average(self) -> None:
+        """While parked: replaces the whole vector by the exact average over all leaders."""
+        self._command_and_wait("full")
+
+    def resume(self) -> None:
+        """While parked: restarts the background rounds."""
+        self._command_and_wait("resume")
+
+    def stop(self) -> None:
+        """Ends the thread. Parked, it leaves cleanly; otherwise (an error path) it is abandoned without collectives."""
+        if not self._thread.is_alive():
+            return
+        if self._state == "parked":
+            self._command_and_wait("stop")
+        else:
+            with self._cond:
+                self._abandon = True
+                self._cond.notify_all()
+        self._thread.join(timeout=1.0)
+
+    def raise_if_failed(self) -> None:
+        """Raises the engine's error in the calling thread, if the background thread has failed."""
+        if self.error is not None:
+            raise self.error
+
+    def _command_and_wait(self, command: str) -> None:
+        with self._cond:
+            if self._state != "parked":
+                raise RuntimeError(f"fedhog: averaging engine must be parked to {command!r}, it is {self._state!r}")
+            target = self._commands_done + 1
+            self._command = command
+            self._cond.notify_all()
+            self._wait(lambda: self._commands_done >= target, f"{command} the averaging with all peers")
+
+    def _wait(self, predicate: Callable[[], bool], what: str) -> None:
+        # called with self._cond held
+        if not self._cond.wait_for(lambda: predicate() or self.error is not None, timeout=self._timeout):
+            raise RuntimeError(
+                f"fedhog: could not {what} within {timedelta(seconds=self._timeout)}; the device leaders at global"
+                f" ranks {self._group_ranks} did not all answer. HINT: a peer is slow or gone; raise `timeout`."
+            )
+        self.raise_if_failed()
+
+    # ---------------------------------------------------------------------------------------- background thread
+    def _run(self) -> None:
+        try:
+            if self.flat.is_cuda:
+                torch.cuda.set_device(self.flat.device)
+                with torch.cuda.stream(torch.cuda.Stream(self.flat.device)):
+                    self._loop()
+            else:
+                self._loop()
+        except BaseException as error:  # noqa: BLE001 - any failure must reach the main thread
+            with self._cond:
+                self.error = RuntimeError(
+                    f"fedhog: averaging round {self.rounds} among the device leaders at global ranks"
+                    f" {self._group_ranks} failed: {error}"
+                )
+                self._state = "stopped"
+                self._cond.notify_all()
+
+    def _loop(self) -> None:
+        last = self._device_steps()
+        while True:
+            want_pause = self._wait_for_trigger(last)
+            if want_pause is None:
+                return
+            last = self._device_steps()
+            start, stop = self._bounds[block_for_round(self.rounds, len(self._bounds))]
+            flags = exchange_average_(self.flat[start:stop], self._group, len(self._group_ranks), float(want_pause))
+            self._synchronize()
+            self.rounds += 1
+            if flags > 0 and not self._park():
+                return
+
+    def _wait_for_trigger(self, last: int) -> Optional[bool]:
+        """Blocks until the next round is due; returns whether to ask for a pause, or None to quit."""
+        while True:
+            with self._cond:
+                if self._abandon:
+                    return None
+                if self._pause_requested:
+                    return True
+            if self._device_steps() - last >= self.period:
+                return False
+            time.sleep(self._poll_interval)
+
+    def _park(self) -> bool:
+        """Waits for commands while parked; returns False when told to stop."""
+        with self._cond:
+            self._state = "parked"
+            self._cond.notify_all()
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._command is not None or self._abandon)
+                if self._abandon:
+                    return False
+                command, self._command = self._command, None
+            if command == "full":
+                exchange_average_(self.flat, self._group, len(self._group_ranks))
+                self._synchronize()
+            with self._cond:
+                if command == "resume":
+                    self._pause_requested = False
+                    self._state = "running"
+                elif command == "stop":
+                    self._state = "stopped"
+                self._commands_done += 1
+                self._cond.notify_all()
+            if command in ("resume", "stop"):
+                return command == "resume"
+
+    def _synchronize(self) -> None:
+        if self.flat.is_cuda:
+            torch.cuda.current_stream(self.flat.device).synchronize()

@@ -1,0 +1,39 @@
+"""Lightning's subprocess-script launcher, told to start ``devices * K`` processes and to check the model first.
+
+Each of the K workers of a device is a full Lightning rank, so the stock launcher fits once it is given the
+right process count: it re-runs the user's script per local rank, and under torchrun or SLURM it only checks
+that the external launcher started ``devices * K`` tasks per node. What it cannot know is the model: we look at
+it here, in the launching process, so a model fedhog cannot share fails before anything is spawned.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from lightning.fabric.plugins.environments import ClusterEnvironment
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from typing_extensions import override
+
+from lightning_fedhog.config import FedHogConfig
+from lightning_fedhog.shared_buffer import flat_layout
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+
+class FedHogLauncher(_SubprocessScriptLauncher):
+    """Starts ``num_processes = devices * workers_per_device`` ranks per node after validating the model."""
+
+    def __init__(
+        self, cluster_environment: ClusterEnvironment, num_processes: int, num_nodes: int, config: FedHogConfig
+    ) -> None:
+        super().__init__(cluster_environment, num_processes, num_nodes)
+        self._config = config
+
+    @override
+    def launch(self, function: Callable, *args: Any, trainer: Optional[pl.Trainer] = None, **kwargs: Any) -> Any:
+        module = trainer.lightning_module if trainer is not None else None
+        if module is not None:
+            layout = flat_layout(module)
+            self._config.validate_model(layout.num_elements)
+        return super().launch(function, *args, trainer=trainer, **kwargs)

@@ -1,0 +1,164 @@
+"""A training script the end-to-end tests launch as a real program (plain, under torchrun, or as SLURM tasks).
+
+Lightning's subprocess launcher re-runs ``sys.argv`` for every extra local rank, so the tests cannot call
+``Trainer.fit`` from inside pytest: they run this file. Every rank writes what it saw to ``--out``:
+``rank{R}.json`` (counters, metrics, step times) and ``rank{R}.pt`` (final weights, optimizer states).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import torchmetrics
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning_fedhog
+from lightning_fedhog import FedHogStrategy
+
+NUM_FEATURES, NUM_CLASSES = 16, 4
+
+
+def make_data(num_samples: int, seed: int) -> TensorDataset:
+    generator = torch.Generator().manual_seed(seed)
+    centers = torch.randn(NUM_CLASSES, NUM_FEATURES, generator=torch.Generator().manual_seed(0)) * 2
+    labels = torch.randint(0, NUM_CLASSES, (num_samples,), generator=generator)
+    features = centers[labels] + torch.randn(num_samples, NUM_FEATURES, generator=generator)
+    return TensorDataset(features, labels)
+
+
+class Net(L.LightningModule):
+    """One module, several shapes of "unchanged user code", picked by ``kind``."""
+
+    def __init__(self, kind: str, world_size: int, lr: float, sleep_rank: int, sleep: float) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        layers: list[nn.Module] = [nn.Linear(NUM_FEATURES, 32)]
+        if kind == "bn":
+            layers.append(nn.BatchNorm1d(32))
+        layers += [nn.ReLU(), nn.Linear(32, NUM_CLASSES)]
+        self.net = nn.Sequential(*layers)
+        # probe[r] receives a gradient of exactly 1 from rank r only: plain SGD makes it count rank r's steps
+        self.probe = nn.Parameter(torch.zeros(world_size))
+        self.val_acc = torchmetrics.classification.MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
+        self.step_times: list[float] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self.global_rank == self.hparams.sleep_rank:
+            time.sleep(self.hparams.sleep)
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss, sync_dist=True)
+        self.log("train_loss_epoch_mean", loss, on_step=False, on_epoch=True, sync_dist=True)
+        self.step_times.append(time.monotonic())
+        return loss + self.probe[self.global_rank]
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.val_acc(logits, y)
+        self.log("val_acc", self.val_acc, on_epoch=True)
+        self.log("val_loss", nn.functional.cross_entropy(logits, y), sync_dist=True)
+        self.log("val_count", torch.tensor(float(len(y))), reduce_fx="sum", sync_dist=True, on_epoch=True)
+
+    def configure_optimizers(self):  # noqa: ANN201
+        net_params = list(self.net.parameters())
+        if self.hparams.kind == "adam":
+            optimizer = torch.optim.Adam(
+                [{"params": net_params}, {"params": [self.probe], "betas": (0.0, 0.0)}], lr=self.hparams.lr
+            )
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+            return {"optimizer": optimizer, "lr_scheduler": scheduler}
+        return torch.optim.SGD(
+            [{"params": net_params, "momentum": 0.9}, {"params": [self.probe], "momentum": 0.0}], lr=self.hparams.lr
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--kind", default="minimal", choices=["minimal", "bn", "adam"])
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--num-nodes", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--period", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=0)
+    parser.add_argument("--blocks", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=0.125)
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--sleep-rank", type=int, default=-1)
+    parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--resume", type=Path, default=None)
+    parser.add_argument("--strategy", default="object", help="'object', or a registered name")
+    args = parser.parse_args()
+
+    L.seed_everything(1234)
+    world_size = args.devices * args.num_nodes * args.workers
+    model = Net(args.kind, world_size, args.lr, args.sleep_rank, args.sleep)
+    strategy = (
+        FedHogStrategy(
+            workers_per_device=args.workers,
+            averaging_period=args.period,
+            averaging_warmup_epochs=args.warmup,
+            num_blocks=args.blocks,
+        )
+        if args.strategy == "object"
+        else args.strategy
+    )
+    checkpoint = ModelCheckpoint(dirpath=args.out / "ckpt", save_last=True, save_top_k=-1)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        num_nodes=args.num_nodes,
+        strategy=strategy,
+        max_epochs=args.epochs,
+        precision=args.precision,
+        callbacks=[checkpoint],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=args.out,
+        log_every_n_steps=1,
+    )
+    data = DataLoader(make_data(args.samples, seed=1), batch_size=args.batch, shuffle=True)
+    val = DataLoader(make_data(100, seed=2), batch_size=10)
+    trainer.fit(model, data, val, ckpt_path=args.resume)
+
+    rank = trainer.global_rank
+    optimizer_states = [opt.state_dict() for opt in trainer.optimizers]
+    torch.save({"state_dict": model.state_dict(), "optimizer_states": optimizer_states}, args.out / f"rank{rank}.pt")
+    report = {
+        "rank": rank,
+        "world_size": trainer.world_size,
+        "local_rank": trainer.local_rank,
+        "node_rank": trainer.node_rank,
+        "pid": os.getpid(),
+        "global_step": trainer.global_step,
+        "current_epoch": trainer.current_epoch,
+        "step_times": model.step_times,
+        "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+        "lrs": [group["lr"] for opt in trainer.optimizers for group in opt.param_groups],
+        "strategy": type(trainer.strategy).__name__,
+        "workers_per_device": trainer.strategy.workers_per_device,
+        "root_device": str(trainer.strategy.root_device),
+        "registered": "fedhog" in L.pytorch.strategies.StrategyRegistry,
+        "version": lightning_fedhog.__version__,
+    }
+    (args.out / f"rank{rank}.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
