@@ -1,0 +1,104 @@
+"""Test hygiene: every test leaves no shared-memory file, environment change or stray thread behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from lightning_fedhog.shared_buffer import SHM_DIR, SHM_PREFIX
+
+APP = Path(__file__).parent / "apps" / "train.py"
+
+
+def shm_files() -> set[str]:
+    return {name for name in os.listdir(SHM_DIR) if name.startswith(SHM_PREFIX)}
+
+
+@pytest.fixture(autouse=True)
+def _hygiene() -> Iterator[None]:
+    env = dict(os.environ)
+    shm_before = shm_files()
+    threads_before = set(threading.enumerate())
+    yield
+    os.environ.clear()
+    os.environ.update(env)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    leaked = shm_files() - shm_before
+    assert not leaked, f"shared-memory files left behind: {leaked}"
+    stray = [t for t in set(threading.enumerate()) - threads_before if t.is_alive() and "fedhog" in t.name]
+    assert not stray, f"threads left running: {stray}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def thread_groups(world_size: int, timeout: float = 20.0) -> tuple[dist.TCPStore, list[dist.ProcessGroup]]:
+    """One gloo group per simulated rank on one ``TCPStore(port=0)``; ranks are threads of this process."""
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    groups: list[dist.ProcessGroup | None] = [None] * world_size
+
+    def connect(rank: int) -> None:
+        client = dist.TCPStore("127.0.0.1", store.port, is_master=False)
+        groups[rank] = dist.ProcessGroupGloo(dist.PrefixStore("pg", client), rank, world_size, timedelta(seconds=timeout))
+
+    threads = [threading.Thread(target=connect, args=(rank,)) for rank in range(world_size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return store, groups  # type: ignore[return-value]
+
+
+def run_in_threads(fn, world_size: int, timeout: float = 60.0) -> list:  # noqa: ANN001
+    """Runs ``fn(rank)`` in one thread per rank and returns the results, re-raising the first error."""
+    results: list = [None] * world_size
+    errors: list[BaseException] = []
+
+    def target(rank: int) -> None:
+        try:
+            results[rank] = fn(rank)
+        except BaseException as error:  # noqa: BLE001
+            errors.append(error)
+
+    threads = [threading.Thread(target=target, args=(rank,), name=f"rank{rank}") for rank in range(world_size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+        assert not thread.is_alive(), f"{thread.name} hung"
+    if errors:
+        raise errors[0]
+    return results
+
+
+def run_app(out: Path, *app_args: str, launcher: list[str] | None = None, env: dict | None = None,
+            timeout: float = 240.0) -> list[dict]:
+    """Runs tests/apps/train.py as a real program and returns every rank's report, ordered by rank."""
+    out.mkdir(parents=True, exist_ok=True)
+    command = [*(launcher or [sys.executable]), str(APP), "--out", str(out), *app_args]
+    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    full_env.pop("PL_GLOBAL_SEED", None)
+    proc = subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{command} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    reports = [json.loads(path.read_text()) for path in sorted(out.glob("rank*.json"))]
+    return sorted(reports, key=lambda report: report["rank"])
+
+
+def load_rank(out: Path, rank: int) -> dict:
+    return torch.load(out / f"rank{rank}.pt", weights_only=False)

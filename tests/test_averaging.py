@@ -1,0 +1,121 @@
+"""Averaging math and the engine's protocol, with ranks as threads on real gloo groups."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+
+from lightning_fedhog.averaging import apply_average_delta_, exchange_average_
+from lightning_fedhog.engine import AveragingEngine
+from tests.conftest import run_in_threads, thread_groups
+
+
+def test_delta_keeps_updates_made_during_the_exchange() -> None:
+    snapshot = torch.tensor([1.0, 2.0, 3.0])
+    averaged = torch.tensor([2.0, 2.0, 2.0])
+    live = snapshot + torch.tensor([0.5, 0.0, -1.0])  # a worker stepped while the message was in flight
+    apply_average_delta_(live, snapshot, averaged)
+    assert torch.equal(live, averaged + torch.tensor([0.5, 0.0, -1.0]))
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_exchange_preserves_the_mean_and_sums_flags(world_size: int) -> None:
+    store, groups = thread_groups(world_size)
+    vectors = [torch.randn(50, generator=torch.Generator().manual_seed(rank)) for rank in range(world_size)]
+    mean = torch.stack(vectors).mean(0)
+    flags = run_in_threads(lambda r: exchange_average_(vectors[r], groups[r], world_size, flag=float(r == 1)), world_size)
+    assert flags == [1.0] * world_size
+    for vector in vectors:
+        torch.testing.assert_close(vector, mean)
+
+
+def _engine_fleet(world_size: int, numel: int, num_blocks: int, period: int):  # noqa: ANN202
+    store, groups = thread_groups(world_size)
+    vectors = [torch.randn(numel, generator=torch.Generator().manual_seed(10 + rank)) for rank in range(world_size)]
+    steps = [[0] for _ in range(world_size)]
+    engines = [
+        AveragingEngine(
+            vectors[rank],
+            lambda rank=rank: steps[rank][0],
+            groups[rank],
+            list(range(world_size)),
+            num_blocks=num_blocks,
+            period=period,
+            timeout=timedelta(seconds=20),
+            poll_interval=0.0002,
+        )
+        for rank in range(world_size)
+    ]
+    return store, vectors, steps, engines
+
+
+def test_engine_without_training_preserves_the_mean_and_converges() -> None:
+    world_size, num_blocks = 3, 4
+    store, vectors, steps, engines = _engine_fleet(world_size, numel=37, num_blocks=num_blocks, period=1)
+    mean = torch.stack(vectors).mean(0)
+    for engine in engines:
+        engine.start()
+    # every device "steps" (no change to the vector) until each block has been exchanged at least twice
+    deadline = time.monotonic() + 20
+    while min(engine.rounds for engine in engines) < 2 * num_blocks and time.monotonic() < deadline:
+        for counter in steps:
+            counter[0] += 1
+        time.sleep(0.001)
+    run_in_threads(lambda r: engines[r].pause(), world_size)
+    rounds = {engine.rounds for engine in engines}
+    assert len(rounds) == 1, f"leaders disagree on the number of rounds: {rounds}"
+    for vector in vectors:
+        torch.testing.assert_close(vector, mean)
+        torch.testing.assert_close(vector, vectors[0], rtol=0, atol=0)
+    run_in_threads(lambda r: engines[r].stop(), world_size)
+
+
+def test_leaders_of_very_different_speed_agree_to_pause_average_and_resume() -> None:
+    world_size = 3
+    store, vectors, steps, engines = _engine_fleet(world_size, numel=64, num_blocks=2, period=4)
+    for engine in engines:
+        engine.start()
+    stop = threading.Event()
+
+    def train(rank: int) -> None:  # device r steps (and changes its copy) at its own pace
+        while not stop.is_set():
+            vectors[rank].add_(0.01 * (rank + 1))
+            steps[rank][0] += 1
+            time.sleep(0.0005 * (1 + 20 * (rank == 2)))
+
+    workers = [threading.Thread(target=train, args=(rank,)) for rank in range(world_size)]
+    for worker in workers:
+        worker.start()
+    time.sleep(0.5)
+    # only the fastest leader asks to pause; the others park in the same round without asking
+    engines[0].pause()
+    assert all(engine.parked for engine in engines)
+    stop.set()
+    for worker in workers:
+        worker.join()
+    before = torch.stack(vectors).mean(0)
+    run_in_threads(lambda r: (engines[r].pause(), engines[r].full_average()), world_size)
+    for vector in vectors:
+        torch.testing.assert_close(vector, before)
+    assert len({engine.rounds for engine in engines}) == 1
+    assert steps[0][0] > 3 * steps[2][0], "the fast device must not have been slowed to the slow one's pace"
+    run_in_threads(lambda r: engines[r].resume(), world_size)
+    for counter in steps:
+        counter[0] += 100
+    run_in_threads(lambda r: (engines[r].pause(), engines[r].stop()), world_size)
+    assert all(not engine._thread.is_alive() for engine in engines)
+
+
+def test_a_failed_round_is_reported_to_the_main_thread_with_the_peers() -> None:
+    store, groups = thread_groups(2, timeout=1.0)
+    engine = AveragingEngine(
+        torch.zeros(8), lambda: 0, groups[0], [0, 1], num_blocks=1, period=1, timeout=timedelta(seconds=5)
+    )
+    engine.start()
+    with pytest.raises(RuntimeError, match=r"among the device leaders at global ranks \[0, 1\] failed"):
+        engine.pause()  # rank 1 never joins: the round times out
+    engine.stop()

@@ -1,0 +1,107 @@
+"""Bad configuration fails at construction or at `fit`, before any worker process is spawned."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+import lightning_fedhog  # noqa: F401 - registers the strategies
+from lightning_fedhog import FedHogConfig, FedHogStrategy
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"workers_per_device": 0}, r"`workers_per_device` must be >= 1, got 0. HINT"),
+        ({"workers_per_device": 1.5}, r"`workers_per_device` must be an integer"),
+        ({"workers_per_device": True}, r"`workers_per_device` must be an integer"),
+        ({"num_blocks": 0}, r"`num_blocks` must be >= 1, got 0"),
+        ({"averaging_period": -3}, r"`averaging_period` must be >= 1, got -3"),
+        ({"averaging_warmup_epochs": -1}, r"`averaging_warmup_epochs` must be >= 0, got -1"),
+        ({"averaging": "gossipy"}, r"Unknown `averaging='gossipy'`. HINT: choose one of 'allreduce'"),
+        ({"timeout": timedelta(0)}, r"`timeout` must be a positive `datetime.timedelta`"),
+        ({"timeout": 30}, r"`timeout` must be a positive `datetime.timedelta`"),
+    ],
+)
+def test_bad_knobs_fail_at_construction(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        FedHogConfig(**kwargs)
+    with pytest.raises(ValueError, match=message):
+        FedHogStrategy(**kwargs)
+
+
+def test_num_blocks_larger_than_the_model_is_refused() -> None:
+    FedHogConfig(num_blocks=10).validate_model(10)
+    with pytest.raises(ValueError, match=r"`num_blocks=11` is larger than the model's 10 floating elements"):
+        FedHogConfig(num_blocks=11).validate_model(10)
+
+
+class _Tiny(L.LightningModule):
+    def __init__(self, mixed: bool = False) -> None:
+        super().__init__()
+        self.layer = nn.Linear(2, 2)
+        if mixed:
+            self.other = nn.Linear(2, 2).double()
+
+    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        return self.layer(batch[0]).sum()
+
+    def configure_optimizers(self):  # noqa: ANN201
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit_refused(model: L.LightningModule, strategy: FedHogStrategy, message: str) -> None:
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, logger=False, max_steps=1)
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(model)
+    assert trainer.strategy.launcher.procs == [], "a worker process was spawned before the error"
+
+
+def test_model_checks_run_in_the_launcher_before_spawning() -> None:
+    _fit_refused(_Tiny(), FedHogStrategy(num_blocks=7), r"`num_blocks=7` is larger than the model's 6 floating")
+    _fit_refused(_Tiny(mixed=True), FedHogStrategy(), r"mixes dtypes .*torch.float32.*HINT: cast the module")
+
+
+def test_sync_batchnorm_is_refused_at_trainer_construction() -> None:
+    with pytest.raises(ValueError, match=r"sync_batchnorm=True\)` is not supported by fedhog.*HINT: drop"):
+        L.Trainer(accelerator="cpu", devices=2, strategy="fedhog", sync_batchnorm=True)
+
+
+def test_unsupported_accelerator_is_refused_with_the_alternative() -> None:
+    strategy = FedHogStrategy()
+    strategy.accelerator = L.pytorch.accelerators.MPSAccelerator()
+    with pytest.raises(ValueError, match=r"not MPSAccelerator. HINT: use `strategy='ddp'`"):
+        strategy._configure_launcher()
+
+
+def test_registered_names_build_the_strategy_with_their_presets() -> None:
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="fedhog_k4", logger=False)
+    assert isinstance(trainer.strategy, FedHogStrategy)
+    assert trainer.strategy.workers_per_device == 4
+    assert trainer.strategy.num_processes == 8
+    assert trainer.strategy.distributed_sampler_kwargs == {"num_replicas": 8, "rank": 0}
+    single = L.Trainer(accelerator="cpu", devices=3, strategy="fedhog_single_worker", logger=False)
+    assert single.strategy.num_processes == 3
+
+
+def test_workers_map_to_their_device() -> None:
+    strategy = FedHogStrategy(workers_per_device=3)
+    strategy.parallel_devices = [torch.device("cpu", 0), torch.device("cpu", 1)]
+    seen = []
+    for local_rank in range(6):
+        strategy.cluster_environment = _FixedRank(local_rank)
+        seen.append((strategy.root_device.index, strategy.device_slot, strategy.is_device_leader))
+    assert seen == [(0, 0, True), (0, 1, False), (0, 2, False), (1, 0, True), (1, 1, False), (1, 2, False)]
+
+
+class _FixedRank(L.fabric.plugins.environments.LightningEnvironment):
+    def __init__(self, local_rank: int) -> None:
+        super().__init__()
+        self._local = local_rank
+
+    def local_rank(self) -> int:
+        return self._local
