@@ -21,7 +21,7 @@ def apply_average_delta_(live: Tensor, snapshot: Tensor, averaged: Tensor) -> No
     live.add_(averaged - snapshot)
 
 
-def exchange_average_(live: Tensor, group: Any, world_size: int, flag: float = 0.0) -> float:
+def exchange_average_(live: Tensor, group: Any, world_size: int, flag: float = 0.0, *, exact: bool = False) -> float:
     """Averages ``live`` over ``group`` in place and sums a control flag in the same message.
 
     The flag rides in the last element of the one all-reduce message, so agreeing on pause and stop needs no
@@ -32,6 +32,8 @@ def exchange_average_(live: Tensor, group: Any, world_size: int, flag: float = 0
         group: process group of the device leaders.
         world_size: number of members of ``group``.
         flag: this leader's control value (e.g. 1.0 = "I want to pause").
+        exact: nobody writes ``live`` meanwhile (workers are parked): overwrite it with the average, so every
+            leader ends with the same bits; ``s + (avg - s)`` would differ from ``avg`` by rounding.
 
     Returns:
         The sum of all leaders' flags.
@@ -43,5 +45,8 @@ def exchange_average_(live: Tensor, group: Any, world_size: int, flag: float = 0
     dist.all_reduce(message, op=dist.ReduceOp.SUM, group=group)
     flags = float(message[-1].item())
     averaged = message[:-1].div_(world_size)
-    apply_average_delta_(live.view(-1), snapshot, averaged)
+    if exact:
+        live.view(-1).copy_(averaged)
+    else:
+        apply_average_delta_(live.view(-1), snapshot, averaged)
     return flags

@@ -188,7 +188,7 @@ class AveragingEngine:
                     return False
                 command, self._command = self._command, None
             if command == "full":
-                exchange_average_(self.flat, self._group, len(self._group_ranks))
+                exchange_average_(self.flat, self._group, len(self._group_ranks), exact=True)
                 self._synchronize()
             with self._cond:
                 if command == "resume":

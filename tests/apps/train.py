@@ -152,7 +152,7 @@ def main() -> None:
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         "lrs": [group["lr"] for opt in trainer.optimizers for group in opt.param_groups],
         "strategy": type(trainer.strategy).__name__,
-        "workers_per_device": trainer.strategy.workers_per_device,
+        "workers_per_device": getattr(trainer.strategy, "workers_per_device", 1),
         "root_device": str(trainer.strategy.root_device),
         "registered": "fedhog" in L.pytorch.strategies.StrategyRegistry,
         "version": lightning_fedhog.__version__,
