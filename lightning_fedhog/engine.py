@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -58,7 +58,7 @@ class AveragingEngine:
         self.flat = flat
         self.period = period
         self.rounds = 0
-        self.error: Optional[RuntimeError] = None
+        self.error: RuntimeError | None = None
         self._device_steps = device_steps
         self._group = group
         self._group_ranks = group_ranks
@@ -69,7 +69,7 @@ class AveragingEngine:
         self._state: _State = "idle"
         self._pause_requested = False
         self._abandon = False
-        self._command: Optional[str] = None
+        self._command: str | None = None
         self._commands_done = 0
         self._thread = threading.Thread(target=self._run, name="fedhog-averaging", daemon=True)
 
@@ -141,7 +141,7 @@ class AveragingEngine:
                     self._loop()
             else:
                 self._loop()
-        except BaseException as error:  # noqa: BLE001 - any failure must reach the main thread
+        except BaseException as error:
             with self._cond:
                 self.error = RuntimeError(
                     f"fedhog: averaging round {self.rounds} among the device leaders at global ranks"
@@ -164,7 +164,7 @@ class AveragingEngine:
             if flags > 0 and not self._park():
                 return
 
-    def _wait_for_trigger(self, last: int) -> Optional[bool]:
+    def _wait_for_trigger(self, last: int) -> bool | None:
         """Blocks until the next round is due; returns whether to ask for a pause, or None to quit."""
         while True:
             with self._cond:

@@ -8,7 +8,8 @@ it here, in the launching process, so a model fedhog cannot share fails before a
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from lightning.fabric.plugins.environments import ClusterEnvironment
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
@@ -31,7 +32,7 @@ class FedHogLauncher(_SubprocessScriptLauncher):
         self._config = config
 
     @override
-    def launch(self, function: Callable, *args: Any, trainer: Optional[pl.Trainer] = None, **kwargs: Any) -> Any:
+    def launch(self, function: Callable, *args: Any, trainer: pl.Trainer | None = None, **kwargs: Any) -> Any:
         module = trainer.lightning_module if trainer is not None else None
         if module is not None:
             layout = flat_layout(module)

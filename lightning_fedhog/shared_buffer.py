@@ -102,7 +102,7 @@ def bind_module(module: nn.Module, flat: Tensor, layout: FlatLayout, *, copy_val
     tensors = list(_shared_tensors(module))
     if len(tensors) != len(layout.names):
         raise RuntimeError(f"fedhog: the module has {len(tensors)} shared tensors, the layout {len(layout.names)}")
-    for (name, owner, attribute, tensor), offset, shape in zip(tensors, layout.offsets, layout.shapes):
+    for (name, owner, attribute, tensor), offset, shape in zip(tensors, layout.offsets, layout.shapes, strict=True):
         if tensor.shape != shape:
             raise RuntimeError(f"fedhog: tensor {name!r} changed shape from {tuple(shape)} to {tuple(tensor.shape)}")
         view = _alias(flat, offset, shape)

@@ -11,9 +11,9 @@ Lightning looks at the model: validation, checkpoints and the end of ``fit``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -82,11 +82,11 @@ class FedHogStrategy(DDPStrategy):
         averaging_warmup_epochs: int = 0,
         num_blocks: int = 1,
         timeout: timedelta = timedelta(minutes=30),
-        accelerator: Optional[pl.accelerators.Accelerator] = None,
-        parallel_devices: Optional[list[torch.device]] = None,
-        cluster_environment: Optional[ClusterEnvironment] = None,
-        checkpoint_io: Optional[CheckpointIO] = None,
-        precision_plugin: Optional[Precision] = None,
+        accelerator: pl.accelerators.Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
     ) -> None:
         self.config = FedHogConfig(
             workers_per_device=workers_per_device,
@@ -105,8 +105,8 @@ class FedHogStrategy(DDPStrategy):
             process_group_backend="gloo",
             timeout=timeout,
         )
-        self.buffer: Optional[SharedFlatBuffer] = None
-        self.engine: Optional[AveragingEngine] = None
+        self.buffer: SharedFlatBuffer | None = None
+        self.engine: AveragingEngine | None = None
         self._leader_group: Any = None
         self._leader_ranks: list[int] = []
         self._generation = 0
@@ -256,7 +256,7 @@ class FedHogStrategy(DDPStrategy):
         self,
         optimizer: Optimizer,
         closure: Callable[[], Any],
-        model: Optional[Union[pl.LightningModule, torch.nn.Module]] = None,
+        model: pl.LightningModule | torch.nn.Module | None = None,
         **kwargs: Any,
     ) -> Any:
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
@@ -311,9 +311,7 @@ class FedHogStrategy(DDPStrategy):
         )
 
     @override
-    def reduce(
-        self, tensor: Tensor, group: Optional[Any] = None, reduce_op: Optional[Union[ReduceOp, str]] = "mean"
-    ) -> Tensor:
+    def reduce(self, tensor: Tensor, group: Any | None = None, reduce_op: ReduceOp | str | None = "mean") -> Tensor:
         """All-reduces ``tensor``, except inside a training batch, where the worker's own value is returned.
 
         A per-step ``self.log(..., sync_dist=True)`` would put every worker in lock-step (DESIGN.md section 6
@@ -348,9 +346,7 @@ class FedHogStrategy(DDPStrategy):
         return super().lightning_module_state_dict()
 
     @override
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Optional[Any] = None
-    ) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
         """Adds every worker's optimizer state to the checkpoint, then lets rank 0 write it.
 
         Each Hogwild! worker has its own momentum; Lightning saves rank 0's only. All ranks call this method.
@@ -375,7 +371,7 @@ class FedHogStrategy(DDPStrategy):
                 f"fedhog: the checkpoint holds optimizer states of {len(per_rank)} workers but this run has"
                 f" {self.world_size}; every worker starts from rank 0's optimizer state."
             )
-        for optimizer, state in zip(self.optimizers, states):
+        for optimizer, state in zip(self.optimizers, states, strict=True):
             optimizer.load_state_dict(state)
             _optimizer_to_device(optimizer, self.root_device)
 

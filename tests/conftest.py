@@ -54,7 +54,8 @@ def thread_groups(world_size: int, timeout: float = 20.0) -> tuple[dist.TCPStore
 
     def connect(rank: int) -> None:
         client = dist.TCPStore("127.0.0.1", store.port, is_master=False)
-        groups[rank] = dist.ProcessGroupGloo(dist.PrefixStore("pg", client), rank, world_size, timedelta(seconds=timeout))
+        prefixed = dist.PrefixStore("pg", client)
+        groups[rank] = dist.ProcessGroupGloo(prefixed, rank, world_size, timedelta(seconds=timeout))
 
     threads = [threading.Thread(target=connect, args=(rank,)) for rank in range(world_size)]
     for thread in threads:
@@ -64,7 +65,7 @@ def thread_groups(world_size: int, timeout: float = 20.0) -> tuple[dist.TCPStore
     return store, groups  # type: ignore[return-value]
 
 
-def run_in_threads(fn, world_size: int, timeout: float = 60.0) -> list:  # noqa: ANN001
+def run_in_threads(fn, world_size: int, timeout: float = 60.0) -> list:
     """Runs ``fn(rank)`` in one thread per rank and returns the results, re-raising the first error."""
     results: list = [None] * world_size
     errors: list[BaseException] = []
@@ -72,7 +73,7 @@ def run_in_threads(fn, world_size: int, timeout: float = 60.0) -> list:  # noqa:
     def target(rank: int) -> None:
         try:
             results[rank] = fn(rank)
-        except BaseException as error:  # noqa: BLE001
+        except BaseException as error:
             errors.append(error)
 
     threads = [threading.Thread(target=target, args=(rank,), name=f"rank{rank}") for rank in range(world_size)]

@@ -24,16 +24,18 @@ def test_delta_keeps_updates_made_during_the_exchange() -> None:
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_exchange_preserves_the_mean_and_sums_flags(world_size: int) -> None:
-    store, groups = thread_groups(world_size)
+    _store, groups = thread_groups(world_size)
     vectors = [torch.randn(50, generator=torch.Generator().manual_seed(rank)) for rank in range(world_size)]
     mean = torch.stack(vectors).mean(0)
-    flags = run_in_threads(lambda r: exchange_average_(vectors[r], groups[r], world_size, flag=float(r == 1)), world_size)
+    flags = run_in_threads(
+        lambda r: exchange_average_(vectors[r], groups[r], world_size, flag=float(r == 1)), world_size
+    )
     assert flags == [1.0] * world_size
     for vector in vectors:
         torch.testing.assert_close(vector, mean)
 
 
-def _engine_fleet(world_size: int, numel: int, num_blocks: int, period: int):  # noqa: ANN202
+def _engine_fleet(world_size: int, numel: int, num_blocks: int, period: int):
     store, groups = thread_groups(world_size)
     vectors = [torch.randn(numel, generator=torch.Generator().manual_seed(10 + rank)) for rank in range(world_size)]
     steps = [[0] for _ in range(world_size)]
@@ -55,7 +57,7 @@ def _engine_fleet(world_size: int, numel: int, num_blocks: int, period: int):  #
 
 def test_engine_without_training_preserves_the_mean_and_converges() -> None:
     world_size, num_blocks = 3, 4
-    store, vectors, steps, engines = _engine_fleet(world_size, numel=37, num_blocks=num_blocks, period=1)
+    _store, vectors, steps, engines = _engine_fleet(world_size, numel=37, num_blocks=num_blocks, period=1)
     mean = torch.stack(vectors).mean(0)
     for engine in engines:
         engine.start()
@@ -76,7 +78,7 @@ def test_engine_without_training_preserves_the_mean_and_converges() -> None:
 
 def test_leaders_of_very_different_speed_agree_to_pause_average_and_resume() -> None:
     world_size = 3
-    store, vectors, steps, engines = _engine_fleet(world_size, numel=64, num_blocks=2, period=4)
+    _store, vectors, steps, engines = _engine_fleet(world_size, numel=64, num_blocks=2, period=4)
     for engine in engines:
         engine.start()
     stop = threading.Event()
@@ -111,7 +113,7 @@ def test_leaders_of_very_different_speed_agree_to_pause_average_and_resume() -> 
 
 
 def test_a_failed_round_is_reported_to_the_main_thread_with_the_peers() -> None:
-    store, groups = thread_groups(2, timeout=1.0)
+    _store, groups = thread_groups(2, timeout=1.0)
     engine = AveragingEngine(
         torch.zeros(8), lambda: 0, groups[0], [0, 1], num_blocks=1, period=1, timeout=timedelta(seconds=5)
     )

@@ -47,10 +47,10 @@ class _Tiny(L.LightningModule):
         if mixed:
             self.other = nn.Linear(2, 2).double()
 
-    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+    def training_step(self, batch, batch_idx):
         return self.layer(batch[0]).sum()
 
-    def configure_optimizers(self):  # noqa: ANN201
+    def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 

@@ -6,6 +6,7 @@ what every rank reported.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ def _assert_identical_and_checkpointed(out: Path, world_size: int) -> dict:
 
 
 def _steps_per_rank(samples: int, batch: int, world_size: int) -> int:
-    return -(-(-(-samples // world_size)) // batch)
+    return math.ceil(math.ceil(samples / world_size) / batch)
 
 
 @pytest.mark.parametrize(("workers", "kind"), [(1, "minimal"), (2, "bn")])
@@ -34,7 +35,7 @@ def test_unchanged_module_trains_to_one_consensus_model(tmp_path: Path, workers:
     reports = run_app(tmp_path, "--devices", "2", "--workers", str(workers), "--kind", kind, "--epochs", "2")
     assert [r["rank"] for r in reports] == list(range(world_size))
     assert {r["world_size"] for r in reports} == {world_size}
-    assert [r["root_device"] for r in reports] == [f"cpu" for _ in range(world_size)]
+    assert [r["root_device"] for r in reports] == ["cpu" for _ in range(world_size)]
     steps = 2 * _steps_per_rank(256, 16, world_size)
     assert {r["global_step"] for r in reports} == {steps}
     checkpoint = _assert_identical_and_checkpointed(tmp_path, world_size)
@@ -54,7 +55,8 @@ def test_unchanged_module_trains_to_one_consensus_model(tmp_path: Path, workers:
 
 def test_registered_name_and_bf16_mixed_on_cpu(tmp_path: Path) -> None:
     reports = run_app(
-        tmp_path, "--strategy", "fedhog", "--workers", "2", "--devices", "2", "--precision", "bf16-mixed", "--epochs", "1"
+        tmp_path, "--strategy", "fedhog", "--workers", "2", "--devices", "2", "--precision", "bf16-mixed",
+        "--epochs", "1",
     )
     assert {r["strategy"] for r in reports} == {"FedHogStrategy"}
     assert {r["workers_per_device"] for r in reports} == {2}

@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 
 from lightning_fedhog.schedule import averaging_period, block_bounds, block_for_round
@@ -8,7 +10,7 @@ def test_blocks_cover_the_vector_in_order_with_balanced_sizes(numel: int, num_bl
     bounds = block_bounds(numel, num_blocks)
     assert len(bounds) == num_blocks
     assert bounds[0][0] == 0 and bounds[-1][1] == numel
-    assert all(stop == next_start for (_, stop), (next_start, _) in zip(bounds, bounds[1:]))
+    assert all(stop == next_start for (_, stop), (next_start, _) in itertools.pairwise(bounds))
     sizes = [stop - start for start, stop in bounds]
     assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
 

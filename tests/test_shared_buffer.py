@@ -36,7 +36,7 @@ def test_binding_keeps_parameter_identity_and_values_and_shares_memory() -> None
     layout = flat_layout(model)
     flat = torch.zeros(layout.numel)
     bind_module(model, flat, layout, copy_values=True)
-    assert list(model.parameters()) == params and all(a is b for a, b in zip(model.parameters(), params))
+    assert list(model.parameters()) == params and all(a is b for a, b in zip(model.parameters(), params, strict=True))
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key])
     flat.add_(1.0)  # a write to the buffer is a write to the model

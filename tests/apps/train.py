@@ -71,7 +71,7 @@ class Net(L.LightningModule):
         self.log("val_loss", nn.functional.cross_entropy(logits, y), sync_dist=True)
         self.log("val_count", torch.tensor(float(len(y))), reduce_fx="sum", sync_dist=True, on_epoch=True)
 
-    def configure_optimizers(self):  # noqa: ANN201
+    def configure_optimizers(self):
         net_params = list(self.net.parameters())
         if self.hparams.kind == "adam":
             optimizer = torch.optim.Adam(
@@ -152,6 +152,7 @@ def main() -> None:
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         "lrs": [group["lr"] for opt in trainer.optimizers for group in opt.param_groups],
         "strategy": type(trainer.strategy).__name__,
+        "environment": type(trainer.strategy.cluster_environment).__name__,
         "workers_per_device": getattr(trainer.strategy, "workers_per_device", 1),
         "root_device": str(trainer.strategy.root_device),
         "registered": "fedhog" in L.pytorch.strategies.StrategyRegistry,

@@ -1,0 +1,89 @@
+"""The same program under torchrun (one node; two nodes on localhost) and as SLURM tasks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from tests.conftest import APP, free_port, load_rank, run_app
+
+
+def _assert_consensus(out: Path, world_size: int) -> None:
+    states = [load_rank(out, rank)["state_dict"] for rank in range(world_size)]
+    for key, value in states[0].items():
+        assert all(torch.equal(state[key], value) for state in states), key
+
+
+def test_torchrun_single_node(tmp_path: Path) -> None:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4", f"--master-port={free_port()}"]
+    reports = run_app(tmp_path, "--devices", "2", "--workers", "2", "--epochs", "1", launcher=launcher)
+    assert [r["local_rank"] for r in reports] == [0, 1, 2, 3]
+    assert len({r["pid"] for r in reports}) == 4
+    assert {r["environment"] for r in reports} == {"TorchElasticEnvironment"}
+    _assert_consensus(tmp_path, 4)
+
+
+def test_torchrun_two_nodes_on_localhost(tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    agents = [
+        subprocess.Popen(
+            [
+                sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
+                "--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={port}",
+                str(APP), "--out", str(tmp_path), "--devices", "1", "--num-nodes", "2", "--workers", "2",
+                "--epochs", "1",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for node in range(2)
+    ]
+    for agent in agents:
+        output, _ = agent.communicate(timeout=240)
+        assert agent.returncode == 0, output[-6000:]
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+    assert [(r["node_rank"], r["local_rank"]) for r in reports] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert {r["environment"] for r in reports} == {"TorchElasticEnvironment"}
+    _assert_consensus(tmp_path, 4)
+    # two devices (one per node) averaged their probes: each holds the mean of both
+    probe = load_rank(tmp_path, 0)["state_dict"]["probe"]
+    assert torch.equal(probe, probe.mean().expand(4))
+
+
+def test_slurm_tasks(tmp_path: Path) -> None:
+    """Four tasks of one SLURM step (``srun --ntasks-per-node=4``), started the way srun starts them."""
+    port = free_port()
+    tasks = []
+    for rank in range(4):
+        env = {
+            **os.environ,
+            "PYTHONWARNINGS": "ignore",
+            "SLURM_NTASKS": "4",
+            "SLURM_NTASKS_PER_NODE": "4",
+            "SLURM_NNODES": "1",
+            "SLURM_PROCID": str(rank),
+            "SLURM_LOCALID": str(rank),
+            "SLURM_NODEID": "0",
+            "SLURM_JOB_ID": "4242",
+            "SLURM_JOB_NAME": "fedhog-test",
+            "SLURM_NODELIST": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+        command = [sys.executable, str(APP), "--out", str(tmp_path), "--devices", "2", "--workers", "2"]
+        command += ["--epochs", "1"]
+        tasks.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for task in tasks:
+        output, _ = task.communicate(timeout=240)
+        assert task.returncode == 0, output[-6000:]
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+    assert {r["environment"] for r in reports} == {"SLURMEnvironment"}
+    assert [r["root_device"] for r in reports] == ["cpu"] * 4
+    _assert_consensus(tmp_path, 4)
