@@ -224,5 +224,5 @@ class SharedFlatBuffer:
             time.sleep(0.005)
 
     def device_steps(self) -> int:
-        """Optimizer steps taken by all workers of the device so far."""
-        return int(self.steps.sum())
+        """Optimizer steps taken by all workers of the device so far (polled often: read through numpy)."""
+        return int(self.steps.numpy().sum())

@@ -287,18 +287,27 @@ class FedHogStrategy(DDPStrategy):
             return
         if self.engine is not None:
             self.engine.pause()
-        self.barrier("fedhog-consensus-park")
+        self._barrier_or_fail("park the workers for a consensus point")
         if self.engine is not None:
             self.engine.full_average()
-        self.barrier("fedhog-consensus-done")
+        self._barrier_or_fail("finish the consensus average")
         self._at_consensus = True
 
     def _leave_consensus(self) -> None:
         # no worker may train while another still evaluates or saves the consensus model
-        self.barrier("fedhog-consensus-leave")
+        self._barrier_or_fail("resume training after a consensus point")
         if self.engine is not None and self.engine.parked:  # not parked: started after the consensus point
             self.engine.resume()
         self._at_consensus = False
+
+    def _barrier_or_fail(self, what: str) -> None:
+        try:
+            self.barrier(what)
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"fedhog: rank {self.global_rank} could not {what}: another worker of the {self.world_size} is gone"
+                f" or did not arrive within `timeout={self.config.timeout}`. Its own log says why. ({error})"
+            ) from error
 
     # --------------------------------------------------------------------------------------- reductions
     def _in_training_batch(self) -> bool:

@@ -96,7 +96,7 @@ def run_app(out: Path, *app_args: str, launcher: list[str] | None = None, env: d
     full_env.pop("PL_GLOBAL_SEED", None)
     proc = subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise AssertionError(f"{command} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+        raise AssertionError(f"{command} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr}")
     reports = [json.loads(path.read_text()) for path in sorted(out.glob("rank*.json"))]
     return sorted(reports, key=lambda report: report["rank"])
 

@@ -7,6 +7,8 @@ what every rank reported.
 from __future__ import annotations
 
 import math
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -111,3 +113,20 @@ def test_a_slow_worker_does_not_slow_the_others_within_an_epoch(tmp_path: Path, 
         assert slow_steps_when_fast_finished <= len(fast) // 2, (
             f"the fast worker finished its 20 steps when the slow one had done {slow_steps_when_fast_finished}"
         )
+
+
+def test_a_crashed_worker_ends_the_run_with_a_clear_error_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    with pytest.raises(AssertionError) as failure:
+        run_app(
+            tmp_path, "--devices", "2", "--workers", "2", "--samples", "1024", "--crash-rank", "1", "--timeout", "30",
+            timeout=120,
+        )
+    message = str(failure.value)
+    assert "injected failure on rank 1" in message
+    assert "fedhog: rank" in message and "is gone or did not arrive" in message
+    survivors = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
+    deadline = time.monotonic() + 30  # Lightning's process observer ends the remaining children
+    while survivors and time.monotonic() < deadline:
+        time.sleep(0.5)
+        survivors = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
+    assert not survivors, f"worker processes left running: {survivors}"

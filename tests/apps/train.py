@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
@@ -37,7 +38,9 @@ def make_data(num_samples: int, seed: int) -> TensorDataset:
 class Net(L.LightningModule):
     """One module, several shapes of "unchanged user code", picked by ``kind``."""
 
-    def __init__(self, kind: str, world_size: int, lr: float, sleep_rank: int, sleep: float) -> None:
+    def __init__(
+        self, kind: str, world_size: int, lr: float, sleep_rank: int, sleep: float, crash_rank: int = -1
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         layers: list[nn.Module] = [nn.Linear(NUM_FEATURES, 32)]
@@ -56,6 +59,8 @@ class Net(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if self.global_rank == self.hparams.sleep_rank:
             time.sleep(self.hparams.sleep)
+        if self.global_rank == self.hparams.crash_rank and self.global_step == 3:
+            raise RuntimeError(f"injected failure on rank {self.global_rank}")
         x, y = batch
         loss = nn.functional.cross_entropy(self(x), y)
         self.log("train_loss", loss, sync_dist=True)
@@ -88,6 +93,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--kind", default="minimal", choices=["minimal", "bn", "adam"])
+    parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--num-nodes", type=int, default=1)
     parser.add_argument("--workers", type=int, default=1)
@@ -101,26 +107,29 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--sleep-rank", type=int, default=-1)
     parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--crash-rank", type=int, default=-1)
     parser.add_argument("--resume", type=Path, default=None)
     parser.add_argument("--strategy", default="object", help="'object', or a registered name")
     args = parser.parse_args()
 
     L.seed_everything(1234)
     world_size = args.devices * args.num_nodes * args.workers
-    model = Net(args.kind, world_size, args.lr, args.sleep_rank, args.sleep)
+    model = Net(args.kind, world_size, args.lr, args.sleep_rank, args.sleep, args.crash_rank)
     strategy = (
         FedHogStrategy(
             workers_per_device=args.workers,
             averaging_period=args.period,
             averaging_warmup_epochs=args.warmup,
             num_blocks=args.blocks,
+            timeout=timedelta(seconds=args.timeout),
         )
         if args.strategy == "object"
         else args.strategy
     )
     checkpoint = ModelCheckpoint(dirpath=args.out / "ckpt", save_last=True, save_top_k=-1)
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=args.accelerator,
         devices=args.devices,
         num_nodes=args.num_nodes,
         strategy=strategy,
@@ -139,7 +148,8 @@ def main() -> None:
 
     rank = trainer.global_rank
     optimizer_states = [opt.state_dict() for opt in trainer.optimizers]
-    torch.save({"state_dict": model.state_dict(), "optimizer_states": optimizer_states}, args.out / f"rank{rank}.pt")
+    state = {k: v.cpu() for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "optimizer_states": optimizer_states}, args.out / f"rank{rank}.pt")
     report = {
         "rank": rank,
         "world_size": trainer.world_size,
