@@ -97,10 +97,14 @@ class AveragingEngine:
         """While parked: restarts the background rounds."""
         self._command_and_wait("resume")
 
-    def stop(self) -> None:
-        """Ends the thread. Parked, it leaves cleanly; otherwise (an error path) it is abandoned without collectives."""
+    def stop(self) -> bool:
+        """Ends the thread. Parked, it leaves cleanly; otherwise (an error path) it is abandoned without collectives.
+
+        Returns:
+            Whether the thread has ended; a thread still blocked in a collective ends with the process.
+        """
         if not self._thread.is_alive():
-            return
+            return True
         if self._state == "parked":
             self._command_and_wait("stop")
         else:
@@ -108,6 +112,7 @@ class AveragingEngine:
                 self._abandon = True
                 self._cond.notify_all()
         self._thread.join(timeout=1.0)
+        return not self._thread.is_alive()
 
     def raise_if_failed(self) -> None:
         """Raises the engine's error in the calling thread, if the background thread has failed."""

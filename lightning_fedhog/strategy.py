@@ -393,10 +393,9 @@ class FedHogStrategy(DDPStrategy):
 
     @override
     def teardown(self) -> None:
-        clean = True
+        clean = True  # destroying a group that a blocked thread still uses could hang
         if self.engine is not None:
-            clean = self.engine.parked or self.engine.error is None
-            self.engine.stop()
+            clean = self.engine.stop()
             self.engine = None
         module = self.lightning_module
         if self.buffer is not None and module is not None:

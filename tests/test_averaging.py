@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
@@ -35,6 +36,17 @@ def test_exchange_preserves_the_mean_and_sums_flags(world_size: int) -> None:
         torch.testing.assert_close(vector, mean)
 
 
+_started: list[AveragingEngine] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_engines() -> Iterator[None]:
+    """A failing test must not leave engine threads behind: abandon whatever is still running."""
+    yield
+    while _started:
+        _started.pop().stop()
+
+
 def _engine_fleet(world_size: int, numel: int, num_blocks: int, period: int):
     store, groups = thread_groups(world_size)
     vectors = [torch.randn(numel, generator=torch.Generator().manual_seed(10 + rank)) for rank in range(world_size)]
@@ -52,6 +64,7 @@ def _engine_fleet(world_size: int, numel: int, num_blocks: int, period: int):
         )
         for rank in range(world_size)
     ]
+    _started.extend(engines)
     return store, vectors, steps, engines
 
 
@@ -76,6 +89,13 @@ def test_engine_without_training_preserves_the_mean_and_converges() -> None:
     run_in_threads(lambda r: engines[r].stop(), world_size)
 
 
+def _wait_until(predicate, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.001)
+
+
 def test_leaders_of_very_different_speed_agree_to_pause_average_and_resume() -> None:
     world_size = 3
     _store, vectors, steps, engines = _engine_fleet(world_size, numel=64, num_blocks=2, period=4)
@@ -93,12 +113,14 @@ def test_leaders_of_very_different_speed_agree_to_pause_average_and_resume() -> 
     for worker in workers:
         worker.start()
     time.sleep(0.5)
-    # only the fastest leader asks to pause; the others park in the same round without asking
-    engines[0].pause()
-    assert all(engine.parked for engine in engines)
-    stop.set()
-    for worker in workers:
-        worker.join()
+    try:
+        # only the fastest leader asks to pause; the others park after the same round without asking
+        engines[0].pause()
+        _wait_until(lambda: all(engine.parked for engine in engines), seconds=10)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
     before = torch.stack(vectors).mean(0)
     run_in_threads(lambda r: (engines[r].pause(), engines[r].full_average()), world_size)
     for vector in vectors:

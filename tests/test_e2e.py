@@ -50,6 +50,8 @@ def test_unchanged_module_trains_to_one_consensus_model(tmp_path: Path, workers:
     assert metrics["val_acc"] > 0.9
     assert all(r["metrics"]["val_acc"] == metrics["val_acc"] for r in reports)
     assert all(r["metrics"]["train_loss_epoch_mean"] == metrics["train_loss_epoch_mean"] for r in reports)
+    # ... while a `sync_dist=True` value logged per step stays each worker's own (no per-step collective)
+    assert len({r["metrics"]["train_loss"] for r in reports}) == world_size
     if kind == "bn":
         running_var = checkpoint["state_dict"]["net.1.running_var"]
         assert not torch.equal(running_var, torch.ones_like(running_var)), "BatchNorm statistics must be trained"
