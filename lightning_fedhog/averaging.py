@@ -21,32 +21,59 @@ def apply_average_delta_(live: Tensor, snapshot: Tensor, averaged: Tensor) -> No
     live.add_(averaged - snapshot)
 
 
-def exchange_average_(live: Tensor, group: Any, world_size: int, flag: float = 0.0, *, exact: bool = False) -> float:
-    """Averages ``live`` over ``group`` in place and sums a control flag in the same message.
+def exchange_average_(
+    live: Tensor, group: Any, world_size: int, control: Tensor | None = None, *, exact: bool = False
+) -> Tensor | None:
+    """Averages ``live`` over all members of ``group`` in place; sums a small control vector in the same message.
 
-    The flag rides in the last element of the one all-reduce message, so agreeing on pause and stop needs no
-    extra collective (a second channel could interleave differently on different leaders and deadlock).
+    The control vector (pause flag, block scores) rides at the end of the one all-reduce message, so agreeing on
+    pausing or on the next block needs no extra collective that could interleave differently on different leaders.
 
     Args:
-        live: the block of the shared vector (a view); read once for the snapshot, then corrected in place.
+        live: the block of the shared vector (contiguous); read once for the snapshot, then corrected in place.
         group: process group of the device leaders.
         world_size: number of members of ``group``.
-        flag: this leader's control value (e.g. 1.0 = "I want to pause").
+        control: this leader's control values, or None.
         exact: nobody writes ``live`` meanwhile (workers are parked): overwrite it with the average, so every
-            leader ends with the same bits; ``s + (avg - s)`` would differ from ``avg`` by rounding.
+            leader ends with the same bits; ``s + (avg - s)`` can differ from ``avg`` by rounding.
 
     Returns:
-        The sum of all leaders' flags.
+        The control vectors summed over all leaders (None without ``control``).
     """
-    message = torch.empty(live.numel() + 1, dtype=live.dtype, device=live.device)
-    message[:-1].copy_(live.reshape(-1))
-    message[-1] = flag
-    snapshot = message[:-1].clone()
+    flat = live.view(-1)
+    extra = 0 if control is None else control.numel()
+    message = torch.empty(flat.numel() + extra, dtype=live.dtype, device=live.device)
+    message[: flat.numel()].copy_(flat)
+    if control is not None:
+        message[flat.numel() :].copy_(control)
+    snapshot = message[: flat.numel()].clone()
     dist.all_reduce(message, op=dist.ReduceOp.SUM, group=group)
-    flags = float(message[-1].item())
-    averaged = message[:-1].div_(world_size)
+    averaged = message[: flat.numel()].div_(world_size)
     if exact:
-        live.view(-1).copy_(averaged)
+        flat.copy_(averaged)
     else:
-        apply_average_delta_(live.view(-1), snapshot, averaged)
-    return flags
+        apply_average_delta_(flat, snapshot, averaged)
+    return None if control is None else message[flat.numel() :].float().cpu()
+
+
+def sum_control(control: Tensor, group: Any) -> Tensor:
+    """All-reduces a small control vector alone (gossip rounds, whose payload goes to one peer only)."""
+    message = control.clone()
+    dist.all_reduce(message, op=dist.ReduceOp.SUM, group=group)
+    return message.float().cpu()
+
+
+def exchange_with_peer_(live: Tensor, group: Any, peer: int, tag: int = 0) -> None:
+    """Pairwise gossip: averages ``live`` with the copy of leader ``peer`` (a rank *within* ``group``) in place.
+
+    Both sides compute ``s_i + s_j`` (addition commutes, so both get the same bits) and apply the delta, which
+    keeps the sum over the pair and therefore the mean over all devices.
+    """
+    flat = live.view(-1)
+    snapshot = flat.clone()
+    received = torch.empty_like(snapshot)
+    works = [group.send([snapshot], peer, tag), group.recv([received], peer, tag)]
+    for work in works:
+        work.wait()
+    averaged = (snapshot + received).div_(2)
+    apply_average_delta_(flat, snapshot, averaged)

@@ -23,8 +23,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lightning_fedhog.averaging import exchange_average_
-from lightning_fedhog.schedule import block_bounds, block_for_round
+from lightning_fedhog.averaging import exchange_average_, exchange_with_peer_, sum_control
+from lightning_fedhog.blocks import BlockRule, block_bounds, next_block
+from lightning_fedhog.topology import Topology, peers
 
 _State = Literal["idle", "running", "parked", "stopped"]
 
@@ -38,6 +39,9 @@ class AveragingEngine:
         group: process group of all device leaders, used by this engine's thread only.
         group_ranks: global ranks of the leaders, for error messages.
         num_blocks: the vector is exchanged one of this many blocks per round.
+        block_rule: how the block of a round is chosen (:func:`~lightning_fedhog.blocks.next_block`).
+        gossip_topology: None for all-reduce rounds; else the peer schedule of pairwise gossip rounds.
+        seed: shared by all leaders, for random topologies and block rules.
         period: device steps between rounds; the main thread may change it at any time.
         timeout: how long the main thread waits for the engine to park or finish a command.
         poll_interval: seconds between two looks at the step counters.
@@ -53,6 +57,9 @@ class AveragingEngine:
         num_blocks: int,
         period: int,
         timeout: timedelta,
+        block_rule: BlockRule = "round_robin",
+        gossip_topology: Topology | None = None,
+        seed: int = 0,
         poll_interval: float = 0.0005,
     ) -> None:
         self.flat = flat
@@ -63,6 +70,15 @@ class AveragingEngine:
         self._group = group
         self._group_ranks = group_ranks
         self._bounds = block_bounds(flat.numel(), num_blocks)
+        self._block_rule = block_rule
+        self._topology = gossip_topology
+        self._seed = seed
+        # per block: exchanges so far (gossip schedules advance per block, so the block cycle and the topology
+        # cycle cannot alias) and the round of the last exchange (tie-break of "largest_change")
+        self._exchanges = [0] * num_blocks
+        self._last_round = [-1] * num_blocks
+        # the value of each block when it was last exchanged, for the "largest_change" rule
+        self._reference: Tensor | None = flat.clone() if block_rule == "largest_change" else None
         self._timeout = timeout.total_seconds()
         self._poll_interval = poll_interval
         self._cond = threading.Condition()
@@ -157,17 +173,52 @@ class AveragingEngine:
 
     def _loop(self) -> None:
         last = self._device_steps()
+        scores: list[float | None] = None
         while True:
             want_pause = self._wait_for_trigger(last)
             if want_pause is None:
                 return
             last = self._device_steps()
-            start, stop = self._bounds[block_for_round(self.rounds, len(self._bounds))]
-            flags = exchange_average_(self.flat[start:stop], self._group, len(self._group_ranks), float(want_pause))
+            block = next_block(
+                self._block_rule,
+                self.rounds,
+                len(self._bounds),
+                seed=self._seed,
+                scores=scores,
+                last_exchanged=self._last_round,
+            )
+            summed = self._round(block, want_pause)
             self._synchronize()
             self.rounds += 1
-            if flags > 0 and not self._park():
+            scores = summed[1:].tolist() if summed.numel() > 1 else None
+            if summed[0] > 0 and not self._park():
                 return
+
+    def _control(self, want_pause: bool) -> Tensor:
+        """This leader's control vector: ``[pause flag, change score of every block (largest_change only)]``."""
+        values = [float(want_pause)]
+        if self._reference is not None:
+            values += [float((self.flat[a:b] - self._reference[a:b]).norm()) for a, b in self._bounds]
+        return torch.tensor(values, dtype=self.flat.dtype, device=self.flat.device)
+
+    def _round(self, block: int, want_pause: bool) -> Tensor:
+        """One averaging round on ``block``; returns the control vectors summed over all leaders."""
+        start, stop = self._bounds[block]
+        live = self.flat[start:stop]
+        control = self._control(want_pause)
+        if self._topology is None:
+            summed = exchange_average_(live, self._group, len(self._group_ranks), control)
+        else:
+            summed = sum_control(control, self._group)
+            schedule = peers(len(self._group_ranks), self._exchanges[block], self._topology, self._seed + block)
+            peer = schedule[self._group.rank()]
+            if peer is not None:
+                exchange_with_peer_(live, self._group, peer, tag=self.rounds % 65536)
+        if self._reference is not None:
+            self._reference[start:stop].copy_(live)
+        self._exchanges[block] += 1
+        self._last_round[block] = self.rounds
+        return summed  # type: ignore[return-value]  # never None when a control vector is sent
 
     def _wait_for_trigger(self, last: int) -> bool | None:
         """Blocks until the next round is due; returns whether to ask for a pause, or None to quit."""
@@ -195,6 +246,8 @@ class AveragingEngine:
             if command == "full":
                 exchange_average_(self.flat, self._group, len(self._group_ranks), exact=True)
                 self._synchronize()
+                if self._reference is not None:
+                    self._reference.copy_(self.flat)
             with self._cond:
                 if command == "resume":
                     self._pause_requested = False

@@ -28,10 +28,11 @@ def test_exchange_preserves_the_mean_and_sums_flags(world_size: int) -> None:
     _store, groups = thread_groups(world_size)
     vectors = [torch.randn(50, generator=torch.Generator().manual_seed(rank)) for rank in range(world_size)]
     mean = torch.stack(vectors).mean(0)
-    flags = run_in_threads(
-        lambda r: exchange_average_(vectors[r], groups[r], world_size, flag=float(r == 1)), world_size
+    controls = run_in_threads(
+        lambda r: exchange_average_(vectors[r], groups[r], world_size, torch.tensor([float(r == 1), r])), world_size
     )
-    assert flags == [1.0] * world_size
+    expected = torch.tensor([1.0, sum(range(world_size))])
+    assert all(torch.equal(control, expected) for control in controls)
     for vector in vectors:
         torch.testing.assert_close(vector, mean)
 
@@ -47,7 +48,7 @@ def _stop_engines() -> Iterator[None]:
         _started.pop().stop()
 
 
-def _engine_fleet(world_size: int, numel: int, num_blocks: int, period: int):
+def _engine_fleet(world_size: int, numel: int, num_blocks: int, period: int, **engine_kwargs):
     store, groups = thread_groups(world_size)
     vectors = [torch.randn(numel, generator=torch.Generator().manual_seed(10 + rank)) for rank in range(world_size)]
     steps = [[0] for _ in range(world_size)]
@@ -61,6 +62,7 @@ def _engine_fleet(world_size: int, numel: int, num_blocks: int, period: int):
             period=period,
             timeout=timedelta(seconds=20),
             poll_interval=0.0002,
+            **engine_kwargs,
         )
         for rank in range(world_size)
     ]
@@ -68,24 +70,43 @@ def _engine_fleet(world_size: int, numel: int, num_blocks: int, period: int):
     return store, vectors, steps, engines
 
 
-def test_engine_without_training_preserves_the_mean_and_converges() -> None:
-    world_size, num_blocks = 3, 4
-    _store, vectors, steps, engines = _engine_fleet(world_size, numel=37, num_blocks=num_blocks, period=1)
+@pytest.mark.parametrize(
+    ("world_size", "engine_kwargs"),
+    [
+        (3, {}),
+        (3, {"block_rule": "random"}),
+        (3, {"block_rule": "largest_change"}),
+        (3, {"gossip_topology": "exponential"}),
+        (4, {"gossip_topology": "exponential"}),
+        (3, {"gossip_topology": "ring", "block_rule": "largest_change"}),
+        (4, {"gossip_topology": "random"}),
+    ],
+)
+def test_engine_without_training_preserves_the_mean_and_converges(world_size: int, engine_kwargs: dict) -> None:
+    num_blocks = 4
+    gossip = "gossip_topology" in engine_kwargs
+    _store, vectors, steps, engines = _engine_fleet(world_size, 37, num_blocks, period=1, **engine_kwargs)
     mean = torch.stack(vectors).mean(0)
     for engine in engines:
         engine.start()
     # every device "steps" (no change to the vector) until each block has been exchanged at least twice
+    target = (40 if gossip else 2) * num_blocks  # gossip mixes pairwise: many rounds to reach the mean
     deadline = time.monotonic() + 20
-    while min(engine.rounds for engine in engines) < 2 * num_blocks and time.monotonic() < deadline:
+    while min(engine.rounds for engine in engines) < target and time.monotonic() < deadline:
         for counter in steps:
             counter[0] += 1
         time.sleep(0.001)
     run_in_threads(lambda r: engines[r].pause(), world_size)
     rounds = {engine.rounds for engine in engines}
     assert len(rounds) == 1, f"leaders disagree on the number of rounds: {rounds}"
-    for vector in vectors:
-        torch.testing.assert_close(vector, mean)
-        torch.testing.assert_close(vector, vectors[0], rtol=0, atol=0)
+    torch.testing.assert_close(torch.stack(vectors).mean(0), mean)  # the mean is preserved exactly
+    for vector in vectors:  # and every copy has reached it
+        if gossip:
+            torch.testing.assert_close(vector, mean, rtol=0, atol=1e-3 * float(mean.abs().max()))
+        else:
+            torch.testing.assert_close(vector, mean)
+            if not engine_kwargs:  # round-robin exchanged every block twice: the copies agree bit for bit
+                torch.testing.assert_close(vector, vectors[0], rtol=0, atol=0)
     run_in_threads(lambda r: engines[r].stop(), world_size)
 
 
