@@ -10,10 +10,18 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal, get_args
 
-AveragingMode = Literal["allreduce"]
-"""How device leaders mix their copies. Only the global all-reduce of the paper's reference code exists so far."""
+from lightning_fedhog.blocks import BLOCK_RULES, PARTITIONS, BlockRule, Partition
+from lightning_fedhog.topology import TOPOLOGIES, Topology
+
+AveragingMode = Literal["allreduce", "gossip"]
+"""How device leaders mix their copies: a global all-reduce (the paper's reference code) or pairwise gossip."""
 
 _AVERAGING_MODES: tuple[str, ...] = get_args(AveragingMode)
+
+
+def _require_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"Unknown `{name}={value!r}`. HINT: choose one of {', '.join(map(repr, choices))}.")
 
 
 def _require_int(name: str, value: object, minimum: int, hint: str) -> None:
@@ -32,7 +40,20 @@ class FedHogConfig:
             (LAP-SGD, Chatterjee et al., ICDCS 2024). The paper uses K=4 per GPU; on CPU, K workers per device
             share that device's cores.
         averaging: how devices mix their copies in the background. ``"allreduce"``: every round, all device
-            leaders average one block of the flat parameter vector.
+            leaders average one block of the flat parameter vector. ``"gossip"``: every round, each leader
+            averages the block with one peer chosen by ``topology``; less traffic per round, slower mixing.
+        topology: gossip peer schedule: ``"exponential"`` (hypercube one-peer exponential graph), ``"ring"``,
+            ``"random"`` (matchings from ``seed``). Ignored by ``"allreduce"``.
+        block_rule: which block a round exchanges when ``num_blocks > 1``: ``"round_robin"``, ``"random"``
+            (from ``seed``), ``"largest_change"`` (where the copies moved most since that block's last exchange).
+        seed: shared by all leaders for the random topology and block rule.
+        partial_backprop: None (off), or the epoch from which each worker alternates full steps with partial
+            steps that compute gradients only for its own block of parameter tensors (LPP-SGD; the paper starts
+            after about 10% of the epochs). Needs ``workers_per_device >= 2``.
+        partition: how parameter tensors are split into the K partial-backprop blocks: ``"numel"`` (the
+            paper's equal element counts) or ``"compute"`` (equal estimated gradient work, measured on the first
+            batch: early convolutions apply few weights at many positions).
+        rotate_ownership: move every worker to the next block each epoch, so each worker trains every block.
         averaging_period: device steps (optimizer steps summed over the K workers of a device) between two
             averaging rounds once the warm-up is over. The paper's H, 8 to 16.
         averaging_warmup_epochs: during the first this-many epochs a round starts after every device step
@@ -50,6 +71,12 @@ class FedHogConfig:
     averaging_warmup_epochs: int = 0
     num_blocks: int = 1
     timeout: timedelta = timedelta(minutes=30)
+    topology: Topology = "exponential"
+    block_rule: BlockRule = "round_robin"
+    seed: int = 0
+    partial_backprop: int | None = None
+    partition: Partition = "numel"
+    rotate_ownership: bool = False
 
     def __post_init__(self) -> None:
         _require_int(
@@ -58,10 +85,23 @@ class FedHogConfig:
             1,
             "use 1 for one process per device (no local asynchrony), 2-4 for Hogwild! workers sharing a device.",
         )
-        if self.averaging not in _AVERAGING_MODES:
-            raise ValueError(
-                f"Unknown `averaging={self.averaging!r}`. HINT: choose one of {', '.join(map(repr, _AVERAGING_MODES))}."
+        _require_choice("averaging", self.averaging, _AVERAGING_MODES)
+        _require_choice("topology", self.topology, TOPOLOGIES)
+        _require_choice("block_rule", self.block_rule, BLOCK_RULES)
+        _require_choice("partition", self.partition, PARTITIONS)
+        _require_int("seed", self.seed, 0, "any non-negative integer; all leaders must use the same one.")
+        if self.partial_backprop is not None:
+            _require_int(
+                "partial_backprop",
+                self.partial_backprop,
+                0,
+                "the epoch from which partial steps start (0: from the start), or None to turn it off.",
             )
+            if self.workers_per_device < 2:
+                raise ValueError(
+                    f"`partial_backprop={self.partial_backprop}` splits the model among the workers of a device, but"
+                    " `workers_per_device=1`. HINT: use `workers_per_device` >= 2, or `partial_backprop=None`."
+                )
         _require_int(
             "averaging_period",
             self.averaging_period,
@@ -81,12 +121,19 @@ class FedHogConfig:
                 " HINT: e.g. `timeout=timedelta(minutes=10)`."
             )
 
-    def validate_model(self, numel: int) -> None:
+    def validate_model(self, numel: int, num_parameter_tensors: int) -> None:
         """Checks the settings that depend on the model's size.
 
         Args:
             numel: number of elements of the flat vector (floating parameters and buffers).
+            num_parameter_tensors: parameter tensors the partial-backprop partition splits.
         """
+        if self.partial_backprop is not None and 0 < num_parameter_tensors < self.workers_per_device:
+            raise ValueError(
+                f"`partial_backprop` gives each of the {self.workers_per_device} workers of a device a block of"
+                f" parameter tensors, but the model has only {num_parameter_tensors}. HINT: use `workers_per_device`"
+                f" <= {num_parameter_tensors}, or `partial_backprop=None`."
+            )
         if numel > 0 and self.num_blocks > numel:
             raise ValueError(
                 f"`num_blocks={self.num_blocks}` is larger than the model's {numel} floating elements."

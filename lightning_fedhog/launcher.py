@@ -36,5 +36,5 @@ class FedHogLauncher(_SubprocessScriptLauncher):
         module = trainer.lightning_module if trainer is not None else None
         if module is not None:
             layout = flat_layout(module)
-            self._config.validate_model(layout.num_elements)
+            self._config.validate_model(layout.num_elements, len(list(module.parameters())))
         return super().launch(function, *args, trainer=trainer, **kwargs)

@@ -35,11 +35,14 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_fedhog.blocks import BlockRule, Partition, owned_block, partition_tensors, tensor_costs
 from lightning_fedhog.config import AveragingMode, FedHogConfig
 from lightning_fedhog.engine import AveragingEngine
 from lightning_fedhog.launcher import FedHogLauncher
+from lightning_fedhog.partial import gradients_only_for, record_positions
 from lightning_fedhog.schedule import averaging_period
 from lightning_fedhog.shared_buffer import SharedFlatBuffer, bind_module, flat_layout, unbind_module
+from lightning_fedhog.topology import Topology
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -63,11 +66,19 @@ class FedHogStrategy(DDPStrategy):
 
     Args:
         workers_per_device: K, the Hogwild! workers sharing one parameter copy per device.
-        averaging: how device leaders mix their copies: ``"allreduce"``.
+        averaging: how device leaders mix their copies: ``"allreduce"`` or pairwise ``"gossip"``.
         averaging_period: device steps (summed over the K workers) between averaging rounds after warm-up.
         averaging_warmup_epochs: epochs at the start during which a round follows every device step.
         num_blocks: the flat vector is exchanged one of this many blocks per round.
         timeout: how long any collective may wait for a peer.
+        topology: gossip peer schedule (``"exponential"``, ``"ring"``, ``"random"``).
+        block_rule: which block a round exchanges (``"round_robin"``, ``"random"``, ``"largest_change"``).
+        seed: shared seed of the random topology and block rule.
+        partial_backprop: None, or the epoch from which workers alternate full and partial steps (LPP-SGD).
+        partition: partial-backprop blocks of equal ``"numel"`` (the paper) or equal estimated ``"compute"``.
+        rotate_ownership: every worker moves to the next partial-backprop block each epoch.
+
+        See :class:`~lightning_fedhog.FedHogConfig` for when to change each knob.
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin: as for every
             Lightning strategy; the ``Trainer`` fills them in.
     """
@@ -82,6 +93,12 @@ class FedHogStrategy(DDPStrategy):
         averaging_warmup_epochs: int = 0,
         num_blocks: int = 1,
         timeout: timedelta = timedelta(minutes=30),
+        topology: Topology = "exponential",
+        block_rule: BlockRule = "round_robin",
+        seed: int = 0,
+        partial_backprop: int | None = None,
+        partition: Partition = "numel",
+        rotate_ownership: bool = False,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -95,6 +112,12 @@ class FedHogStrategy(DDPStrategy):
             averaging_warmup_epochs=averaging_warmup_epochs,
             num_blocks=num_blocks,
             timeout=timeout,
+            topology=topology,
+            block_rule=block_rule,
+            seed=seed,
+            partial_backprop=partial_backprop,
+            partition=partition,
+            rotate_ownership=rotate_ownership,
         )
         super().__init__(
             accelerator=accelerator,
@@ -112,6 +135,9 @@ class FedHogStrategy(DDPStrategy):
         self._generation = 0
         self._at_consensus = False
         self._warned_local_reduce = False
+        self._positions: dict[int, int] | None = None
+        self._remove_position_hooks: Callable[[], None] | None = None
+        self._partial_blocks: list[range] | None = None
 
     # ------------------------------------------------------------------------------------------ process layout
     @property
@@ -197,7 +223,7 @@ class FedHogStrategy(DDPStrategy):
         if module is None:
             raise RuntimeError("fedhog: no LightningModule to share.")
         layout = flat_layout(module)
-        self.config.validate_model(layout.num_elements)
+        self.config.validate_model(layout.num_elements, len(list(module.parameters())))
         self._generation += 1
         devices_per_node = len(self.parallel_devices or [])
         device_index = self.node_rank * devices_per_node + self.local_rank // self.workers_per_device
@@ -240,8 +266,13 @@ class FedHogStrategy(DDPStrategy):
                 num_blocks=self.config.num_blocks,
                 period=self._period(trainer.current_epoch),
                 timeout=self.config.timeout,
+                block_rule=self.config.block_rule,
+                gossip_topology=self.config.topology if self.config.averaging == "gossip" else None,
+                seed=self.config.seed,
             )
             self.engine.start()
+        if self.config.partial_backprop is not None and self.config.partition == "compute":
+            self._positions, self._remove_position_hooks = record_positions(self.lightning_module)
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -250,6 +281,48 @@ class FedHogStrategy(DDPStrategy):
         if self.engine is not None:
             self.engine.raise_if_failed()
             self.engine.period = self._period(self._trainer().current_epoch)
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        """Runs the user's ``training_step``; on a partial step only the worker's block requires gradients."""
+        blocks = self._partial_step_blocks()
+        if blocks is None:
+            output = super().training_step(*args, **kwargs)
+        else:
+            trainer = self._trainer()
+            block = owned_block(
+                self.device_slot, trainer.current_epoch, self.workers_per_device, self.config.rotate_ownership
+            )
+            with gradients_only_for(list(self._module().parameters()), blocks[block]):
+                output = super().training_step(*args, **kwargs)
+        if self._remove_position_hooks is not None:  # the first forward measured the positions
+            self._remove_position_hooks()
+            self._remove_position_hooks = None
+        return output
+
+    def _partial_step_blocks(self) -> list[range] | None:
+        """The partial-backprop blocks when this step is a partial one (odd worker steps from the start epoch)."""
+        start = self.config.partial_backprop
+        if start is None or self.buffer is None or self._remove_position_hooks is not None:
+            return None
+        trainer = self._trainer()
+        if not trainer.training or trainer.current_epoch < start:
+            return None
+        if int(self.buffer.steps[self.device_slot]) % 2 == 0:
+            return None
+        if self._partial_blocks is None:
+            parameters = list(self._module().parameters())
+            numels = [parameter.numel() for parameter in parameters]
+            positions = [(self._positions or {}).get(id(parameter), 1) for parameter in parameters]
+            costs = tensor_costs(numels, positions, self.config.partition)
+            self._partial_blocks = partition_tensors(costs, self.workers_per_device)
+        return self._partial_blocks
+
+    def _module(self) -> pl.LightningModule:
+        module = self.lightning_module
+        if module is None:
+            raise RuntimeError("fedhog: no LightningModule attached.")
+        return module
 
     @override
     def optimizer_step(
@@ -424,6 +497,14 @@ class FedHogStrategy(DDPStrategy):
             "fedhog_single_worker": (
                 "fedhog with 1 worker per device: background averaging between devices only",
                 {"workers_per_device": 1},
+            ),
+            "fedhog_lpp": (
+                "LPP-SGD: 4 workers per device alternating full and partial-backprop steps from epoch 1",
+                {"workers_per_device": 4, "partial_backprop": 1},
+            ),
+            "fedhog_gossip": (
+                "fedhog with pairwise gossip on the one-peer exponential graph instead of all-reduce",
+                {"averaging": "gossip", "topology": "exponential"},
             ),
         }
         for name, (description, init_params) in presets.items():

@@ -22,9 +22,14 @@ from lightning_fedhog import FedHogConfig, FedHogStrategy
         ({"num_blocks": 0}, r"`num_blocks` must be >= 1, got 0"),
         ({"averaging_period": -3}, r"`averaging_period` must be >= 1, got -3"),
         ({"averaging_warmup_epochs": -1}, r"`averaging_warmup_epochs` must be >= 0, got -1"),
-        ({"averaging": "gossipy"}, r"Unknown `averaging='gossipy'`. HINT: choose one of 'allreduce'"),
+        ({"averaging": "gossipy"}, r"Unknown `averaging='gossipy'`. HINT: choose one of 'allreduce', 'gossip'"),
         ({"timeout": timedelta(0)}, r"`timeout` must be a positive `datetime.timedelta`"),
         ({"timeout": 30}, r"`timeout` must be a positive `datetime.timedelta`"),
+        ({"topology": "star"}, r"Unknown `topology='star'`. HINT: choose one of 'exponential', 'ring', 'random'"),
+        ({"block_rule": "lifo"}, r"Unknown `block_rule='lifo'`. HINT: choose one of 'round_robin'"),
+        ({"partition": "flops"}, r"Unknown `partition='flops'`. HINT: choose one of 'numel', 'compute'"),
+        ({"partial_backprop": -1, "workers_per_device": 2}, r"`partial_backprop` must be >= 0, got -1"),
+        ({"partial_backprop": 3, "workers_per_device": 1}, r"`workers_per_device=1`. HINT: use `workers_per_device`"),
     ],
 )
 def test_bad_knobs_fail_at_construction(kwargs: dict, message: str) -> None:
@@ -35,9 +40,15 @@ def test_bad_knobs_fail_at_construction(kwargs: dict, message: str) -> None:
 
 
 def test_num_blocks_larger_than_the_model_is_refused() -> None:
-    FedHogConfig(num_blocks=10).validate_model(10)
+    FedHogConfig(num_blocks=10).validate_model(10, 2)
     with pytest.raises(ValueError, match=r"`num_blocks=11` is larger than the model's 10 floating elements"):
-        FedHogConfig(num_blocks=11).validate_model(10)
+        FedHogConfig(num_blocks=11).validate_model(10, 2)
+
+
+def test_partial_backprop_needs_a_block_of_tensors_per_worker() -> None:
+    FedHogConfig(workers_per_device=2, partial_backprop=0).validate_model(10, 2)
+    with pytest.raises(ValueError, match=r"gives each of the 4 workers .* only 3. HINT: use `workers_per_device` <= 3"):
+        FedHogConfig(workers_per_device=4, partial_backprop=0).validate_model(10, 3)
 
 
 class _Tiny(L.LightningModule):

@@ -132,3 +132,24 @@ def test_a_crashed_worker_ends_the_run_with_a_clear_error_and_leaves_nothing_beh
         time.sleep(0.5)
         survivors = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
     assert not survivors, f"worker processes left running: {survivors}"
+
+
+def test_gossip_between_three_devices_ends_in_one_consensus_model(tmp_path: Path) -> None:
+    reports = run_app(
+        tmp_path, "--devices", "3", "--averaging", "gossip", "--topology", "ring", "--blocks", "3",
+        "--block-rule", "largest_change", "--samples", "384", "--epochs", "2",
+    )
+    steps = reports[0]["global_step"]
+    checkpoint = _assert_identical_and_checkpointed(tmp_path, 3)
+    # gossip keeps the sum: the consensus probe is the exact mean of the three devices' step counts
+    assert torch.equal(checkpoint["state_dict"]["probe"], torch.full((3,), -steps * 0.125 / 3))
+    assert reports[0]["metrics"]["val_acc"] > 0.9
+
+
+def test_partial_backprop_with_compute_partition_and_rotation_trains(tmp_path: Path) -> None:
+    reports = run_app(
+        tmp_path, "--devices", "2", "--workers", "2", "--partial-backprop", "0", "--partition", "compute",
+        "--rotate", "--epochs", "2",
+    )
+    _assert_identical_and_checkpointed(tmp_path, 4)
+    assert reports[0]["metrics"]["val_acc"] > 0.9

@@ -108,6 +108,12 @@ def main() -> None:
     parser.add_argument("--sleep-rank", type=int, default=-1)
     parser.add_argument("--sleep", type=float, default=0.0)
     parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--averaging", default="allreduce")
+    parser.add_argument("--topology", default="exponential")
+    parser.add_argument("--block-rule", default="round_robin")
+    parser.add_argument("--partial-backprop", type=int, default=None)
+    parser.add_argument("--partition", default="numel")
+    parser.add_argument("--rotate", action="store_true")
     parser.add_argument("--crash-rank", type=int, default=-1)
     parser.add_argument("--resume", type=Path, default=None)
     parser.add_argument("--strategy", default="object", help="'object', or a registered name")
@@ -123,6 +129,12 @@ def main() -> None:
             averaging_warmup_epochs=args.warmup,
             num_blocks=args.blocks,
             timeout=timedelta(seconds=args.timeout),
+            averaging=args.averaging,
+            topology=args.topology,
+            block_rule=args.block_rule,
+            partial_backprop=args.partial_backprop,
+            partition=args.partition,
+            rotate_ownership=args.rotate,
         )
         if args.strategy == "object"
         else args.strategy

@@ -1,0 +1,73 @@
+"""Partial backprop: only the worker's block gets gradients and changes; frozen parameters stay frozen."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lightning_fedhog.blocks import partition_tensors, tensor_costs
+from lightning_fedhog.partial import gradients_only_for, record_positions
+
+
+def _cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4),
+    )
+
+
+def _step(model: nn.Module, keep: range | None) -> tuple[list[bool], bool]:
+    params = list(model.parameters())
+    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4)
+    before = [p.detach().clone() for p in params]
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 4, (4,))
+    partial = False
+    if keep is None:
+        loss = nn.functional.cross_entropy(model(x), y)
+    else:
+        with gradients_only_for(params, keep) as partial:
+            loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return [not torch.equal(p, b) for p, b in zip(params, before, strict=True)], partial
+
+
+def test_partial_step_changes_only_the_block_and_full_steps_change_everything() -> None:
+    model = _cnn()
+    blocks = partition_tensors([p.numel() for p in model.parameters()], 2)
+    for block in blocks:
+        changed, partial = _step(model, block)
+        assert partial
+        assert changed == [index in block for index in range(len(changed))]
+        assert all(p.requires_grad for p in model.parameters()), "flags must be restored after the step"
+    changed, _ = _step(model, None)
+    assert all(changed)
+
+
+def test_frozen_parameters_stay_frozen_and_unchanged() -> None:
+    model = _cnn()
+    params = list(model.parameters())
+    params[0].requires_grad_(False)  # the user froze the first convolution's weight
+    frozen = params[0].detach().clone()
+    changed, partial = _step(model, range(0, 2))
+    assert partial and changed == [False, True] + [False] * (len(params) - 2)
+    assert not params[0].requires_grad and torch.equal(params[0], frozen)
+    # a block made only of frozen tensors: the step falls back to a full step of what is trainable
+    changed, partial = _step(model, range(0, 1))
+    assert not partial and changed == [False] + [True] * (len(params) - 1)
+    assert not params[0].requires_grad
+
+
+def test_positions_measure_where_each_weight_is_applied() -> None:
+    model = _cnn()
+    positions, remove = record_positions(model)
+    model(torch.randn(2, 3, 8, 8))
+    remove()
+    per_tensor = [positions[id(p)] for p in model.parameters()]
+    assert per_tensor == [64, 64, 64, 64, 1, 1, 1, 1]
+    costs = tensor_costs([p.numel() for p in model.parameters()], per_tensor, "compute")
+    assert costs[0] == 8 * 3 * 3 * 3 * 64
+    model(torch.randn(2, 3, 8, 8))
+    assert len(positions) == len(per_tensor), "hooks must be gone after remove()"
