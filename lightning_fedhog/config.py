@@ -12,6 +12,7 @@ from typing import Literal, get_args
 
 from lightning_fedhog.blocks import BLOCK_RULES, PARTITIONS, BlockRule, Partition
 from lightning_fedhog.topology import TOPOLOGIES, Topology
+from lightning_fedhog.work_sharing import WorkSharing
 
 AveragingMode = Literal["allreduce", "gossip"]
 """How device leaders mix their copies: a global all-reduce (the paper's reference code) or pairwise gossip."""
@@ -54,6 +55,10 @@ class FedHogConfig:
             paper's equal element counts) or ``"compute"`` (equal estimated gradient work, measured on the first
             batch: early convolutions apply few weights at many positions).
         rotate_ownership: move every worker to the next block each epoch, so each worker trains every block.
+        work_sharing: ``"static"``: Lightning's equal shards (reproducible; every worker takes the same number
+            of steps). ``"dynamic"``: every worker claims the epoch's batches one at a time from a counter shared
+            by the run, so faster workers take more batches and nobody idles at the epoch end behind a straggler;
+            validation and checkpoints must then happen at epoch ends.
         averaging_period: device steps (optimizer steps summed over the K workers of a device) between two
             averaging rounds once the warm-up is over. The paper's H, 8 to 16.
         averaging_warmup_epochs: during the first this-many epochs a round starts after every device step
@@ -77,6 +82,7 @@ class FedHogConfig:
     partial_backprop: int | None = None
     partition: Partition = "numel"
     rotate_ownership: bool = False
+    work_sharing: WorkSharing = "static"
 
     def __post_init__(self) -> None:
         _require_int(
@@ -89,6 +95,7 @@ class FedHogConfig:
         _require_choice("topology", self.topology, TOPOLOGIES)
         _require_choice("block_rule", self.block_rule, BLOCK_RULES)
         _require_choice("partition", self.partition, PARTITIONS)
+        _require_choice("work_sharing", self.work_sharing, ("static", "dynamic"))
         _require_int("seed", self.seed, 0, "any non-negative integer; all leaders must use the same one.")
         if self.partial_backprop is not None:
             _require_int(

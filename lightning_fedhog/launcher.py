@@ -12,11 +12,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from lightning.fabric.plugins.environments import ClusterEnvironment
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from typing_extensions import override
 
 from lightning_fedhog.config import FedHogConfig
 from lightning_fedhog.shared_buffer import flat_layout
+from lightning_fedhog.work_sharing import check_dynamic_compatible
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -37,4 +39,14 @@ class FedHogLauncher(_SubprocessScriptLauncher):
         if module is not None:
             layout = flat_layout(module)
             self._config.validate_model(layout.num_elements, len(list(module.parameters())))
+        if trainer is not None and self._config.work_sharing == "dynamic":
+            step_based = [
+                f"{type(callback).__name__}(every_n_train_steps={callback._every_n_train_steps})"
+                if callback._every_n_train_steps
+                else f"{type(callback).__name__}(train_time_interval={callback._train_time_interval})"
+                for callback in trainer.checkpoint_callbacks
+                if isinstance(callback, ModelCheckpoint)
+                and (callback._every_n_train_steps or callback._train_time_interval is not None)
+            ]
+            check_dynamic_compatible(trainer.val_check_interval, step_based)
         return super().launch(function, *args, trainer=trainer, **kwargs)

@@ -11,6 +11,7 @@ Lightning looks at the model: validation, checkpoints and the end of ``fit``.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -27,12 +28,14 @@ from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies.ddp import DDPStrategy
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+from lightning.pytorch.utilities.data import _update_dataloader
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_fedhog.blocks import BlockRule, Partition, owned_block, partition_tensors, tensor_costs
@@ -43,6 +46,7 @@ from lightning_fedhog.partial import gradients_only_for, record_positions
 from lightning_fedhog.schedule import averaging_period
 from lightning_fedhog.shared_buffer import SharedFlatBuffer, bind_module, flat_layout, unbind_module
 from lightning_fedhog.topology import Topology
+from lightning_fedhog.work_sharing import SharedCounterSampler, WorkSharing
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -77,6 +81,7 @@ class FedHogStrategy(DDPStrategy):
         partial_backprop: None, or the epoch from which workers alternate full and partial steps (LPP-SGD).
         partition: partial-backprop blocks of equal ``"numel"`` (the paper) or equal estimated ``"compute"``.
         rotate_ownership: every worker moves to the next partial-backprop block each epoch.
+        work_sharing: ``"static"`` equal shards, or ``"dynamic"`` batches claimed from a shared counter.
 
         See :class:`~lightning_fedhog.FedHogConfig` for when to change each knob.
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin: as for every
@@ -99,6 +104,7 @@ class FedHogStrategy(DDPStrategy):
         partial_backprop: int | None = None,
         partition: Partition = "numel",
         rotate_ownership: bool = False,
+        work_sharing: WorkSharing = "static",
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -118,6 +124,7 @@ class FedHogStrategy(DDPStrategy):
             partial_backprop=partial_backprop,
             partition=partition,
             rotate_ownership=rotate_ownership,
+            work_sharing=work_sharing,
         )
         super().__init__(
             accelerator=accelerator,
@@ -138,6 +145,8 @@ class FedHogStrategy(DDPStrategy):
         self._positions: dict[int, int] | None = None
         self._remove_position_hooks: Callable[[], None] | None = None
         self._partial_blocks: list[range] | None = None
+        self.work_sampler: SharedCounterSampler | None = None
+        self._saved_max_steps: int | None = None
 
     # ------------------------------------------------------------------------------------------ process layout
     @property
@@ -348,6 +357,47 @@ class FedHogStrategy(DDPStrategy):
             self.engine.stop()
             self.engine = None
 
+    # ----------------------------------------------------------------------------------------- work sharing
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        """With ``work_sharing="dynamic"``, gives the training loader a sampler fed by the run's shared counter."""
+        if self.config.work_sharing != "dynamic" or self.buffer is None:
+            return dataloader
+        trainer = self._trainer()
+        if not trainer.training:
+            return dataloader
+        if not isinstance(dataloader, DataLoader) or dataloader.batch_size is None:
+            rank_zero_warn(
+                "fedhog: `work_sharing='dynamic'` needs a `DataLoader` with a `batch_size` (not a custom"
+                " `batch_sampler`); this training loader keeps static shards."
+            )
+            return dataloader
+        world_size = self.world_size
+        limit = trainer.limit_train_batches
+        total_chunks = None
+        epoch_loop = trainer.fit_loop.epoch_loop
+        if epoch_loop.max_steps > 0:
+            # max_steps is a per-worker count in Lightning; spend the same total work (max_steps batches per
+            # worker) from one budget instead, so every worker stops at the same epoch end
+            self._saved_max_steps = epoch_loop.max_steps
+            total_chunks = max(epoch_loop.max_steps - trainer.global_step, 0) * world_size
+            epoch_loop.max_steps = -1
+        sampler = dataloader.sampler
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        self.work_sampler = SharedCounterSampler(
+            len(dataloader.dataset),  # type: ignore[arg-type]
+            dataloader.batch_size,
+            dist.distributed_c10d._get_default_store(),
+            key=f"fedhog/work/{restart}/{self._generation}",
+            seed=int(getattr(sampler, "seed", 0)),
+            shuffle=bool(getattr(sampler, "shuffle", True)),
+            chunks_per_epoch=limit * world_size if isinstance(limit, int) else None,
+            total_chunks=total_chunks,
+            start_epoch=trainer.current_epoch,
+            on_exhausted=lambda: setattr(trainer, "should_stop", True),
+        )
+        return _update_dataloader(dataloader, self.work_sampler, mode=RunningStage.TRAINING)
+
     # ------------------------------------------------------------------------------------------- consensus
     def consensus(self) -> None:
         """Makes every device hold the exact average of all devices' copies, with every worker parked.
@@ -477,6 +527,10 @@ class FedHogStrategy(DDPStrategy):
             if trainer is not None:
                 _unpatch_sigterm_broadcast(trainer)
         self.buffer = None
+        if self._saved_max_steps is not None and module is not None and module._trainer is not None:
+            module._trainer.fit_loop.epoch_loop.max_steps = self._saved_max_steps
+        self._saved_max_steps = None
+        self.work_sampler = None
         if self._leader_group is not None and clean:
             dist.destroy_process_group(self._leader_group)
         self._leader_group = None

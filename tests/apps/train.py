@@ -32,7 +32,7 @@ def make_data(num_samples: int, seed: int) -> TensorDataset:
     centers = torch.randn(NUM_CLASSES, NUM_FEATURES, generator=torch.Generator().manual_seed(0)) * 2
     labels = torch.randint(0, NUM_CLASSES, (num_samples,), generator=generator)
     features = centers[labels] + torch.randn(num_samples, NUM_FEATURES, generator=generator)
-    return TensorDataset(features, labels)
+    return TensorDataset(features, labels, torch.arange(num_samples))
 
 
 class Net(L.LightningModule):
@@ -52,24 +52,26 @@ class Net(L.LightningModule):
         self.probe = nn.Parameter(torch.zeros(world_size))
         self.val_acc = torchmetrics.classification.MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
         self.step_times: list[float] = []
+        self.seen: dict[int, list[int]] = {}  # epoch -> sample indices this worker trained on
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         if self.global_rank == self.hparams.sleep_rank:
             time.sleep(self.hparams.sleep)
         if self.global_rank == self.hparams.crash_rank and self.global_step == 3:
             raise RuntimeError(f"injected failure on rank {self.global_rank}")
-        x, y = batch
+        x, y, index = batch
+        self.seen.setdefault(self.current_epoch, []).extend(index.tolist())
         loss = nn.functional.cross_entropy(self(x), y)
         self.log("train_loss", loss, sync_dist=True)
         self.log("train_loss_epoch_mean", loss, on_step=False, on_epoch=True, sync_dist=True)
         self.step_times.append(time.monotonic())
         return loss + self.probe[self.global_rank]
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        x, y, _ = batch
         logits = self(x)
         self.val_acc(logits, y)
         self.log("val_acc", self.val_acc, on_epoch=True)
@@ -114,6 +116,8 @@ def main() -> None:
     parser.add_argument("--partial-backprop", type=int, default=None)
     parser.add_argument("--partition", default="numel")
     parser.add_argument("--rotate", action="store_true")
+    parser.add_argument("--work-sharing", default="static")
+    parser.add_argument("--max-steps", type=int, default=-1)
     parser.add_argument("--crash-rank", type=int, default=-1)
     parser.add_argument("--resume", type=Path, default=None)
     parser.add_argument("--strategy", default="object", help="'object', or a registered name")
@@ -135,6 +139,7 @@ def main() -> None:
             partial_backprop=args.partial_backprop,
             partition=args.partition,
             rotate_ownership=args.rotate,
+            work_sharing=args.work_sharing,
         )
         if args.strategy == "object"
         else args.strategy
@@ -146,6 +151,7 @@ def main() -> None:
         num_nodes=args.num_nodes,
         strategy=strategy,
         max_epochs=args.epochs,
+        max_steps=args.max_steps,
         precision=args.precision,
         callbacks=[checkpoint],
         logger=False,
@@ -171,6 +177,7 @@ def main() -> None:
         "global_step": trainer.global_step,
         "current_epoch": trainer.current_epoch,
         "step_times": model.step_times,
+        "seen": model.seen,
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         "lrs": [group["lr"] for opt in trainer.optimizers for group in opt.param_groups],
         "strategy": type(trainer.strategy).__name__,
