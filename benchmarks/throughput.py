@@ -37,17 +37,29 @@ def make_model(name: str) -> nn.Module:
 
 
 class Timed(L.LightningModule):
-    def __init__(self, model: str, lr: float) -> None:
+    """Records a wall-clock time per step; ``slow_rank`` sleeps ``(slow_factor - 1)`` times its own step time."""
+
+    def __init__(self, model: str, lr: float, slow_rank: int, slow_factor: float) -> None:
         super().__init__()
         self.net = make_model(model)
         self.lr = lr
+        self.slow_rank, self.slow_factor = slow_rank, slow_factor
         self.times: list[float] = []
+        self._step_time = 0.0
+        self._slept = 0.0
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        now = time.time()
+        if self.times:  # exponential average of this worker's own step time, without the injected sleep
+            own = now - self.times[-1] - self._slept
+            self._step_time = own if self._step_time == 0 else 0.9 * self._step_time + 0.1 * own
+        self._slept = 0.0
+        if self.global_rank == self.slow_rank and self._step_time > 0:
+            self._slept = (self.slow_factor - 1) * self._step_time
+            time.sleep(self._slept)
+        self.times.append(time.time())
         x, y = batch
-        loss = nn.functional.cross_entropy(self.net(x), y)
-        self.times.append(time.perf_counter())
-        return loss
+        return nn.functional.cross_entropy(self.net(x), y)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, nesterov=True)
@@ -65,11 +77,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--samples", type=int, default=8192)
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--work-sharing", default="dynamic")
+    parser.add_argument("--slow-rank", type=int, default=-1)
+    parser.add_argument("--slow-factor", type=float, default=1.0)
     args = parser.parse_args()
 
     L.seed_everything(0)
     strategy = (
-        FedHogStrategy(workers_per_device=args.workers, averaging_period=args.period)
+        FedHogStrategy(workers_per_device=args.workers, averaging_period=args.period, work_sharing=args.work_sharing)
         if args.strategy == "fedhog"
         else args.strategy
     )
@@ -79,16 +94,11 @@ def main() -> None:
         num_sanity_val_steps=0,
     )
     data = TensorDataset(torch.randn(args.samples, 3, 32, 32), torch.randint(0, 10, (args.samples,)))
-    module = Timed(args.model, lr=0.05)
-    start = time.perf_counter()
+    module = Timed(args.model, lr=0.05, slow_rank=args.slow_rank, slow_factor=args.slow_factor)
     trainer.fit(module, DataLoader(data, batch_size=args.batch, shuffle=True))
-    wall = time.perf_counter() - start
-    steps = len(module.times)
-    warm = module.times[min(5, steps - 1)]  # skip the first steps (allocation, first collectives)
-    rate = (steps - 1 - min(5, steps - 1)) * args.batch / max(module.times[-1] - warm, 1e-9)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rank{trainer.global_rank}.json").write_text(
-        json.dumps({"rank": trainer.global_rank, "steps": steps, "samples_per_s": rate, "wall_s": wall})
+        json.dumps({"rank": trainer.global_rank, "batch": args.batch, "times": module.times})
     )
 
 
