@@ -105,3 +105,14 @@ def test_max_steps_is_a_total_budget_that_stops_everyone_together(tmp_path: Path
     assert sum(steps) == 2 * 15, f"the run did {steps} steps, not 2 x max_steps in total"
     assert {r["current_epoch"] for r in reports} == {2}  # 10 batches per epoch: the budget ends in epoch 1
     assert json.loads((tmp_path / "rank0.json").read_text())["metrics"]["val_acc"] > 0.5
+
+
+def test_limit_train_batches_caps_every_worker_without_a_hang(tmp_path: Path) -> None:
+    reports = run_app(
+        tmp_path, "--devices", "2", "--work-sharing", "dynamic", "--samples", "640", "--epochs", "2",
+        "--limit-train", "6", "--sleep-rank", "1", "--sleep", "0.02",
+    )
+    assert [r["global_step"] for r in reports] == [12, 12]
+    for epoch in ("0", "1"):
+        seen = reports[0]["seen"][epoch] + reports[1]["seen"][epoch]
+        assert len(seen) == len(set(seen)) == 2 * 6 * 16, "no sample twice within an epoch"

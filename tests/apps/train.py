@@ -118,6 +118,7 @@ def main() -> None:
     parser.add_argument("--rotate", action="store_true")
     parser.add_argument("--work-sharing", default="static")
     parser.add_argument("--max-steps", type=int, default=-1)
+    parser.add_argument("--limit-train", type=int, default=None)
     parser.add_argument("--crash-rank", type=int, default=-1)
     parser.add_argument("--resume", type=Path, default=None)
     parser.add_argument("--strategy", default="object", help="'object', or a registered name")
@@ -152,6 +153,7 @@ def main() -> None:
         strategy=strategy,
         max_epochs=args.epochs,
         max_steps=args.max_steps,
+        limit_train_batches=args.limit_train,
         precision=args.precision,
         callbacks=[checkpoint],
         logger=False,
