@@ -3,7 +3,7 @@
 MNIST-1D (Greydanus, 2020) is generated offline by the ``mnist1d`` package, so this runs anywhere with no
 download. A three-layer 1-D CNN reaches about 94% test accuracy (the published CNN figure).
 
-    python -m recipes.mnist1d fit                        # 2 CPU devices x 1 worker, fedhog
+    python -m recipes.mnist1d fit                        # 2 CPU devices x 2 workers, fedhog
     python -m recipes.mnist1d fit --trainer.strategy=ddp # the same run with DDP
     python -m recipes.mnist1d fit --print_config         # every setting, as YAML
 """
@@ -34,7 +34,7 @@ class MNIST1DDataModule(L.LightningDataModule):
     """
 
     def __init__(
-        self, data_dir: str = "data/mnist1d", batch_size: int = 64, num_samples: int = 5000, seed: int = 42
+        self, data_dir: str = "data/mnist1d", batch_size: int = 32, num_samples: int = 5000, seed: int = 42
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -137,7 +137,7 @@ def main() -> None:
         trainer_defaults={
             "accelerator": "cpu",
             "devices": 2,
-            "strategy": {"class_path": "lightning_fedhog.FedHogStrategy", "init_args": {"workers_per_device": 1}},
+            "strategy": {"class_path": "lightning_fedhog.FedHogStrategy", "init_args": {"workers_per_device": 2}},
             "max_epochs": 100,
             "callbacks": [ReportAccuracy()],
             "default_root_dir": "runs/mnist1d",

@@ -1,0 +1,171 @@
+"""DataModules for CIFAR-10, CIFAR-100 and ImageNet with the standard augmentations of the paper's recipes.
+
+Each takes ``data_dir`` and ``download``; a data set that is missing on disk fails with a message naming the
+path and how to get it, not with a traceback from deep inside torchvision.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import lightning as L
+import torchvision
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+CIFAR_MEAN = {10: (0.4914, 0.4822, 0.4465), 100: (0.5071, 0.4865, 0.4409)}
+CIFAR_STD = {10: (0.2470, 0.2435, 0.2616), 100: (0.2673, 0.2564, 0.2762)}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class _LocalCIFAR10(torchvision.datasets.CIFAR10):
+    """torchvision's CIFAR-10 reader; the files only have to exist (the md5 check would reject any copy that was
+    re-packed, and ours are checked by loading them)."""
+
+    def _check_integrity(self) -> bool:
+        folder = Path(self.root) / self.base_folder
+        return all((folder / name).is_file() for name, _ in self.train_list + self.test_list)
+
+    def _load_meta(self) -> None:
+        with open(Path(self.root) / self.base_folder / self.meta["filename"], "rb") as infile:
+            self.classes = pickle.load(infile, encoding="latin1")[self.meta["key"]]
+        self.class_to_idx = {name: index for index, name in enumerate(self.classes)}
+
+
+class _LocalCIFAR100(_LocalCIFAR10, torchvision.datasets.CIFAR100):
+    pass
+
+
+class CIFARDataModule(L.LightningDataModule):
+    """CIFAR-10/100 from the torchvision python-pickle layout (``<data_dir>/cifar-10-batches-py/...``).
+
+    Args:
+        data_dir: the folder that holds (or will hold) ``cifar-10-batches-py`` / ``cifar-100-python``.
+        download: fetch the data set if it is missing (needs internet access).
+        batch_size: per-worker batch size (the paper: 256 for ResNet-20, 64 for WRN-16-8).
+        num_workers: DataLoader worker processes per training worker.
+        augment: random crop with 4-pixel padding and horizontal flip for training.
+    """
+
+    num_classes = 10
+
+    def __init__(
+        self, data_dir: str = "data", download: bool = False, batch_size: int = 128, num_workers: int = 2,
+        augment: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+
+    def _dataset_cls(self) -> type[torchvision.datasets.CIFAR10]:
+        return _LocalCIFAR10 if self.num_classes == 10 else _LocalCIFAR100
+
+    def _folder(self) -> Path:
+        return Path(self.hparams.data_dir) / self._dataset_cls().base_folder
+
+    def prepare_data(self) -> None:
+        cls = self._dataset_cls()
+        if self.hparams.download:
+            for train in (True, False):
+                cls(self.hparams.data_dir, train=train, download=True)
+        else:
+            self._require_folder()
+
+    def _require_folder(self) -> None:
+        if not self._folder().is_dir():
+            name = f"CIFAR-{self.num_classes}"
+            raise FileNotFoundError(
+                f"{name} was not found at {self._folder()}. HINT: pass `--data.download=true` to fetch it, or copy"
+                f" the extracted python version of {name} (https://www.cs.toronto.edu/~kriz/cifar.html) there."
+            )
+
+    def _transform(self, train: bool) -> T.Compose:
+        steps = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if train and self.hparams.augment else []
+        normalize = T.Normalize(CIFAR_MEAN[self.num_classes], CIFAR_STD[self.num_classes])
+        return T.Compose([*steps, T.ToTensor(), normalize])
+
+    def setup(self, stage: str) -> None:
+        self._require_folder()  # prepare_data ran on local rank 0 only; every rank checks before reading
+        cls = self._dataset_cls()
+        self.train = cls(self.hparams.data_dir, train=True, transform=self._transform(True))
+        self.test = cls(self.hparams.data_dir, train=False, transform=self._transform(False))
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=self.hparams.batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0, drop_last=shuffle,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.test, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test, shuffle=False)
+
+
+class CIFAR10DataModule(CIFARDataModule):
+    """CIFAR-10 (50,000 training and 10,000 test images, 10 classes)."""
+
+    num_classes = 10
+
+
+class CIFAR100DataModule(CIFARDataModule):
+    """CIFAR-100 (50,000 training and 10,000 test images, 100 classes)."""
+
+    num_classes = 100
+
+
+class ImageNetDataModule(L.LightningDataModule):
+    """ImageNet (ILSVRC-2012) in the ImageFolder layout: ``<data_dir>/train/<class>/*.JPEG`` and ``.../val/...``.
+
+    Args:
+        data_dir: the folder with ``train`` and ``val``.
+        download: ImageNet cannot be downloaded automatically; True only explains how to get it.
+        batch_size: per-worker batch size (the paper: 32).
+        num_workers: DataLoader worker processes per training worker.
+        image_size: training crop size (224); validation resizes to ``image_size * 8/7`` and center-crops.
+    """
+
+    num_classes = 1000
+
+    def __init__(
+        self, data_dir: str = "data/imagenet", download: bool = False, batch_size: int = 32, num_workers: int = 4,
+        image_size: int = 224,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+
+    def prepare_data(self) -> None:
+        missing = [split for split in ("train", "val") if not (Path(self.hparams.data_dir) / split).is_dir()]
+        if missing:
+            raise FileNotFoundError(
+                f"ImageNet was not found at {os.path.abspath(self.hparams.data_dir)} (missing: {', '.join(missing)})."
+                " HINT: ImageNet needs a license and cannot be downloaded automatically; get ILSVRC-2012 from"
+                " https://image-net.org and arrange it as <data_dir>/train/<class>/*.JPEG and <data_dir>/val/<class>/."
+            )
+
+    def setup(self, stage: str) -> None:
+        self.prepare_data()
+        size = self.hparams.image_size
+        normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
+        val_tf = T.Compose([T.Resize(size * 8 // 7), T.CenterCrop(size), T.ToTensor(), normalize])
+        root = Path(self.hparams.data_dir)
+        self.train = torchvision.datasets.ImageFolder(root / "train", transform=train_tf)
+        self.val = torchvision.datasets.ImageFolder(root / "val", transform=val_tf)
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=self.hparams.batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0, drop_last=shuffle,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val, shuffle=False)
