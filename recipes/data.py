@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pickle
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torchvision
@@ -18,6 +19,14 @@ from torchvision import transforms as T
 CIFAR_MEAN = {10: (0.4914, 0.4822, 0.4465), 100: (0.5071, 0.4865, 0.4409)}
 CIFAR_STD = {10: (0.2470, 0.2435, 0.2616), 100: (0.2673, 0.2564, 0.2762)}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _loader(dataset: Dataset, hparams: Any, shuffle: bool) -> DataLoader:
+    """Training loaders shuffle and drop the last partial batch (BatchNorm dislikes tiny batches)."""
+    return DataLoader(
+        dataset, batch_size=hparams.batch_size, shuffle=shuffle, num_workers=hparams.num_workers,
+        persistent_workers=hparams.num_workers > 0, drop_last=shuffle,
+    )
 
 
 class _LocalCIFAR10(torchvision.datasets.CIFAR10):
@@ -91,20 +100,14 @@ class CIFARDataModule(L.LightningDataModule):
         self.train = cls(self.hparams.data_dir, train=True, transform=self._transform(True))
         self.test = cls(self.hparams.data_dir, train=False, transform=self._transform(False))
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset, batch_size=self.hparams.batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0, drop_last=shuffle,
-        )
-
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train, shuffle=True)
+        return _loader(self.train, self.hparams, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.test, shuffle=False)
+        return _loader(self.test, self.hparams, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test, shuffle=False)
+        return _loader(self.test, self.hparams, shuffle=False)
 
 
 class CIFAR10DataModule(CIFARDataModule):
@@ -158,14 +161,8 @@ class ImageNetDataModule(L.LightningDataModule):
         self.train = torchvision.datasets.ImageFolder(root / "train", transform=train_tf)
         self.val = torchvision.datasets.ImageFolder(root / "val", transform=val_tf)
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset, batch_size=self.hparams.batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0, drop_last=shuffle,
-        )
-
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train, shuffle=True)
+        return _loader(self.train, self.hparams, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val, shuffle=False)
+        return _loader(self.val, self.hparams, shuffle=False)

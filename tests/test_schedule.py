@@ -2,7 +2,8 @@ import itertools
 
 import pytest
 
-from lightning_fedhog.schedule import averaging_period, block_bounds, block_for_round
+from lightning_fedhog.blocks import block_bounds, next_block
+from lightning_fedhog.schedule import averaging_period
 
 
 @pytest.mark.parametrize(("numel", "num_blocks"), [(10, 1), (10, 3), (10, 10), (7, 2), (1000, 16)])
@@ -22,7 +23,7 @@ def test_block_count_outside_the_vector_is_refused(num_blocks: int) -> None:
 
 
 def test_round_robin_visits_every_block_once_per_cycle() -> None:
-    assert [block_for_round(r, 4) for r in range(9)] == [0, 1, 2, 3, 0, 1, 2, 3, 0]
+    assert [next_block("round_robin", r, 4) for r in range(9)] == [0, 1, 2, 3, 0, 1, 2, 3, 0]
 
 
 def test_warmup_averages_every_step_then_every_period() -> None:
