@@ -16,13 +16,21 @@ import torch.distributed as dist
 from torch import Tensor
 
 
-def apply_average_delta_(live: Tensor, snapshot: Tensor, averaged: Tensor) -> None:
-    """In place: ``live += averaged - snapshot``."""
-    live.add_(averaged - snapshot)
+def apply_average_delta_(live: Tensor, snapshot: Tensor, averaged: Tensor) -> Tensor:
+    """In place: ``live += averaged - snapshot``. Returns the correction (how far this copy was moved)."""
+    delta = averaged - snapshot
+    live.add_(delta)
+    return delta
 
 
 def exchange_average_(
-    live: Tensor, group: Any, world_size: int, control: Tensor | None = None, *, exact: bool = False
+    live: Tensor,
+    group: Any,
+    world_size: int,
+    control: Tensor | None = None,
+    *,
+    exact: bool = False,
+    stats: dict[str, float] | None = None,
 ) -> Tensor | None:
     """Averages ``live`` over all members of ``group`` in place; sums a small control vector in the same message.
 
@@ -36,6 +44,8 @@ def exchange_average_(
         control: this leader's control values, or None.
         exact: nobody writes ``live`` meanwhile (workers are parked): overwrite it with the average, so every
             leader ends with the same bits; ``s + (avg - s)`` can differ from ``avg`` by rounding.
+        stats: if given, receives ``moved`` (norm of the correction: this copy's distance to the average) and
+            ``bytes`` (what this leader sent: a ring all-reduce sends ``2 (n-1)/n`` times the message).
 
     Returns:
         The control vectors summed over all leaders (None without ``control``).
@@ -50,9 +60,13 @@ def exchange_average_(
     dist.all_reduce(message, op=dist.ReduceOp.SUM, group=group)
     averaged = message[: flat.numel()].div_(world_size)
     if exact:
+        delta = averaged - flat
         flat.copy_(averaged)
     else:
-        apply_average_delta_(flat, snapshot, averaged)
+        delta = apply_average_delta_(flat, snapshot, averaged)
+    if stats is not None:
+        stats["moved"] = float(delta.float().norm())
+        stats["bytes"] = 2.0 * (world_size - 1) / world_size * message.numel() * message.element_size()
     return None if control is None else message[flat.numel() :].float().cpu()
 
 
@@ -63,7 +77,9 @@ def sum_control(control: Tensor, group: Any) -> Tensor:
     return message.float().cpu()
 
 
-def exchange_with_peer_(live: Tensor, group: Any, peer: int, tag: int = 0) -> None:
+def exchange_with_peer_(
+    live: Tensor, group: Any, peer: int, tag: int = 0, stats: dict[str, float] | None = None
+) -> None:
     """Pairwise gossip: averages ``live`` with the copy of leader ``peer`` (a rank *within* ``group``) in place.
 
     Both sides compute ``s_i + s_j`` (addition commutes, so both get the same bits) and apply the delta, which
@@ -76,4 +92,7 @@ def exchange_with_peer_(live: Tensor, group: Any, peer: int, tag: int = 0) -> No
     for work in works:
         work.wait()
     averaged = (snapshot + received).div_(2)
-    apply_average_delta_(flat, snapshot, averaged)
+    delta = apply_average_delta_(flat, snapshot, averaged)
+    if stats is not None:
+        stats["moved"] = float(delta.float().norm())
+        stats["bytes"] = float(snapshot.numel() * snapshot.element_size())

@@ -77,6 +77,11 @@ class AveragingEngine:
         # cycle cannot alias) and the round of the last exchange (tie-break of "largest_change")
         self._exchanges = [0] * num_blocks
         self._last_round = [-1] * num_blocks
+        # observability: counters since the last `take_stats`, device steps at each block's last exchange
+        self._interval = {"rounds": 0.0, "seconds": 0.0, "bytes": 0.0, "moved_sq": 0.0}
+        self._interval_start = time.monotonic()
+        self._block_steps = [0] * num_blocks
+        self.consensus_distance = 0.0
         # the value of each block when it was last exchanged, for the "largest_change" rule
         self._reference: Tensor | None = flat.clone() if block_rule == "largest_change" else None
         self._timeout = timeout.total_seconds()
@@ -129,6 +134,28 @@ class AveragingEngine:
                 self._cond.notify_all()
         self._thread.join(timeout=1.0)
         return not self._thread.is_alive()
+
+    def take_stats(self) -> dict[str, float]:
+        """Averaging figures since the previous call (call it while parked): rounds/s, bytes/s, seconds per
+        round, the RMS distance a round moved this copy (an estimate of the distance to the other copies),
+        the largest staleness of a block in device steps, and the distance to the mean at the last consensus.
+        """
+        now = time.monotonic()
+        elapsed = max(now - self._interval_start, 1e-9)
+        rounds = self._interval["rounds"]
+        steps = self._device_steps()
+        result = {
+            "rounds": rounds,
+            "rounds_per_s": rounds / elapsed,
+            "bytes_per_s": self._interval["bytes"] / elapsed,
+            "seconds_per_round": self._interval["seconds"] / rounds if rounds else 0.0,
+            "round_distance": (self._interval["moved_sq"] / rounds) ** 0.5 if rounds else 0.0,
+            "staleness_steps": float(max(steps - last for last in self._block_steps)),
+            "consensus_distance": self.consensus_distance,
+        }
+        self._interval = dict.fromkeys(self._interval, 0.0)
+        self._interval_start = now
+        return result
 
     def raise_if_failed(self) -> None:
         """Raises the engine's error in the calling thread, if the background thread has failed."""
@@ -206,14 +233,21 @@ class AveragingEngine:
         start, stop = self._bounds[block]
         live = self.flat[start:stop]
         control = self._control(want_pause)
+        began = time.monotonic()
+        stats: dict[str, float] = {}
         if self._topology is None:
-            summed = exchange_average_(live, self._group, len(self._group_ranks), control)
+            summed = exchange_average_(live, self._group, len(self._group_ranks), control, stats=stats)
         else:
             summed = sum_control(control, self._group)
             schedule = peers(len(self._group_ranks), self._exchanges[block], self._topology, self._seed + block)
             peer = schedule[self._group.rank()]
             if peer is not None:
-                exchange_with_peer_(live, self._group, peer, tag=self.rounds % 65536)
+                exchange_with_peer_(live, self._group, peer, tag=self.rounds % 65536, stats=stats)
+        self._interval["rounds"] += 1
+        self._interval["seconds"] += time.monotonic() - began
+        self._interval["bytes"] += stats.get("bytes", 0.0)
+        self._interval["moved_sq"] += stats.get("moved", 0.0) ** 2
+        self._block_steps[block] = self._device_steps()
         if self._reference is not None:
             self._reference[start:stop].copy_(live)
         self._exchanges[block] += 1
@@ -244,8 +278,10 @@ class AveragingEngine:
                     return False
                 command, self._command = self._command, None
             if command == "full":
-                exchange_average_(self.flat, self._group, len(self._group_ranks), exact=True)
+                stats: dict[str, float] = {}
+                exchange_average_(self.flat, self._group, len(self._group_ranks), exact=True, stats=stats)
                 self._synchronize()
+                self.consensus_distance = stats["moved"]
                 if self._reference is not None:
                     self._reference.copy_(self.flat)
             with self._cond:

@@ -10,8 +10,10 @@ Lightning looks at the model: validation, checkpoints and the end of ``fit``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -29,7 +31,7 @@ from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies.ddp import DDPStrategy
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
-from lightning.pytorch.utilities.data import _update_dataloader
+from lightning.pytorch.utilities.data import _update_dataloader, extract_batch_size
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
@@ -42,6 +44,7 @@ from lightning_fedhog.blocks import BlockRule, Partition, owned_block, partition
 from lightning_fedhog.config import AveragingMode, FedHogConfig
 from lightning_fedhog.engine import AveragingEngine
 from lightning_fedhog.launcher import FedHogLauncher
+from lightning_fedhog.metrics import fedhog_metrics
 from lightning_fedhog.partial import gradients_only_for, record_positions
 from lightning_fedhog.schedule import averaging_period
 from lightning_fedhog.shared_buffer import SharedFlatBuffer, bind_module, flat_layout, unbind_module
@@ -147,6 +150,11 @@ class FedHogStrategy(DDPStrategy):
         self._partial_blocks: list[range] | None = None
         self.work_sampler: SharedCounterSampler | None = None
         self._saved_max_steps: int | None = None
+        self._stats_on = False
+        self._interval_start = 0.0
+        self._fit_start = 0.0
+        self._samples = 0
+        self._parked_seconds = 0.0
 
     # ------------------------------------------------------------------------------------------ process layout
     @property
@@ -280,6 +288,8 @@ class FedHogStrategy(DDPStrategy):
                 seed=self.config.seed,
             )
             self.engine.start()
+        self._stats_on = self.buffer is not None
+        self._fit_start = self._interval_start = time.monotonic()
         if self.config.partial_backprop is not None and self.config.partition == "compute":
             self._positions, self._remove_position_hooks = record_positions(self.lightning_module)
 
@@ -287,6 +297,8 @@ class FedHogStrategy(DDPStrategy):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._at_consensus:
             self._leave_consensus()
+        with contextlib.suppress(Exception):  # a batch whose size Lightning cannot tell just is not counted
+            self._samples += extract_batch_size(batch)
         if self.engine is not None:
             self.engine.raise_if_failed()
             self.engine.period = self._period(self._trainer().current_epoch)
@@ -408,6 +420,7 @@ class FedHogStrategy(DDPStrategy):
         """
         if self.buffer is None or self._at_consensus:
             return
+        began = time.monotonic()
         if self.engine is not None:
             self.engine.pause()
         self._barrier_or_fail("park the workers for a consensus point")
@@ -415,6 +428,35 @@ class FedHogStrategy(DDPStrategy):
             self.engine.full_average()
         self._barrier_or_fail("finish the consensus average")
         self._at_consensus = True
+        self._parked_seconds += time.monotonic() - began
+        if self._stats_on:
+            self._log_stats()
+
+    def _log_stats(self) -> None:
+        """Gathers every worker's figures at a consensus point (a collective) and logs them from rank 0.
+
+        Logged through the Trainer's loggers under ``fedhog/``: samples/s of the run, of each device and of
+        each worker; seconds parked at consensus points; and per device leader the averaging figures of
+        :meth:`~lightning_fedhog.engine.AveragingEngine.take_stats` (rounds/s, bytes/s, seconds per round, the
+        distance a round moved the copy, block staleness in device steps, the distance to the mean measured
+        at this consensus point).
+        """
+        now = time.monotonic()
+        mine: dict[str, Any] = {
+            "device": self.node_rank * len(self.parallel_devices or []) + self.local_rank // self.workers_per_device,
+            "samples_per_s": self._samples / max(now - self._interval_start, 1e-9),
+            "parked_s": self._parked_seconds,
+            "engine": self.engine.take_stats() if self.engine is not None else None,
+        }
+        self._samples, self._parked_seconds, self._interval_start = 0, 0.0, now
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, mine)
+        trainer = self._trainer()
+        if not self.is_global_zero or not trainer.loggers:
+            return
+        metrics = fedhog_metrics(gathered, wall_time=now - self._fit_start)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
 
     def _leave_consensus(self) -> None:
         # no worker may train while another still evaluates or saves the consensus model

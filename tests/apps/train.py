@@ -119,6 +119,7 @@ def main() -> None:
     parser.add_argument("--work-sharing", default="static")
     parser.add_argument("--max-steps", type=int, default=-1)
     parser.add_argument("--limit-train", type=int, default=None)
+    parser.add_argument("--csv", action="store_true", help="log to a CSVLogger under OUT/logs")
     parser.add_argument("--crash-rank", type=int, default=-1)
     parser.add_argument("--resume", type=Path, default=None)
     parser.add_argument("--strategy", default="object", help="'object', or a registered name")
@@ -156,7 +157,7 @@ def main() -> None:
         limit_train_batches=args.limit_train,
         precision=args.precision,
         callbacks=[checkpoint],
-        logger=False,
+        logger=L.pytorch.loggers.CSVLogger(args.out / "logs", name="run") if args.csv else False,
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=args.out,

@@ -1,0 +1,64 @@
+"""fedhog's figures reach the user's logger with plausible values."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from lightning_fedhog.metrics import fedhog_metrics
+from tests.conftest import run_app
+
+
+def test_metrics_aggregate_workers_devices_and_leaders() -> None:
+    engine = {
+        "rounds": 5.0, "rounds_per_s": 10.0, "bytes_per_s": 100.0, "seconds_per_round": 0.01, "round_distance": 0.5,
+        "staleness_steps": 4.0, "consensus_distance": 0.2,
+    }
+    workers = [
+        {"device": 0, "samples_per_s": 100.0, "parked_s": 0.1, "engine": engine},
+        {"device": 0, "samples_per_s": 50.0, "parked_s": 0.3, "engine": None},
+        {"device": 1, "samples_per_s": 80.0, "parked_s": 0.2, "engine": {**engine, "staleness_steps": 9.0}},
+        {"device": 1, "samples_per_s": 70.0, "parked_s": 0.0, "engine": None},
+    ]
+    metrics = fedhog_metrics(workers, wall_time=3.0)
+    assert metrics["fedhog/samples_per_s"] == 300.0
+    assert metrics["fedhog/device0/samples_per_s"] == 150.0 and metrics["fedhog/worker3/samples_per_s"] == 70.0
+    assert metrics["fedhog/parked_s"] == 0.3 and metrics["fedhog/staleness_steps"] == 9.0
+    assert metrics["fedhog/rounds_per_s"] == 10.0 and metrics["fedhog/device1/consensus_distance"] == 0.2
+
+
+def _rows(out: Path) -> list[dict[str, str]]:
+    (path,) = out.glob("logs/run/version_*/metrics.csv")
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def _series(rows: list[dict[str, str]], key: str) -> list[float]:
+    return [float(row[key]) for row in rows if row.get(key)]
+
+
+@pytest.mark.parametrize("period", ["2", "1000000000"], ids=["averaging", "averaging-off"])
+def test_a_csv_logged_run_has_every_fedhog_metric(tmp_path: Path, period: str) -> None:
+    args = ("--devices", "2", "--workers", "2", "--epochs", "2", "--samples", "512", "--period", period, "--csv")
+    run_app(tmp_path, *args)
+    rows = _rows(tmp_path)
+    for key in (
+        "samples_per_s", "parked_s", "wall_time_s", "rounds", "rounds_per_s", "bytes_per_s", "seconds_per_round",
+        "round_distance", "staleness_steps", "consensus_distance", "device0/samples_per_s", "worker3/samples_per_s",
+        "device1/consensus_distance",
+    ):
+        values = _series(rows, f"fedhog/{key}")
+        assert len(values) == 2, f"fedhog/{key}: one value per epoch expected, got {values}"
+        assert all(value >= 0 for value in values)
+    assert all(value > 0 for value in _series(rows, "fedhog/samples_per_s"))
+    assert _series(rows, "fedhog/wall_time_s")[1] > _series(rows, "fedhog/wall_time_s")[0]
+    distances = _series(rows, "fedhog/consensus_distance")
+    if period == "2":
+        assert min(_series(rows, "fedhog/rounds")) > 2
+        assert max(_series(rows, "fedhog/bytes_per_s")) > 0
+    else:  # no background rounds: the copies drift apart until the consensus point measures it
+        assert _series(rows, "fedhog/rounds") == [1.0, 1.0], "only the round that agrees on the pause"
+        assert min(distances) > 0
+    assert any(row.get("val_acc") for row in rows), "the user's own metrics are still logged"
