@@ -12,8 +12,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from lightning.fabric.plugins.environments import ClusterEnvironment
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from lightning_fedhog.config import FedHogConfig
@@ -39,6 +40,9 @@ class FedHogLauncher(_SubprocessScriptLauncher):
         if module is not None:
             layout = flat_layout(module)
             self._config.validate_model(layout.num_elements, len(list(module.parameters())))
+        if trainer is not None:
+            for message in lockstep_hazards(trainer):
+                rank_zero_warn(message)
         if trainer is not None and self._config.work_sharing == "dynamic":
             step_based = [
                 f"{type(callback).__name__}(every_n_train_steps={callback._every_n_train_steps})"
@@ -50,3 +54,30 @@ class FedHogLauncher(_SubprocessScriptLauncher):
             ]
             check_dynamic_compatible(trainer.val_check_interval, step_based)
         return super().launch(function, *args, trainer=trainer, **kwargs)
+
+
+def lockstep_hazards(trainer: pl.Trainer) -> list[str]:
+    """Trainer settings that put all workers back in lock-step every step (DESIGN.md section 6), with the cost and
+    the alternative. fedhog's benefit comes from workers never waiting for each other between consensus points.
+    """
+    messages = []
+    if any(isinstance(callback, Timer) for callback in trainer.callbacks):
+        messages.append(
+            "fedhog: `Trainer(max_time=...)` (the `Timer` callback) broadcasts the elapsed time from rank 0 after every"
+            " step, so every worker waits for the slowest each step. HINT: bound the run with `max_epochs` or"
+            " `max_steps` instead."
+        )
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback._train_time_interval is not None:
+            messages.append(
+                "fedhog: `ModelCheckpoint(train_time_interval=...)` decides with a broadcast after every step, so"
+                " every worker waits for the slowest each step. HINT: use `every_n_epochs` (or `every_n_train_steps`"
+                " with static work sharing)."
+            )
+    if getattr(trainer, "_val_check_time_interval", None) is not None:
+        messages.append(
+            "fedhog: a time-based `val_check_interval` is decided by each worker's own clock, so workers can disagree"
+            " on when to validate and hang at the consensus point. HINT: use a float fraction of the epoch or an"
+            " int number of batches."
+        )
+    return messages

@@ -452,11 +452,14 @@ class FedHogStrategy(DDPStrategy):
         gathered: list[Any] = [None] * self.world_size
         dist.all_gather_object(gathered, mine)
         trainer = self._trainer()
-        if not self.is_global_zero or not trainer.loggers:
+        if not self.is_global_zero:
             return
         metrics = fedhog_metrics(gathered, wall_time=now - self._fit_start)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+        if "fedhog/rounds_per_s" in metrics:
+            # the progress bar (rank 0's, one for the run) shows the averaging rate next to the user's metrics
+            trainer._logger_connector._progress_bar_metrics["avg_rounds/s"] = round(metrics["fedhog/rounds_per_s"], 1)
 
     def _leave_consensus(self) -> None:
         # no worker may train while another still evaluates or saves the consensus model

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from lightning_fedhog.metrics import fedhog_metrics
+from lightning_fedhog.plot import plot, read_runs
 from tests.conftest import run_app
 
 
@@ -62,3 +63,12 @@ def test_a_csv_logged_run_has_every_fedhog_metric(tmp_path: Path, period: str) -
         assert _series(rows, "fedhog/rounds") == [1.0, 1.0], "only the round that agrees on the pause"
         assert min(distances) > 0
     assert any(row.get("val_acc") for row in rows), "the user's own metrics are still logged"
+    # the plot utility turns the real run's log into both charts
+    written = plot(read_runs([tmp_path / "logs"]), tmp_path / "png")
+    assert [path.name for path in written] == ["fedhog.png", "progress.png"]
+    assert all(path.read_bytes().startswith(b"\x89PNG") and path.stat().st_size > 10_000 for path in written)
+
+
+def test_plot_explains_a_folder_without_logs(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"no metrics.csv under .* HINT: log with `CSVLogger`"):
+        read_runs([tmp_path])
