@@ -1,4 +1,4 @@
-"""Every code block in docs/ runs: python blocks as scripts, bash blocks in the repository root, sbatch scripts
+"""Every code block in docs/ runs: python blocks as scripts, bash blocks as shell commands, sbatch scripts
 through ``bash -n`` (there is no SLURM here; the syntax is still checked). ``text`` blocks are diagrams."""
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def test_code_block_runs(tmp_path: Path, page: str, index: int, language: str, c
         command, cwd = [sys.executable, str(script)], tmp_path
     elif language == "sbatch":
         command, cwd = ["bash", "-n", "-c", code], tmp_path
-    else:
-        command, cwd = ["bash", "-c", code], ROOT
+    else:  # in a scratch folder: whatever the commands write (data, runs) stays out of the repository
+        command, cwd = ["bash", "-c", code], tmp_path
     proc = subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, f"{page} block {index} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
