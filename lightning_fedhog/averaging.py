@@ -9,6 +9,7 @@ the updates made during the exchange survive.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ def exchange_average_(
     *,
     exact: bool = False,
     stats: dict[str, float] | None = None,
+    accept: Callable[[Tensor], bool] | None = None,
 ) -> Tensor | None:
     """Averages ``live`` over all members of ``group`` in place; sums a small control vector in the same message.
 
@@ -44,8 +46,11 @@ def exchange_average_(
         control: this leader's control values, or None.
         exact: nobody writes ``live`` meanwhile (workers are parked): overwrite it with the average, so every
             leader ends with the same bits; ``s + (avg - s)`` can differ from ``avg`` by rounding.
-        stats: if given, receives ``moved`` (norm of the correction: this copy's distance to the average) and
-            ``bytes`` (what this leader sent: a ring all-reduce sends ``2 (n-1)/n`` times the message).
+        accept: decides from the summed control whether to apply the average at all (every leader sees the
+            same sum, so all decide alike); e.g. refuse a round in which a leader reported non-finite values.
+        stats: if given (and the average was applied), receives ``moved`` (norm of the correction: this copy's
+            distance to the average) and ``bytes`` (what this leader sent: a ring all-reduce sends ``2 (n-1)/n``
+            times the message).
 
     Returns:
         The control vectors summed over all leaders (None without ``control``).
@@ -58,6 +63,9 @@ def exchange_average_(
         message[flat.numel() :].copy_(control)
     snapshot = message[: flat.numel()].clone()
     dist.all_reduce(message, op=dist.ReduceOp.SUM, group=group)
+    summed_control = None if control is None else message[flat.numel() :].float().cpu()
+    if accept is not None and summed_control is not None and not accept(summed_control):
+        return summed_control
     averaged = message[: flat.numel()].div_(world_size)
     if exact:
         delta = averaged - flat
@@ -67,7 +75,7 @@ def exchange_average_(
     if stats is not None:
         stats["moved"] = float(delta.float().norm())
         stats["bytes"] = 2.0 * (world_size - 1) / world_size * message.numel() * message.element_size()
-    return None if control is None else message[flat.numel() :].float().cpu()
+    return summed_control
 
 
 def sum_control(control: Tensor, group: Any) -> Tensor:

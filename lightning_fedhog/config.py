@@ -59,6 +59,10 @@ class FedHogConfig:
             of steps). ``"dynamic"``: every worker claims the epoch's batches one at a time from a counter shared
             by the run, so faster workers take more batches and nobody idles at the epoch end behind a straggler;
             validation and checkpoints must then happen at epoch ends.
+        nonfinite: an averaging round in which a device's block holds NaN/Inf is never applied, so the values
+            do not spread to healthy devices. ``"stop"`` then ends the run with an error naming the device;
+            ``"skip"`` carries on (the next consensus point still stops: a consensus of non-finite copies
+            cannot be formed).
         averaging_period: device steps (optimizer steps summed over the K workers of a device) between two
             averaging rounds once the warm-up is over. The paper's H, 8 to 16.
         averaging_warmup_epochs: during the first this-many epochs a round starts after every device step
@@ -83,6 +87,7 @@ class FedHogConfig:
     partition: Partition = "numel"
     rotate_ownership: bool = False
     work_sharing: WorkSharing = "static"
+    nonfinite: Literal["stop", "skip"] = "stop"
 
     def __post_init__(self) -> None:
         _require_int(
@@ -96,6 +101,7 @@ class FedHogConfig:
         _require_choice("block_rule", self.block_rule, BLOCK_RULES)
         _require_choice("partition", self.partition, PARTITIONS)
         _require_choice("work_sharing", self.work_sharing, ("static", "dynamic"))
+        _require_choice("nonfinite", self.nonfinite, ("stop", "skip"))
         _require_int("seed", self.seed, 0, "any non-negative integer; all leaders must use the same one.")
         if self.partial_backprop is not None:
             _require_int(

@@ -42,6 +42,8 @@ class AveragingEngine:
         block_rule: how the block of a round is chosen (:func:`~lightning_fedhog.blocks.next_block`).
         gossip_topology: None for all-reduce rounds; else the peer schedule of pairwise gossip rounds.
         seed: shared by all leaders, for random topologies and block rules.
+        on_non_finite: a round in which some leader's block holds NaN/Inf is never applied (the values would
+            spread to every device); ``"stop"`` then fails with the leaders named, ``"skip"`` carries on.
         period: device steps between rounds; the main thread may change it at any time.
         timeout: how long the main thread waits for the engine to park or finish a command.
         poll_interval: seconds between two looks at the step counters.
@@ -60,6 +62,7 @@ class AveragingEngine:
         block_rule: BlockRule = "round_robin",
         gossip_topology: Topology | None = None,
         seed: int = 0,
+        on_non_finite: Literal["stop", "skip"] = "stop",
         poll_interval: float = 0.0005,
     ) -> None:
         self.flat = flat
@@ -73,6 +76,8 @@ class AveragingEngine:
         self._block_rule = block_rule
         self._topology = gossip_topology
         self._seed = seed
+        self._on_non_finite = on_non_finite
+        self.skipped_rounds = 0
         # per block: exchanges so far (gossip schedules advance per block, so the block cycle and the topology
         # cycle cannot alias) and the round of the last exchange (tie-break of "largest_change")
         self._exchanges = [0] * num_blocks
@@ -200,7 +205,7 @@ class AveragingEngine:
 
     def _loop(self) -> None:
         last = self._device_steps()
-        scores: list[float | None] = None
+        scores: list[float] | None = None
         while True:
             want_pause = self._wait_for_trigger(last)
             if want_pause is None:
@@ -217,31 +222,57 @@ class AveragingEngine:
             summed = self._round(block, want_pause)
             self._synchronize()
             self.rounds += 1
-            scores = summed[1:].tolist() if summed.numel() > 1 else None
+            leaders = len(self._group_ranks)
+            bad = [index for index, value in enumerate(summed[1 : 1 + leaders].tolist()) if value > 0]
+            if bad:
+                self._non_finite(bad, block)
+            scores = summed[1 + leaders :].tolist() if summed.numel() > 1 + leaders else None
             if summed[0] > 0 and not self._park():
                 return
 
-    def _control(self, want_pause: bool) -> Tensor:
-        """This leader's control vector: ``[pause flag, change score of every block (largest_change only)]``."""
-        values = [float(want_pause)]
+    def _non_finite(self, bad: list[int], block: int) -> None:
+        """Some leaders' block was not finite: the round was not applied anywhere; stop or carry on."""
+        self.skipped_rounds += 1
+        if self._on_non_finite == "stop":
+            ranks = [self._group_ranks[index] for index in bad]
+            raise FloatingPointError(
+                f"non-finite values (NaN/Inf) in block {block} of the parameters of the device(s) led by global"
+                f" rank(s) {ranks}. The round was not applied, so no other device received them. HINT: lower the"
+                " learning rate or clip gradients (`Trainer(gradient_clip_val=...)`); `nonfinite='skip'` keeps"
+                " training and only refuses to average non-finite blocks."
+            )
+
+    def _control(self, want_pause: bool, block: int) -> Tensor:
+        """This leader's control vector, summed over all leaders by the round's message:
+        ``[pause flag, one-hot "my block is not finite" per leader, change score per block (largest_change)]``."""
+        start, stop = self._bounds[block]
+        values = [float(want_pause)] + [0.0] * len(self._group_ranks)
+        if not bool(torch.isfinite(self.flat[start:stop]).all()):
+            values[1 + self._group.rank()] = 1.0
         if self._reference is not None:
             values += [float((self.flat[a:b] - self._reference[a:b]).norm()) for a, b in self._bounds]
         return torch.tensor(values, dtype=self.flat.dtype, device=self.flat.device)
+
+    def _guard(self, summed: Tensor) -> bool:
+        """Apply the round only if every leader's block was finite (the same decision on every leader)."""
+        return not bool((summed[1 : 1 + len(self._group_ranks)] > 0).any())
 
     def _round(self, block: int, want_pause: bool) -> Tensor:
         """One averaging round on ``block``; returns the control vectors summed over all leaders."""
         start, stop = self._bounds[block]
         live = self.flat[start:stop]
-        control = self._control(want_pause)
+        control = self._control(want_pause, block)
         began = time.monotonic()
         stats: dict[str, float] = {}
         if self._topology is None:
-            summed = exchange_average_(live, self._group, len(self._group_ranks), control, stats=stats)
+            summed = exchange_average_(
+                live, self._group, len(self._group_ranks), control, stats=stats, accept=self._guard
+            )
         else:
             summed = sum_control(control, self._group)
             schedule = peers(len(self._group_ranks), self._exchanges[block], self._topology, self._seed + block)
             peer = schedule[self._group.rank()]
-            if peer is not None:
+            if peer is not None and self._guard(summed):
                 exchange_with_peer_(live, self._group, peer, tag=self.rounds % 65536, stats=stats)
         self._interval["rounds"] += 1
         self._interval["seconds"] += time.monotonic() - began
@@ -279,7 +310,17 @@ class AveragingEngine:
                 command, self._command = self._command, None
             if command == "full":
                 stats: dict[str, float] = {}
-                exchange_average_(self.flat, self._group, len(self._group_ranks), exact=True, stats=stats)
+                finite = torch.tensor([float(bool(torch.isfinite(self.flat).all()))], device=self.flat.device)
+                exchange_average_(
+                    self.flat, self._group, len(self._group_ranks), finite, exact=True, stats=stats,
+                    accept=lambda summed: bool(summed[0] == len(self._group_ranks)),
+                )
+                if "moved" not in stats:  # a consensus cannot be formed from non-finite copies: always stop
+                    raise FloatingPointError(
+                        "non-finite values (NaN/Inf) in the parameters of at least one device at a consensus point;"
+                        " the average was not formed and every device keeps its own copy. HINT: lower the learning"
+                        " rate or clip gradients (`Trainer(gradient_clip_val=...)`)."
+                    )
                 self._synchronize()
                 self.consensus_distance = stats["moved"]
                 if self._reference is not None:

@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -85,6 +85,7 @@ class FedHogStrategy(DDPStrategy):
         partition: partial-backprop blocks of equal ``"numel"`` (the paper) or equal estimated ``"compute"``.
         rotate_ownership: every worker moves to the next partial-backprop block each epoch.
         work_sharing: ``"static"`` equal shards, or ``"dynamic"`` batches claimed from a shared counter.
+        nonfinite: a round with NaN/Inf in some device's block is never applied; ``"stop"`` or ``"skip"``.
 
         See :class:`~lightning_fedhog.FedHogConfig` for when to change each knob.
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin: as for every
@@ -108,6 +109,7 @@ class FedHogStrategy(DDPStrategy):
         partition: Partition = "numel",
         rotate_ownership: bool = False,
         work_sharing: WorkSharing = "static",
+        nonfinite: Literal["stop", "skip"] = "stop",
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -128,6 +130,7 @@ class FedHogStrategy(DDPStrategy):
             partition=partition,
             rotate_ownership=rotate_ownership,
             work_sharing=work_sharing,
+            nonfinite=nonfinite,
         )
         super().__init__(
             accelerator=accelerator,
@@ -286,6 +289,7 @@ class FedHogStrategy(DDPStrategy):
                 block_rule=self.config.block_rule,
                 gossip_topology=self.config.topology if self.config.averaging == "gossip" else None,
                 seed=self.config.seed,
+                on_non_finite=self.config.nonfinite,
             )
             self.engine.start()
         self._stats_on = self.buffer is not None

@@ -164,3 +164,28 @@ def test_a_failed_round_is_reported_to_the_main_thread_with_the_peers() -> None:
     with pytest.raises(RuntimeError, match=r"among the device leaders at global ranks \[0, 1\] failed"):
         engine.pause()  # rank 1 never joins: the round times out
     engine.stop()
+
+
+@pytest.mark.parametrize("on_non_finite", ["stop", "skip"])
+@pytest.mark.parametrize("gossip", [None, "exponential"])
+def test_a_non_finite_block_is_never_spread_to_other_devices(on_non_finite: str, gossip: str | None) -> None:
+    world_size = 3
+    _store, vectors, steps, engines = _engine_fleet(
+        world_size, 16, 1, period=1, on_non_finite=on_non_finite, gossip_topology=gossip
+    )
+    vectors[1][3] = float("nan")  # device 1's copy went bad
+    healthy = [vectors[0].clone(), vectors[2].clone()]
+    for engine in engines:
+        engine.start()
+    for counter in steps:
+        counter[0] += 1  # one round is due
+    if on_non_finite == "stop":
+        for rank in range(world_size):
+            with pytest.raises(RuntimeError, match=r"non-finite values .* led by global rank\(s\) \[1\].*HINT"):
+                engines[rank].pause()
+    else:
+        _wait_until(lambda: all(engine.skipped_rounds >= 1 for engine in engines), seconds=10)
+        run_in_threads(lambda r: engines[r].pause(), world_size)
+        with pytest.raises(RuntimeError, match=r"non-finite values .* at a consensus point"):
+            run_in_threads(lambda r: engines[r].full_average(), world_size)
+    assert torch.equal(vectors[0], healthy[0]) and torch.equal(vectors[2], healthy[1]), "NaN must not spread"

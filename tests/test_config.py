@@ -28,6 +28,8 @@ from lightning_fedhog import FedHogConfig, FedHogStrategy
         ({"topology": "star"}, r"Unknown `topology='star'`. HINT: choose one of 'exponential', 'ring', 'random'"),
         ({"block_rule": "lifo"}, r"Unknown `block_rule='lifo'`. HINT: choose one of 'round_robin'"),
         ({"partition": "flops"}, r"Unknown `partition='flops'`. HINT: choose one of 'numel', 'compute'"),
+        ({"nonfinite": "ignore"}, r"Unknown `nonfinite='ignore'`. HINT: choose one of 'stop', 'skip'"),
+        ({"work_sharing": "greedy"}, r"Unknown `work_sharing='greedy'`. HINT: choose one of 'static', 'dynamic'"),
         ({"partial_backprop": -1, "workers_per_device": 2}, r"`partial_backprop` must be >= 0, got -1"),
         ({"partial_backprop": 3, "workers_per_device": 1}, r"`workers_per_device=1`. HINT: use `workers_per_device`"),
     ],

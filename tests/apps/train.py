@@ -39,7 +39,14 @@ class Net(L.LightningModule):
     """One module, several shapes of "unchanged user code", picked by ``kind``."""
 
     def __init__(
-        self, kind: str, world_size: int, lr: float, sleep_rank: int, sleep: float, crash_rank: int = -1
+        self,
+        kind: str,
+        world_size: int,
+        lr: float,
+        sleep_rank: int,
+        sleep: float,
+        crash_rank: int = -1,
+        nan_rank: int = -1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -62,6 +69,9 @@ class Net(L.LightningModule):
             time.sleep(self.hparams.sleep)
         if self.global_rank == self.hparams.crash_rank and self.global_step == 3:
             raise RuntimeError(f"injected failure on rank {self.global_rank}")
+        if self.global_rank == self.hparams.nan_rank and self.current_epoch == 1 and batch_idx == 1:
+            with torch.no_grad():
+                self.net[0].weight[0, 0] = float("nan")  # corrupt this device's shared copy
         x, y, index = batch
         self.seen.setdefault(self.current_epoch, []).extend(index.tolist())
         loss = nn.functional.cross_entropy(self(x), y)
@@ -121,13 +131,14 @@ def main() -> None:
     parser.add_argument("--limit-train", type=int, default=None)
     parser.add_argument("--csv", action="store_true", help="log to a CSVLogger under OUT/logs")
     parser.add_argument("--crash-rank", type=int, default=-1)
+    parser.add_argument("--nan-rank", type=int, default=-1, help="corrupt this rank's device copy in epoch 1")
     parser.add_argument("--resume", type=Path, default=None)
     parser.add_argument("--strategy", default="object", help="'object', or a registered name")
     args = parser.parse_args()
 
     L.seed_everything(1234)
     world_size = args.devices * args.num_nodes * args.workers
-    model = Net(args.kind, world_size, args.lr, args.sleep_rank, args.sleep, args.crash_rank)
+    model = Net(args.kind, world_size, args.lr, args.sleep_rank, args.sleep, args.crash_rank, args.nan_rank)
     strategy = (
         FedHogStrategy(
             workers_per_device=args.workers,
