@@ -202,6 +202,11 @@ class SharedFlatBuffer:
                     os.unlink(path)
         else:
             path = _wait_for(store, f"{key}/path", timeout, "the device leader's shared buffer").decode()
+            if not os.path.exists(path):  # mapping a missing path would silently create a private buffer
+                raise RuntimeError(
+                    f"fedhog: the device leader's shared buffer {path} is gone before this worker mapped it."
+                    " HINT: the leader failed or timed out during set-up; see its log."
+                )
             storage = torch.UntypedStorage.from_file(path, True, nbytes)
             if on_cpu:
                 flat = _tensor_in(storage, meta_bytes, layout.numel, layout.dtype)

@@ -187,6 +187,17 @@ class FedHogStrategy(DDPStrategy):
         return self.device_slot == 0
 
     @property
+    def device_index(self) -> int:
+        """Index of this worker's device among all devices of the run (over all nodes)."""
+        return self.node_rank * len(self.parallel_devices or []) + self.local_rank // self.workers_per_device
+
+    def _store_key(self, name: str) -> str:
+        """A rendezvous-store key unique to this fit: torchrun restarts reuse the store, so the key includes
+        the restart count, and a second ``fit`` in the same processes the set-up generation."""
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        return f"fedhog/{restart}/{self._generation}/{name}"
+
+    @property
     def _layer_sync(self) -> None:
         return None
 
@@ -245,13 +256,11 @@ class FedHogStrategy(DDPStrategy):
         layout = flat_layout(module)
         self.config.validate_model(layout.num_elements, len(list(module.parameters())))
         self._generation += 1
-        devices_per_node = len(self.parallel_devices or [])
-        device_index = self.node_rank * devices_per_node + self.local_rank // self.workers_per_device
         self.buffer = SharedFlatBuffer.open(
             layout=layout,
             device=self.root_device,
             store=dist.distributed_c10d._get_default_store(),
-            key=f"fedhog/{self._generation}/device{device_index}",
+            key=self._store_key(f"device{self.device_index}"),
             slot=self.device_slot,
             num_workers=self.workers_per_device,
             timeout=self.config.timeout,
@@ -399,12 +408,11 @@ class FedHogStrategy(DDPStrategy):
             total_chunks = max(epoch_loop.max_steps - trainer.global_step, 0) * world_size
             epoch_loop.max_steps = -1
         sampler = dataloader.sampler
-        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         self.work_sampler = SharedCounterSampler(
             len(dataloader.dataset),  # type: ignore[arg-type]
             dataloader.batch_size,
             dist.distributed_c10d._get_default_store(),
-            key=f"fedhog/work/{restart}/{self._generation}",
+            key=self._store_key("work"),
             seed=int(getattr(sampler, "seed", 0)),
             shuffle=bool(getattr(sampler, "shuffle", True)),
             chunks_per_epoch=limit * world_size if isinstance(limit, int) else None,
@@ -447,7 +455,7 @@ class FedHogStrategy(DDPStrategy):
         """
         now = time.monotonic()
         mine: dict[str, Any] = {
-            "device": self.node_rank * len(self.parallel_devices or []) + self.local_rank // self.workers_per_device,
+            "device": self.device_index,
             "samples_per_s": self._samples / max(now - self._interval_start, 1e-9),
             "parked_s": self._parked_seconds,
             "engine": self.engine.take_stats() if self.engine is not None else None,
