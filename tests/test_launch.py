@@ -87,3 +87,4 @@ def test_slurm_tasks(tmp_path: Path) -> None:
     assert {r["environment"] for r in reports} == {"SLURMEnvironment"}
     assert [r["root_device"] for r in reports] == ["cpu"] * 4
     _assert_consensus(tmp_path, 4)
+

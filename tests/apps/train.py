@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -47,6 +48,7 @@ class Net(L.LightningModule):
         sleep: float,
         crash_rank: int = -1,
         nan_rank: int = -1,
+        kill_rank: int = -1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -69,6 +71,9 @@ class Net(L.LightningModule):
             time.sleep(self.hparams.sleep)
         if self.global_rank == self.hparams.crash_rank and self.global_step == 3:
             raise RuntimeError(f"injected failure on rank {self.global_rank}")
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        if self.global_rank == self.hparams.kill_rank and self.current_epoch == 1 and batch_idx == 1 and first_attempt:
+            os.kill(os.getpid(), signal.SIGKILL)  # a worker dies without a word
         if self.global_rank == self.hparams.nan_rank and self.current_epoch == 1 and batch_idx == 1:
             with torch.no_grad():
                 self.net[0].weight[0, 0] = float("nan")  # corrupt this device's shared copy
@@ -132,13 +137,16 @@ def main() -> None:
     parser.add_argument("--csv", action="store_true", help="log to a CSVLogger under OUT/logs")
     parser.add_argument("--crash-rank", type=int, default=-1)
     parser.add_argument("--nan-rank", type=int, default=-1, help="corrupt this rank's device copy in epoch 1")
-    parser.add_argument("--resume", type=Path, default=None)
+    parser.add_argument("--kill-rank", type=int, default=-1, help="SIGKILL this rank in epoch 1 (first attempt only)")
+    parser.add_argument("--resume", default=None, help="a checkpoint path, or 'last'")
     parser.add_argument("--strategy", default="object", help="'object', or a registered name")
     args = parser.parse_args()
 
     L.seed_everything(1234)
     world_size = args.devices * args.num_nodes * args.workers
-    model = Net(args.kind, world_size, args.lr, args.sleep_rank, args.sleep, args.crash_rank, args.nan_rank)
+    model = Net(
+        args.kind, world_size, args.lr, args.sleep_rank, args.sleep, args.crash_rank, args.nan_rank, args.kill_rank
+    )
     strategy = (
         FedHogStrategy(
             workers_per_device=args.workers,
