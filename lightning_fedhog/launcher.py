@@ -15,10 +15,11 @@ from lightning.fabric.plugins.environments import ClusterEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch.nn import Module
 from typing_extensions import override
 
 from lightning_fedhog.config import FedHogConfig
-from lightning_fedhog.shared_buffer import flat_layout
+from lightning_fedhog.shared_buffer import FlatLayout, flat_layout
 from lightning_fedhog.work_sharing import check_dynamic_compatible
 
 if TYPE_CHECKING:
@@ -38,8 +39,7 @@ class FedHogLauncher(_SubprocessScriptLauncher):
     def launch(self, function: Callable, *args: Any, trainer: pl.Trainer | None = None, **kwargs: Any) -> Any:
         module = trainer.lightning_module if trainer is not None else None
         if module is not None:
-            layout = flat_layout(module)
-            self._config.validate_model(layout.num_elements, len(list(module.parameters())))
+            checked_layout(self._config, module)
         if trainer is not None:
             for message in lockstep_hazards(trainer):
                 rank_zero_warn(message)
@@ -54,6 +54,13 @@ class FedHogLauncher(_SubprocessScriptLauncher):
             ]
             check_dynamic_compatible(trainer.val_check_interval, step_based)
         return super().launch(function, *args, trainer=trainer, **kwargs)
+
+
+def checked_layout(config: FedHogConfig, module: Module) -> FlatLayout:
+    """The module's flat layout, after every model-dependent check of ``config`` (dtypes, blocks, tensors)."""
+    layout = flat_layout(module)
+    config.validate_model(layout.num_elements, len(list(module.parameters())))
+    return layout
 
 
 def lockstep_hazards(trainer: pl.Trainer) -> list[str]:

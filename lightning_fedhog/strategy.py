@@ -43,11 +43,11 @@ from typing_extensions import override
 from lightning_fedhog.blocks import BlockRule, Partition, owned_block, partition_tensors, tensor_costs
 from lightning_fedhog.config import AveragingMode, FedHogConfig
 from lightning_fedhog.engine import AveragingEngine
-from lightning_fedhog.launcher import FedHogLauncher
+from lightning_fedhog.launcher import FedHogLauncher, checked_layout
 from lightning_fedhog.metrics import fedhog_metrics
 from lightning_fedhog.partial import gradients_only_for, record_positions
 from lightning_fedhog.schedule import averaging_period
-from lightning_fedhog.shared_buffer import SharedFlatBuffer, bind_module, flat_layout, unbind_module
+from lightning_fedhog.shared_buffer import SharedFlatBuffer, bind_module, unbind_module
 from lightning_fedhog.topology import Topology
 from lightning_fedhog.work_sharing import SharedCounterSampler, WorkSharing
 
@@ -151,6 +151,7 @@ class FedHogStrategy(DDPStrategy):
         self._positions: dict[int, int] | None = None
         self._remove_position_hooks: Callable[[], None] | None = None
         self._partial_blocks: list[range] | None = None
+        self._partial_parameters: list[torch.nn.Parameter] = []
         self.work_sampler: SharedCounterSampler | None = None
         self._saved_max_steps: int | None = None
         self._stats_on = False
@@ -250,11 +251,8 @@ class FedHogStrategy(DDPStrategy):
 
     def _share_parameters(self) -> None:
         """Moves the module into the device's shared flat buffer and gives every device rank 0's values."""
-        module = self.lightning_module
-        if module is None:
-            raise RuntimeError("fedhog: no LightningModule to share.")
-        layout = flat_layout(module)
-        self.config.validate_model(layout.num_elements, len(list(module.parameters())))
+        module = self._module()
+        layout = checked_layout(self.config, module)  # again here: `configure_model` may have built the layers
         self._generation += 1
         self.buffer = SharedFlatBuffer.open(
             layout=layout,
@@ -327,7 +325,7 @@ class FedHogStrategy(DDPStrategy):
             block = owned_block(
                 self.device_slot, trainer.current_epoch, self.workers_per_device, self.config.rotate_ownership
             )
-            with gradients_only_for(list(self._module().parameters()), blocks[block]):
+            with gradients_only_for(self._partial_parameters, blocks[block]):
                 output = super().training_step(*args, **kwargs)
         if self._remove_position_hooks is not None:  # the first forward measured the positions
             self._remove_position_hooks()
@@ -344,8 +342,8 @@ class FedHogStrategy(DDPStrategy):
             return None
         if int(self.buffer.steps[self.device_slot]) % 2 == 0:
             return None
-        if self._partial_blocks is None:
-            parameters = list(self._module().parameters())
+        if self._partial_blocks is None:  # computed once per fit: the parameters do not change during it
+            self._partial_parameters = parameters = list(self._module().parameters())
             numels = [parameter.numel() for parameter in parameters]
             positions = [(self._positions or {}).get(id(parameter), 1) for parameter in parameters]
             costs = tensor_costs(numels, positions, self.config.partition)
@@ -588,6 +586,7 @@ class FedHogStrategy(DDPStrategy):
             module._trainer.fit_loop.epoch_loop.max_steps = self._saved_max_steps
         self._saved_max_steps = None
         self.work_sampler = None
+        self._partial_blocks, self._partial_parameters = None, []  # a later fit may bring another model
         if self._leader_group is not None and clean:
             dist.destroy_process_group(self._leader_group)
         self._leader_group = None
