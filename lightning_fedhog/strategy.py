@@ -228,7 +228,12 @@ class FedHogStrategy(DDPStrategy):
         self.set_world_ranks()
         if self.cluster_environment is None:
             raise RuntimeError("fedhog: the Trainer did not set a cluster environment.")
-        _init_dist_connection(self.cluster_environment, "gloo", timeout=self._timeout)
+        _init_dist_connection(
+            self.cluster_environment,
+            "gloo",
+            timeout=self._timeout,
+            **restart_safe_store(self.cluster_environment, self._timeout),
+        )
 
     # ------------------------------------------------------------------------------------------------ set-up
     @override
@@ -620,6 +625,31 @@ class FedHogStrategy(DDPStrategy):
         for name, (description, init_params) in presets.items():
             if name not in strategy_registry:
                 strategy_registry.register(name, cls, description=description, **init_params)
+
+
+def restart_safe_store(environment: ClusterEnvironment, timeout: timedelta) -> dict[str, Any]:
+    """The ``store=`` argument for ``init_process_group`` that lets a torchrun restart connect, or nothing.
+
+    Under ``torchrun`` the ranks share the elastic agent's ``TCPStore`` (``TORCHELASTIC_USE_AGENT_STORE=True``),
+    and the agent keeps that one store for every restart: with the default static rendezvous and, in torch 2.14,
+    with ``--rdzv-backend=c10d`` too. ``init_process_group`` uses it without a per-attempt prefix, so the
+    restarted ranks read the gloo addresses that the dead ranks of the previous attempt left there and fail or
+    hang connecting to closed ports. That hits ``strategy="ddp"`` the same way; older torch releases prefixed the
+    keys with the restart count, which is what this brings back, for the default group and every key derived
+    from it (sub-groups, the shared buffer's keys).
+
+    All agents count the same restarts when every node's workers fail together, which fedhog's failure
+    detection ensures; ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` with the c10d rendezvous avoids the agent's
+    store altogether (rank 0 then hosts a fresh store per attempt) and needs nothing from here.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    address, port = environment.main_address, environment.main_port
+    if os.environ.get("MASTER_ADDR") != address or os.environ.get("MASTER_PORT") != str(port):
+        return {}  # the environment points elsewhere than the agent's store: torch creates the store itself
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    client = dist.TCPStore(address, port, is_master=False, timeout=timeout)
+    return {"store": dist.PrefixStore(f"fedhog/attempt{attempt}", client)}
 
 
 def _patch_sigterm_broadcast(trainer: pl.Trainer) -> None:

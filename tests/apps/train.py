@@ -62,9 +62,15 @@ class Net(L.LightningModule):
         self.val_acc = torchmetrics.classification.MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
         self.step_times: list[float] = []
         self.seen: dict[int, list[int]] = {}  # epoch -> sample indices this worker trained on
+        self.started: dict[str, float] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    def on_train_start(self) -> None:
+        # where this attempt starts (epoch 0, step 0 when fresh; the checkpoint's epoch and step when resumed) and
+        # when, on the wall clock, to compare with file times across restarts
+        self.started = {"epoch": self.current_epoch, "global_step": self.global_step, "time": time.time()}
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         if self.global_rank == self.hparams.sleep_rank:
@@ -199,6 +205,8 @@ def main() -> None:
         "global_step": trainer.global_step,
         "current_epoch": trainer.current_epoch,
         "step_times": model.step_times,
+        "started": model.started,
+        "attempt": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
         "seen": model.seen,
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         "lrs": [group["lr"] for opt in trainer.optimizers for group in opt.param_groups],

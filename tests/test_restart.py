@@ -1,0 +1,79 @@
+"""Restarts and resuming: a torchrun restart after a killed worker, and a resumed run that matches a straight one."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from tests.conftest import free_port, load_rank, run_app
+
+STEPS_PER_EPOCH = 4  # 256 samples, batches of 16, 4 workers
+
+
+def _assert_consensus(out: Path, world_size: int) -> None:
+    states = [load_rank(out, rank)["state_dict"] for rank in range(world_size)]
+    for key, value in states[0].items():
+        assert all(torch.equal(state[key], value) for state in states), key
+
+
+def test_torchrun_restart_resumes_from_last_checkpoint(tmp_path: Path) -> None:
+    """Rank 3 is SIGKILLed in epoch 1; torchrun restarts all 4 workers once and they resume from ``last.ckpt``.
+
+    Before ``restart_safe_store`` the restarted workers read the dead workers' gloo addresses from the agent's
+    store and never connected (the same happens to ``strategy="ddp"``).
+    """
+    launcher = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4", "--max-restarts=1",
+        f"--master-port={free_port()}",
+    ]
+    reports = run_app(
+        tmp_path, "--devices", "2", "--workers", "2", "--epochs", "3", "--kill-rank", "3", "--resume", "last",
+        launcher=launcher, timeout=120,
+    )
+    assert [r["rank"] for r in reports] == [0, 1, 2, 3]
+    for report in reports:
+        assert report["attempt"] == 1  # the reports come from the restarted workers
+        # resumed, not restarted from scratch: it began where the epoch-0 checkpoint left off ...
+        assert report["started"]["epoch"] == 1
+        assert report["started"]["global_step"] == STEPS_PER_EPOCH
+        assert sorted(report["seen"]) == ["1", "2"]  # ... and trained only the epochs after it
+        # and it finished the whole run
+        assert report["current_epoch"] == 3
+        assert report["global_step"] == 3 * STEPS_PER_EPOCH
+    _assert_consensus(tmp_path, 4)
+    saved = sorted(path.name for path in (tmp_path / "ckpt").glob("epoch=*.ckpt"))
+    assert saved == ["epoch=0-step=4.ckpt", "epoch=1-step=8.ckpt", "epoch=2-step=12.ckpt"]
+    # the kill came one step after the epoch-0 checkpoint was written: from then to training again
+    restarted_in = min(r["started"]["time"] for r in reports) - (tmp_path / "ckpt" / saved[0]).stat().st_mtime
+    print(f"epoch-0 checkpoint and kill -> resumed training: {restarted_in:.1f} s")
+    assert 0 < restarted_in < 60
+
+
+def test_resume_matches_uninterrupted_run_bitwise(tmp_path: Path) -> None:
+    """2 epochs straight vs. resuming the second epoch from the straight run's epoch-0 checkpoint.
+
+    One worker per device (no Hogwild! interleaving) and no background rounds (``averaging_period`` longer than
+    the run): the devices mix only at consensus points, which happen at the same steps in both runs, so the
+    resumed run is the same computation and must give the same bits: weights, Adam moments and LR schedule.
+    """
+    settings = ["--devices", "2", "--workers", "1", "--epochs", "2", "--period", "1000000", "--kind", "adam"]
+    straight = run_app(tmp_path / "straight", *settings, timeout=120)
+    checkpoint = tmp_path / "straight" / "ckpt" / "epoch=0-step=8.ckpt"
+    resumed = run_app(tmp_path / "resumed", *settings, "--resume", str(checkpoint), timeout=120)
+
+    assert [r["started"]["global_step"] for r in straight] == [0, 0]
+    assert [r["started"]["global_step"] for r in resumed] == [8, 8]
+    for first, second in zip(straight, resumed, strict=True):
+        assert (second["current_epoch"], second["global_step"]) == (first["current_epoch"], first["global_step"])
+        assert second["lrs"] == first["lrs"]
+    for rank in range(2):
+        a, b = load_rank(tmp_path / "straight", rank), load_rank(tmp_path / "resumed", rank)
+        for key, value in a["state_dict"].items():
+            assert torch.equal(b["state_dict"][key], value), key
+        for opt_a, opt_b in zip(a["optimizer_states"], b["optimizer_states"], strict=True):
+            assert opt_a["state"].keys() == opt_b["state"].keys()
+            for index, state in opt_a["state"].items():
+                for name, value in state.items():
+                    assert torch.equal(torch.as_tensor(opt_b["state"][index][name]), torch.as_tensor(value)), name
