@@ -8,6 +8,9 @@ it here, in the launching process, so a model fedhog cannot share fails before a
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -53,7 +56,24 @@ class FedHogLauncher(_SubprocessScriptLauncher):
                 and (callback._every_n_train_steps or callback._train_time_interval is not None)
             ]
             check_dynamic_compatible(trainer.val_check_interval, step_based)
-        return super().launch(function, *args, trainer=trainer, **kwargs)
+        try:
+            return super().launch(function, *args, trainer=trainer, **kwargs)
+        except BaseException:
+            self._end_children()
+            raise
+
+    def _end_children(self) -> None:
+        """After a failure (or SIGTERM) in this process: waits up to `timeout` for the workers it started to stop
+        on their own (they notice within seconds and print why), then kills the ones still running, so that no
+        worker outlives the run; a worker stuck in a long step would otherwise keep the devices busy.
+        """
+        deadline = time.monotonic() + self._config.timeout.total_seconds()
+        for proc in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.0))
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def checked_layout(config: FedHogConfig, module: Module) -> FlatLayout:

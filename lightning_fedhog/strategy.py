@@ -13,10 +13,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Mapping
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -27,6 +30,7 @@ from lightning.fabric.utilities.optimizer import _optimizer_to_device, _optimize
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.fabric.utilities.types import _PATH, ReduceOp
 from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies.ddp import DDPStrategy
@@ -44,6 +48,7 @@ from lightning_fedhog.blocks import BlockRule, Partition, owned_block, partition
 from lightning_fedhog.config import AveragingMode, FedHogConfig
 from lightning_fedhog.engine import AveragingEngine
 from lightning_fedhog.launcher import FedHogLauncher, checked_layout
+from lightning_fedhog.liveness import PeerRegistry
 from lightning_fedhog.metrics import fedhog_metrics
 from lightning_fedhog.partial import gradients_only_for, record_positions
 from lightning_fedhog.schedule import averaging_period
@@ -58,6 +63,16 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_KEY = "fedhog"
 """Checkpoint entry holding every worker's optimizer state (Lightning itself keeps only rank 0's)."""
+
+_STARTUP_TIMEOUT = timedelta(minutes=5)
+"""The least time the processes get to start and meet, whatever `timeout` (that one bounds collectives)."""
+
+_LIVENESS_INTERVAL = 1.0
+"""Seconds between two looks at the same-host peers' processes (and at a stop request from another host)."""
+
+
+class PeerLostError(RuntimeError):
+    """Another rank of the run died or failed; the message names it, and this rank stops without a checkpoint."""
 
 
 class FedHogStrategy(DDPStrategy):
@@ -159,6 +174,12 @@ class FedHogStrategy(DDPStrategy):
         self._fit_start = 0.0
         self._samples = 0
         self._parked_seconds = 0.0
+        self._peers: PeerRegistry | None = None
+        self._next_liveness_check = 0.0
+        self._stop_signal: int | None = None  # SIGTERM received (or relayed by a peer): stop at a consensus point
+        self._stop_announced = False
+        self._failed = False
+        self._meetings = 0  # consensus points met so far in this fit (the same count on every rank)
 
     # ------------------------------------------------------------------------------------------ process layout
     @property
@@ -228,12 +249,15 @@ class FedHogStrategy(DDPStrategy):
         self.set_world_ranks()
         if self.cluster_environment is None:
             raise RuntimeError("fedhog: the Trainer did not set a cluster environment.")
+        # start-up (imports, rendezvous of every process) may take longer than the failure-detection `timeout`
+        startup = max(self._timeout or self.config.timeout, _STARTUP_TIMEOUT)
         _init_dist_connection(
             self.cluster_environment,
             "gloo",
-            timeout=self._timeout,
-            **restart_safe_store(self.cluster_environment, self._timeout),
+            timeout=startup,
+            **restart_safe_store(self.cluster_environment, startup),
         )
+        dist.set_timeout(self.config.timeout)  # collectives fail after `timeout` again
 
     # ------------------------------------------------------------------------------------------------ set-up
     @override
@@ -277,7 +301,16 @@ class FedHogStrategy(DDPStrategy):
             if self.is_device_leader:
                 dist.broadcast(self.buffer.flat, src=0, group=self._leader_group)
         self._at_consensus = False
+        self._peers = PeerRegistry(
+            dist.distributed_c10d._get_default_store(),
+            self._store_key("liveness"),
+            PeerRegistry.this_process(self.global_rank, self.device_index, self.device_slot),
+            self.world_size,
+        )
+        self._peers.announce()
+        self._stop_signal, self._stop_announced, self._failed, self._meetings = None, False, False, 0
         self.barrier("fedhog-shared")
+        self._peers.load()
         log.debug("fedhog: rank %d shares %d elements on %s", self.global_rank, layout.numel, self.root_device)
 
     # ---------------------------------------------------------------------------------------- training hooks
@@ -306,17 +339,23 @@ class FedHogStrategy(DDPStrategy):
             self.engine.start()
         self._stats_on = self.buffer is not None
         self._fit_start = self._interval_start = time.monotonic()
+        if self.buffer is not None:
+            self._check_equal_batches(trainer)
+            self._install_stop_handler(trainer)
         if self.config.partial_backprop is not None and self.config.partition == "compute":
             self._positions, self._remove_position_hooks = record_positions(self.lightning_module)
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._watch_peers()
         if self._at_consensus:
             self._leave_consensus()
+        elif self._stop_signal is not None:
+            self.consensus()  # agrees on the stop with every rank, saves a checkpoint there and raises
         with contextlib.suppress(Exception):  # a batch whose size Lightning cannot tell just is not counted
             self._samples += extract_batch_size(batch)
         if self.engine is not None:
-            self.engine.raise_if_failed()
+            self._engine_call(self.engine.raise_if_failed, "average with the other devices")
             self.engine.period = self._period(self._trainer().current_epoch)
 
     @override
@@ -436,14 +475,17 @@ class FedHogStrategy(DDPStrategy):
         if self.buffer is None or self._at_consensus:
             return
         began = time.monotonic()
+        self._arrive()
         if self.engine is not None:
-            self.engine.pause()
-        self._barrier_or_fail("park the workers for a consensus point")
+            self._engine_call(self.engine.pause, "pause the averaging with the other devices")
+        stop = self._agree_or_fail("park the workers for a consensus point")
         if self.engine is not None:
-            self.engine.full_average()
+            self._engine_call(self.engine.full_average, "average with the other devices at a consensus point")
         self._barrier_or_fail("finish the consensus average")
         self._at_consensus = True
         self._parked_seconds += time.monotonic() - began
+        if stop:
+            self._stop_at_consensus()
         if self._stats_on:
             self._log_stats()
 
@@ -478,19 +520,160 @@ class FedHogStrategy(DDPStrategy):
 
     def _leave_consensus(self) -> None:
         # no worker may train while another still evaluates or saves the consensus model
-        self._barrier_or_fail("resume training after a consensus point")
+        self._arrive()
+        if self._agree_or_fail("resume training after a consensus point"):
+            self._stop_at_consensus()
         if self.engine is not None and self.engine.parked:  # not parked: started after the consensus point
-            self.engine.resume()
+            self._engine_call(self.engine.resume, "resume the averaging with the other devices")
         self._at_consensus = False
 
     def _barrier_or_fail(self, what: str) -> None:
         try:
             self.barrier(what)
         except RuntimeError as error:
-            raise RuntimeError(
-                f"fedhog: rank {self.global_rank} could not {what}: another worker of the {self.world_size} is gone"
-                f" or did not arrive within `timeout={self.config.timeout}`. Its own log says why. ({error})"
-            ) from error
+            raise self._lost(what, error) from error
+
+    def _arrive(self) -> None:
+        """Counts the consensus points met (the same sequence on every rank) and marks this one in the store.
+
+        One store write per consensus point, so that a rank that times out there can name who never came.
+        """
+        self._meetings += 1
+        if self._peers is not None:
+            self._peers.arrive(self._meetings)
+
+    def _agree_or_fail(self, what: str) -> bool:
+        """A barrier that also agrees on stopping: True on every rank when any rank asked to stop (SIGTERM).
+
+        Stopping is decided inside a collective that every rank reaches at the same consensus point, never by a
+        separate message, so all ranks save the same checkpoint and stop at the same point.
+        """
+        flag = torch.tensor([0.0 if self._stop_signal is None else 1.0])  # the default group is gloo: CPU tensor
+        try:
+            dist.all_reduce(flag)
+        except RuntimeError as error:
+            raise self._lost(what, error) from error
+        return bool(flag.item() > 0)
+
+    def _lost(self, what: str, error: BaseException) -> PeerLostError:
+        """The error of a collective that failed, naming the dead or failed peers this rank can find."""
+        diagnosis = self._peers.diagnose(self._meetings) if self._peers is not None else "no peer registry yet"
+        return PeerLostError(
+            f"fedhog: rank {self.global_rank} could not {what}: another worker of the {self.world_size} is gone or"
+            f" did not arrive within `timeout={self.config.timeout}`: {diagnosis}. {_AFTER_FAILURE} ({error})"
+        )
+
+    def _engine_call(self, call: Callable[[], None], what: str) -> None:
+        """Runs an averaging-engine command; a failure caused by a lost peer names that peer."""
+        try:
+            call()
+        except RuntimeError as error:
+            found = self._peers.dead_local_peers() if self._peers is not None else []
+            if found or "non-finite" not in str(error):
+                raise self._lost(what, error) from error
+            raise
+
+    def _watch_peers(self) -> None:
+        """About once a second: stops if a same-host peer's process is gone; picks up a stop asked elsewhere.
+
+        A ``stat`` per same-host peer and one store look-up; no thread and no collective, so a worker between
+        consensus points learns of a dead peer within seconds instead of at the end of the epoch.
+        """
+        now = time.monotonic()
+        if self._peers is None or now < self._next_liveness_check:
+            return
+        self._next_liveness_check = now + min(_LIVENESS_INTERVAL, self.config.timeout.total_seconds() / 4)
+        dead = self._peers.dead_local_peers()
+        if dead:
+            raise PeerLostError(f"fedhog: rank {self.global_rank} stops: {self._peers.diagnose()}. {_AFTER_FAILURE}")
+        key = self._store_key("stop")
+        with contextlib.suppress(Exception):  # an unreachable store is caught by the next collective
+            if self._stop_signal is not None and not self._stop_announced:
+                self._peers.store.set(key, str(self.global_rank))
+                self._stop_announced = True
+            elif self._stop_signal is None and self._peers.store.check([key]):
+                self._stop_signal = signal.SIGTERM  # another rank (maybe on another host) was asked to stop
+
+    # ------------------------------------------------------------------------------------- stop on SIGTERM
+    def _install_stop_handler(self, trainer: pl.Trainer) -> None:
+        """Replaces Lightning's SIGTERM handler, which broadcasts on the default group from inside the handler.
+
+        That broadcast only pairs with Lightning's per-step broadcast, which fedhog removes (see
+        :func:`_patch_sigterm_broadcast`); from a signal handler it would block or pair with an unrelated
+        collective. Here the handler only records the signal and relays it to the same-host ranks (as SLURM and
+        torchrun signal every rank, and Lightning's launcher its children); the stop itself is agreed at the next
+        consensus point, which every rank enters at its next batch (:meth:`_stop_at_consensus`).
+        """
+        if threading_is_main():
+            previous = trainer._signal_connector._original_handlers.get(signal.SIGTERM)
+
+            def handler(signum: int, frame: FrameType | None) -> None:
+                first = self._stop_signal is None
+                self._stop_signal = signum
+                if first:
+                    self._relay_stop(signum)
+                if callable(previous):
+                    previous(signum, frame)
+
+            signal.signal(signal.SIGTERM, handler)
+
+    def _relay_stop(self, signum: int) -> None:
+        # a relayed signal reaches peers that relay it once more: each rank relays only the first one it gets
+        pids = {peer.pid for peer in self._peers.local_peers()} if self._peers is not None else set()
+        launcher = self.launcher
+        pids |= {proc.pid for proc in getattr(launcher, "procs", [])}
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signum)
+
+    def _stop_at_consensus(self) -> NoReturn:
+        """Every rank agreed to stop (SIGTERM): saves a resumable checkpoint of the consensus model and stops.
+
+        The checkpoint goes where Lightning puts its SLURM-preemption checkpoints (``hpc_ckpt_N.ckpt`` in
+        ``default_root_dir``; a SLURM requeue with ``ckpt_path=None`` resumes from it, elsewhere pass
+        ``ckpt_path="hpc"``), and also to ``last.ckpt`` of every ``ModelCheckpoint(save_last=True)``, so
+        ``ckpt_path="last"`` resumes from it too. Then :class:`SIGTERMException` ends ``fit`` the way Lightning
+        does on SIGTERM (a ``SystemExit``: the script ends with status 0 unless it catches it).
+        """
+        trainer = self._trainer()
+        self._stop_signal = self._stop_signal or signal.SIGTERM
+        path = self.broadcast(trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir))
+        trainer.save_checkpoint(path)
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.save_last is True:
+                callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+        if self.is_global_zero:
+            log.warning(
+                "fedhog: stopped by SIGTERM at epoch %d, step %d; checkpoint saved to %s. Resume with"
+                " `trainer.fit(..., ckpt_path=%r)` (or \"last\" with `ModelCheckpoint(save_last=True)`).",
+                trainer.current_epoch, trainer.global_step, path, str(path),
+            )
+        raise SIGTERMException()
+
+    def _check_equal_batches(self, trainer: pl.Trainer) -> None:
+        """Refuses training data that gives workers different numbers of batches per epoch (they would hang).
+
+        Consensus points come at epoch ends and every N batches; with static work sharing, they only line up
+        when every worker has the same number of batches per epoch. One collective, once per ``fit``.
+        """
+        if self.config.work_sharing == "dynamic":
+            return
+        mine = trainer.num_training_batches
+        counts: list[Any] = [None] * self.world_size
+        dist.all_gather_object(counts, mine)
+        if len(set(counts)) == 1 and counts[0] != float("inf"):
+            return
+        if all(count == float("inf") for count in counts):
+            problem = "the training data has no length (an `IterableDataset`), so no worker knows where its epoch ends"
+        else:
+            problem = f"workers get different numbers of training batches per epoch: {dict(enumerate(counts))}"
+        raise ValueError(
+            f"fedhog: {problem}; workers would reach the consensus points (validation, checkpoints, end of epoch)"
+            " at different times and wait for each other until `timeout`. HINT: give every worker the same number"
+            " of batches: a map-style `Dataset` with Lightning's `DistributedSampler` (the default), or"
+            " `Trainer(limit_train_batches=N)` with an int N that every worker's stream reaches, or"
+            " `work_sharing='dynamic'`."
+        )
 
     # --------------------------------------------------------------------------------------- reductions
     def _in_training_batch(self) -> bool:
@@ -572,10 +755,19 @@ class FedHogStrategy(DDPStrategy):
     def on_exception(self, exception: BaseException) -> None:
         if self.engine is not None:
             self.engine.stop()
+        if self._peers is not None and not isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
+            self._failed = True  # peers quote this rank's reason instead of calling it "killed"
+            caused = isinstance(exception, PeerLostError)
+            self._peers.mark("failed", f"{type(exception).__name__}: {exception}", caused_by_peer=caused)
+            if not caused and isinstance(exception, RuntimeError) and self._peers.dead_local_peers():
+                log.error("fedhog: rank %d: %s. %s", self.global_rank, self._peers.diagnose(), _AFTER_FAILURE)
         super().on_exception(exception)
 
     @override
     def teardown(self) -> None:
+        if self._peers is not None and not self._failed:
+            self._peers.mark("exited")
+        self._peers = None
         clean = True  # destroying a group that a blocked thread still uses could hang
         if self.engine is not None:
             clean = self.engine.stop()
@@ -652,6 +844,18 @@ def restart_safe_store(environment: ClusterEnvironment, timeout: timedelta) -> d
     return {"store": dist.PrefixStore(f"fedhog/attempt{attempt}", client)}
 
 
+_AFTER_FAILURE = (
+    "Nothing is saved after a failure, so the last checkpoint written (e.g. `last.ckpt`) is intact. HINT: find the"
+    " cause in the failed rank's log, then resume with `trainer.fit(..., ckpt_path=\"last\")`, or launch with"
+    " `torchrun --max-restarts=N` to restart automatically"
+)
+
+
+def threading_is_main() -> bool:
+    """Signal handlers can only be installed from the main thread."""
+    return threading.current_thread() is threading.main_thread()
+
+
 def _patch_sigterm_broadcast(trainer: pl.Trainer) -> None:
     """Replaces Lightning's per-step SIGTERM broadcast with a local check.
 
@@ -663,6 +867,8 @@ def _patch_sigterm_broadcast(trainer: pl.Trainer) -> None:
     epoch_loop = trainer.fit_loop.epoch_loop
 
     def _check_sigterm_locally() -> None:
+        # fedhog's own handler (installed at train start) never sets `received_sigterm`; the stop is agreed at a
+        # consensus point. A SIGTERM caught by Lightning's handler before that still ends this rank, locally.
         if trainer.received_sigterm:
             raise SIGTERMException()
 

@@ -49,10 +49,15 @@ class Net(L.LightningModule):
         crash_rank: int = -1,
         nan_rank: int = -1,
         kill_rank: int = -1,
+        kill_step: int = -1,
+        sigterm_rank: int = -1,
+        sigterm_step: int = -1,
+        sigterm_group: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         layers: list[nn.Module] = [nn.Linear(NUM_FEATURES, 32)]
+        self.automatic_optimization = kind != "manual"
         if kind == "bn":
             layers.append(nn.BatchNorm1d(32))
         layers += [nn.ReLU(), nn.Linear(32, NUM_CLASSES)]
@@ -74,18 +79,37 @@ class Net(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         if self.global_rank == self.hparams.sleep_rank:
+            if batch_idx == 0 and self.current_epoch == 0:
+                print(f"SLEEP rank {self.global_rank} at {time.time()}", flush=True)
             time.sleep(self.hparams.sleep)
         if self.global_rank == self.hparams.crash_rank and self.global_step == 3:
             raise RuntimeError(f"injected failure on rank {self.global_rank}")
         first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-        if self.global_rank == self.hparams.kill_rank and self.current_epoch == 1 and batch_idx == 1 and first_attempt:
+        kill_now = (
+            self.global_step == self.hparams.kill_step
+            if self.hparams.kill_step >= 0
+            else self.current_epoch == 1 and batch_idx == 1
+        )
+        if self.global_rank == self.hparams.kill_rank and kill_now and first_attempt:
+            print(f"KILLED rank {self.global_rank} at {time.time()}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)  # a worker dies without a word
+        if self.global_rank == self.hparams.sigterm_rank and self.global_step == self.hparams.sigterm_step:
+            print(f"SIGTERM rank {self.global_rank} at {time.time()}", flush=True)
+            if self.hparams.sigterm_group:  # every process of the run at once, as SLURM does on preemption
+                os.killpg(os.getpgid(0), signal.SIGTERM)
+            else:  # this one rank only
+                os.kill(os.getpid(), signal.SIGTERM)
         if self.global_rank == self.hparams.nan_rank and self.current_epoch == 1 and batch_idx == 1:
             with torch.no_grad():
                 self.net[0].weight[0, 0] = float("nan")  # corrupt this device's shared copy
         x, y, index = batch
         self.seen.setdefault(self.current_epoch, []).extend(index.tolist())
         loss = nn.functional.cross_entropy(self(x), y)
+        if not self.automatic_optimization:
+            optimizer = self.optimizers()
+            optimizer.zero_grad()
+            self.manual_backward(loss + self.probe[self.global_rank])
+            optimizer.step()
         self.log("train_loss", loss, sync_dist=True)
         self.log("train_loss_epoch_mean", loss, on_step=False, on_epoch=True, sync_dist=True)
         self.step_times.append(time.monotonic())
@@ -112,10 +136,20 @@ class Net(L.LightningModule):
         )
 
 
+class _Stream(torch.utils.data.IterableDataset):
+    """The samples of a data set as a stream with no length, as a user's IterableDataset would give them."""
+
+    def __init__(self, data: TensorDataset) -> None:
+        self.data = data
+
+    def __iter__(self):
+        return (self.data[index] for index in range(len(self.data)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--kind", default="minimal", choices=["minimal", "bn", "adam"])
+    parser.add_argument("--kind", default="minimal", choices=["minimal", "bn", "adam", "manual"])
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--num-nodes", type=int, default=1)
@@ -144,6 +178,13 @@ def main() -> None:
     parser.add_argument("--crash-rank", type=int, default=-1)
     parser.add_argument("--nan-rank", type=int, default=-1, help="corrupt this rank's device copy in epoch 1")
     parser.add_argument("--kill-rank", type=int, default=-1, help="SIGKILL this rank in epoch 1 (first attempt only)")
+    parser.add_argument("--kill-step", type=int, default=-1, help="with --kill-rank: die at this global step instead")
+    parser.add_argument("--sigterm-rank", type=int, default=-1, help="this rank sends itself SIGTERM at --sigterm-step")
+    parser.add_argument("--sigterm-step", type=int, default=-1)
+    parser.add_argument("--sigterm-group", action="store_true", help="SIGTERM the whole process group instead")
+    parser.add_argument("--accumulate", type=int, default=1, help="accumulate_grad_batches")
+    parser.add_argument("--data", default="map", choices=["map", "iterable", "uneven"],
+                        help="iterable: an IterableDataset without length; uneven: rank 0 gets one batch more")
     parser.add_argument("--resume", default=None, help="a checkpoint path, or 'last'")
     parser.add_argument("--strategy", default="object", help="'object', or a registered name")
     args = parser.parse_args()
@@ -151,7 +192,8 @@ def main() -> None:
     L.seed_everything(1234)
     world_size = args.devices * args.num_nodes * args.workers
     model = Net(
-        args.kind, world_size, args.lr, args.sleep_rank, args.sleep, args.crash_rank, args.nan_rank, args.kill_rank
+        args.kind, world_size, args.lr, args.sleep_rank, args.sleep, args.crash_rank, args.nan_rank, args.kill_rank,
+        args.kill_step, args.sigterm_rank, args.sigterm_step, args.sigterm_group,
     )
     strategy = (
         FedHogStrategy(
@@ -187,8 +229,16 @@ def main() -> None:
         enable_model_summary=False,
         default_root_dir=args.out,
         log_every_n_steps=1,
+        accumulate_grad_batches=args.accumulate,
+        use_distributed_sampler=args.data != "uneven",
     )
     data = DataLoader(make_data(args.samples, seed=1), batch_size=args.batch, shuffle=True)
+    if args.data == "iterable":
+        data = DataLoader(_Stream(make_data(args.samples, seed=1)), batch_size=args.batch)
+    elif args.data == "uneven":  # each rank reads its own shard; rank 0's is one batch longer
+        rank = int(os.environ.get("LOCAL_RANK", "0"))
+        shard = torch.utils.data.Subset(make_data(args.samples, seed=1), range(args.batch * (4 + (rank == 0))))
+        data = DataLoader(shard, batch_size=args.batch)
     val = DataLoader(make_data(100, seed=2), batch_size=10)
     trainer.fit(model, data, val, ckpt_path=args.resume)
 
