@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import sys
+from datetime import timedelta
 from pathlib import Path
 
+import pytest
 import torch
+import torch.distributed as dist
+from lightning.fabric.plugins.environments import TorchElasticEnvironment
 
+from lightning_fedhog.strategy import restart_safe_store
 from tests.conftest import free_port, load_rank, run_app
 
 STEPS_PER_EPOCH = 4  # 256 samples, batches of 16, 4 workers
@@ -16,6 +21,21 @@ def _assert_consensus(out: Path, world_size: int) -> None:
     states = [load_rank(out, rank)["state_dict"] for rank in range(world_size)]
     for key, value in states[0].items():
         assert all(torch.equal(state[key], value) for state in states), key
+
+
+def test_restart_safe_store_gives_each_attempt_its_own_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(server.port))
+    environment = TorchElasticEnvironment()
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    assert restart_safe_store(environment, timedelta(seconds=5)) == {}  # no agent store: torch makes its own
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    for attempt in ("0", "1"):
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", attempt)
+        restart_safe_store(environment, timedelta(seconds=5))["store"].set("rank0_address", f"attempt {attempt}")
+    assert server.get("fedhog/attempt0/rank0_address") == b"attempt 0"
+    assert server.get("fedhog/attempt1/rank0_address") == b"attempt 1"
 
 
 def test_torchrun_restart_resumes_from_last_checkpoint(tmp_path: Path) -> None:
