@@ -9,12 +9,17 @@ it here, in the launching process, so a model fedhog cannot share fails before a
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from lightning.fabric.plugins.environments import ClusterEnvironment
+from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -56,8 +61,14 @@ class FedHogLauncher(_SubprocessScriptLauncher):
                 and (callback._every_n_train_steps or callback._train_time_interval is not None)
             ]
             check_dynamic_compatible(trainer.val_check_interval, step_based)
+        # Lightning's launcher, with fedhog's observer of the workers instead of Lightning's (see `_Observer`)
+        self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
+        if not self.cluster_environment.creates_processes_externally:
+            self._call_children_scripts()
+            _Observer(self.procs, self._config.timeout.total_seconds()).start()
+        _set_num_threads_if_needed(num_processes=self.num_processes)
         try:
-            return super().launch(function, *args, trainer=trainer, **kwargs)
+            return function(*args, **kwargs)
         except BaseException:
             self._end_children()
             raise
@@ -74,6 +85,40 @@ class FedHogLauncher(_SubprocessScriptLauncher):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+class _Observer(threading.Thread):
+    """Watches the workers this process started; names one that dies, and ends the run if it then hangs.
+
+    Lightning's observer SIGKILLs every process, this one included, within 5 s of a worker's non-zero exit, so the
+    survivors' errors (which name the dead rank and what to do) are often cut off. fedhog's workers notice a dead
+    peer themselves within seconds; this observer only reports the death and gives them `timeout` (plus a margin)
+    to stop before it kills what is left.
+    """
+
+    def __init__(self, procs: list[subprocess.Popen], timeout: float) -> None:
+        super().__init__(daemon=True, name="fedhog-observer")
+        self._procs = procs
+        self._timeout = timeout
+
+    @override
+    def run(self) -> None:
+        while True:
+            time.sleep(0.5)
+            codes = [proc.poll() for proc in self._procs]
+            if all(code == 0 for code in codes):
+                return
+            failed = [(rank, code) for rank, code in enumerate(codes, start=1) if code]
+            if failed:
+                break
+        for rank, code in failed:
+            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+            print(f"fedhog: rank {rank} (pid {self._procs[rank - 1].pid}) {how}.", file=sys.stderr, flush=True)
+        time.sleep(self._timeout + 5.0)
+        for proc in self._procs:  # still here: something hangs; end it as Lightning's observer would
+            if proc.poll() is None:
+                proc.kill()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def checked_layout(config: FedHogConfig, module: Module) -> FlatLayout:

@@ -600,31 +600,21 @@ class FedHogStrategy(DDPStrategy):
 
         That broadcast only pairs with Lightning's per-step broadcast, which fedhog removes (see
         :func:`_patch_sigterm_broadcast`); from a signal handler it would block or pair with an unrelated
-        collective. Here the handler only records the signal and relays it to the same-host ranks (as SLURM and
-        torchrun signal every rank, and Lightning's launcher its children); the stop itself is agreed at the next
-        consensus point, which every rank enters at its next batch (:meth:`_stop_at_consensus`).
+        collective. Here the handler only records the signal; the rank announces it in the store at its next batch
+        and the other ranks pick it up within a second (:meth:`_watch_peers`), so a signal to one rank stops them
+        all (a signal relayed to peers instead could reach one after ``fit`` restored the default handler). The
+        stop itself is agreed at the next consensus point, which every rank enters at its next batch
+        (:meth:`_stop_at_consensus`).
         """
         if threading_is_main():
             previous = trainer._signal_connector._original_handlers.get(signal.SIGTERM)
 
             def handler(signum: int, frame: FrameType | None) -> None:
-                first = self._stop_signal is None
                 self._stop_signal = signum
-                if first:
-                    self._relay_stop(signum)
                 if callable(previous):
                     previous(signum, frame)
 
             signal.signal(signal.SIGTERM, handler)
-
-    def _relay_stop(self, signum: int) -> None:
-        # a relayed signal reaches peers that relay it once more: each rank relays only the first one it gets
-        pids = {peer.pid for peer in self._peers.local_peers()} if self._peers is not None else set()
-        launcher = self.launcher
-        pids |= {proc.pid for proc in getattr(launcher, "procs", [])}
-        for pid in pids:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signum)
 
     def _stop_at_consensus(self) -> NoReturn:
         """Every rank agreed to stop (SIGTERM): saves a resumable checkpoint of the consensus model and stops.

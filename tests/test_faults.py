@@ -50,6 +50,8 @@ def _run(out: Path, *args: str) -> Outcome:
     output, _ = proc.communicate(timeout=120)  # the pipe closes when the last child holding it has exited
     ended = time.time()
     event = re.search(r"(?:KILLED|SIGTERM|SLEEP) rank \d+ at ([\d.]+)", output)
+    if event:  # shown with `pytest -s`: the figures of docs/troubleshooting.md
+        print(f"\n{out.name}: last process ended {ended - float(event.group(1)):.1f} s after the fault")
     return Outcome(proc.returncode, output, float(event.group(1)) if event else None, ended)
 
 

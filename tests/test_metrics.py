@@ -57,7 +57,9 @@ def test_a_csv_logged_run_has_every_fedhog_metric(tmp_path: Path, period: str) -
     assert _series(rows, "fedhog/wall_time_s")[1] > _series(rows, "fedhog/wall_time_s")[0]
     distances = _series(rows, "fedhog/consensus_distance")
     if period == "2":
-        assert min(_series(rows, "fedhog/rounds")) > 2
+        # every epoch has its pause round; background rounds come on top (how many depends on the threads'
+        # scheduling on a loaded machine, so only their presence is asserted)
+        assert sum(_series(rows, "fedhog/rounds")) > 2
         assert max(_series(rows, "fedhog/bytes_per_s")) > 0
     else:  # no background rounds: the copies drift apart until the consensus point measures it
         assert _series(rows, "fedhog/rounds") == [1.0, 1.0], "only the round that agrees on the pause"
