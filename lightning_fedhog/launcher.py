@@ -22,6 +22,8 @@ from lightning.fabric.plugins.environments import ClusterEnvironment
 from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.nn import Module
 from typing_extensions import override
@@ -46,9 +48,10 @@ class FedHogLauncher(_SubprocessScriptLauncher):
     @override
     def launch(self, function: Callable, *args: Any, trainer: pl.Trainer | None = None, **kwargs: Any) -> Any:
         module = trainer.lightning_module if trainer is not None else None
-        if module is not None:
-            checked_layout(self._config, module)
+        if module is not None and trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            checked_layout(self._config, module, built=not is_overridden("configure_model", module))
         if trainer is not None:
+            check_no_time_based_validation(trainer)
             for message in lockstep_hazards(trainer):
                 rank_zero_warn(message)
         if trainer is not None and self._config.work_sharing == "dynamic":
@@ -60,7 +63,8 @@ class FedHogLauncher(_SubprocessScriptLauncher):
                 if isinstance(callback, ModelCheckpoint)
                 and (callback._every_n_train_steps or callback._train_time_interval is not None)
             ]
-            check_dynamic_compatible(trainer.val_check_interval, step_based)
+            timer = any(isinstance(callback, Timer) for callback in trainer.callbacks)
+            check_dynamic_compatible(trainer.val_check_interval, step_based, max_time=timer)
         # Lightning's launcher, with fedhog's observer of the workers instead of Lightning's (see `_Observer`)
         self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
         if not self.cluster_environment.creates_processes_externally:
@@ -121,10 +125,28 @@ class _Observer(threading.Thread):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def checked_layout(config: FedHogConfig, module: Module) -> FlatLayout:
-    """The module's flat layout, after every model-dependent check of ``config`` (dtypes, blocks, tensors)."""
+def checked_layout(config: FedHogConfig, module: Module, *, built: bool = True) -> FlatLayout:
+    """The module's flat layout, after every model-dependent check of ``config`` (dtypes, blocks, tensors).
+
+    Args:
+        built: the module has its layers. False in the launcher when the module builds them in
+            ``configure_model`` (in each worker, after the launch): then a module with no parameters yet is fine.
+    """
+    parameters = list(module.parameters())
+    integral = [name for name, parameter in module.named_parameters() if not parameter.is_floating_point()]
+    if integral:
+        raise ValueError(
+            f"fedhog shares and averages floating parameters only, but {type(module).__name__} has non-floating"
+            f" parameter(s) {integral}: each worker would keep its own copy and the devices would silently disagree."
+            " HINT: make them floating, or register them with `register_buffer` (state each worker keeps as is)."
+        )
+    if built and not parameters:
+        raise ValueError(
+            f"fedhog trains a module's parameters, but {type(module).__name__} has none. HINT: create the layers in"
+            " `__init__` or `configure_model`, or run a module without parameters with `Trainer(strategy='auto')`."
+        )
     layout = flat_layout(module)
-    config.validate_model(layout.num_elements, len(list(module.parameters())))
+    config.validate_model(layout.num_elements, len(parameters))
     return layout
 
 
@@ -146,10 +168,17 @@ def lockstep_hazards(trainer: pl.Trainer) -> list[str]:
                 " every worker waits for the slowest each step. HINT: use `every_n_epochs` (or `every_n_train_steps`"
                 " with static work sharing)."
             )
-    if getattr(trainer, "_val_check_time_interval", None) is not None:
-        messages.append(
-            "fedhog: a time-based `val_check_interval` is decided by each worker's own clock, so workers can disagree"
-            " on when to validate and hang at the consensus point. HINT: use a float fraction of the epoch or an"
-            " int number of batches."
-        )
     return messages
+
+
+def check_no_time_based_validation(trainer: pl.Trainer) -> None:
+    """Refuses a time-based ``val_check_interval``: each worker decides it by its own clock, so workers would
+    disagree on when to validate and wait for each other at the consensus point until ``timeout``.
+    """
+    interval = getattr(trainer, "_val_check_time_interval", None)
+    if interval is not None:
+        raise ValueError(
+            f"fedhog: a time-based `val_check_interval` ({interval} s) is decided by each worker's own clock, so"
+            " workers would disagree on when to validate and wait for each other at the consensus point until"
+            " `timeout`. HINT: use a float fraction of the epoch or an int number of batches."
+        )

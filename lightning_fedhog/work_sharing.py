@@ -111,14 +111,22 @@ class SharedCounterSampler(Sampler[int]):
                 self.on_exhausted()
 
 
-def check_dynamic_compatible(val_check_interval: object, step_checkpoints: list[str]) -> None:
+def check_dynamic_compatible(val_check_interval: object, step_checkpoints: list[str], max_time: bool = False) -> None:
     """Refuses Trainer settings that need every worker to reach the same step (dynamic sharing breaks that).
 
     Args:
         val_check_interval: the Trainer's ``val_check_interval``.
         step_checkpoints: descriptions of callbacks that act every N steps or every T seconds.
+        max_time: the Trainer has a ``Timer`` (``max_time=...``), which broadcasts after every step.
     """
     hint = "HINT: keep validation and checkpoints at epoch ends, or use `work_sharing='static'`."
+    if max_time:
+        raise ValueError(
+            "`work_sharing='dynamic'` gives workers different step counts, but `Trainer(max_time=...)` (the `Timer`"
+            " callback) broadcasts from rank 0 after every step, so the workers' broadcasts would not pair up and the"
+            " run would hang at the first epoch end. HINT: bound the run with `max_epochs` or `max_steps`, or use"
+            " `work_sharing='static'`."
+        )
     if not (isinstance(val_check_interval, float) and val_check_interval == 1.0):
         raise ValueError(
             f"`work_sharing='dynamic'` gives workers different numbers of batches per epoch, so validation can only"

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -19,6 +22,8 @@ import torch.distributed as dist
 from lightning_fedhog.shared_buffer import SHM_DIR, SHM_PREFIX
 
 APP = Path(__file__).parent / "apps" / "train.py"
+TIMEOUT = 4.0  # `timeout` in seconds of the runs that fail on purpose: short, so that a stuck peer is found quickly
+MARGIN = 6.0  # start of the interpreter's teardown, the launcher's reaping, a loaded 2-core machine
 
 
 def shm_files() -> set[str]:
@@ -103,3 +108,38 @@ def run_app(out: Path, *app_args: str, launcher: list[str] | None = None, env: d
 
 def load_rank(out: Path, rank: int) -> dict:
     return torch.load(out / f"rank{rank}.pt", weights_only=False)
+
+
+@dataclass
+class Outcome:
+    """How a run of the app that may fail ended."""
+
+    returncode: int
+    output: str
+    event: float | None  # when the fault was injected (time.time() printed by the app)
+    ended: float  # when the last process of the run had exited
+
+    @property
+    def seconds_after_event(self) -> float:
+        assert self.event is not None, "the fault was never injected"
+        return self.ended - self.event
+
+
+def run_outcome(out: Path, *args: str, timeout: float = TIMEOUT) -> Outcome:
+    """Runs the app in its own session (so a process-group SIGTERM stays inside it) and waits for every process.
+
+    Unlike :func:`run_app` a failure is an outcome to look at, not an error: stdout and stderr come back together.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("PL_GLOBAL_SEED", None)
+    command = [sys.executable, str(APP), "--out", str(out), "--timeout", str(timeout), *args]
+    proc = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    output, _ = proc.communicate(timeout=120)  # the pipe closes when the last child holding it has exited
+    ended = time.time()
+    event = re.search(r"(?:KILLED|SIGTERM|SLEEP) rank \d+ at ([\d.]+)", output)
+    if event:  # shown with `pytest -s`: the figures of docs/troubleshooting.md
+        print(f"\n{out.name}: last process ended {ended - float(event.group(1)):.1f} s after the fault")
+    return Outcome(proc.returncode, output, float(event.group(1)) if event else None, ended)

@@ -8,51 +8,16 @@ The shared-memory and thread hygiene of tests/conftest.py runs after every test.
 
 from __future__ import annotations
 
-import os
-import re
 import subprocess
-import sys
-import time
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import APP
+from tests.conftest import MARGIN, TIMEOUT, run_outcome
 
-TIMEOUT = 4.0  # the runs' `timeout` in seconds: short, so that a stuck peer is found quickly
-MARGIN = 6.0  # start of the interpreter's teardown, the launcher's reaping, a loaded 2-core machine
-
-
-@dataclass
-class Outcome:
-    returncode: int
-    output: str
-    event: float | None  # when the fault was injected (time.time() printed by the app)
-    ended: float  # when the last process of the run had exited
-
-    @property
-    def seconds_after_event(self) -> float:
-        assert self.event is not None, "the fault was never injected"
-        return self.ended - self.event
-
-
-def _run(out: Path, *args: str) -> Outcome:
-    """Runs the app in its own session (so a process-group SIGTERM stays inside it) and waits for every process."""
-    out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    env.pop("PL_GLOBAL_SEED", None)
-    command = [sys.executable, str(APP), "--out", str(out), "--timeout", str(TIMEOUT), *args]
-    proc = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    output, _ = proc.communicate(timeout=120)  # the pipe closes when the last child holding it has exited
-    ended = time.time()
-    event = re.search(r"(?:KILLED|SIGTERM|SLEEP) rank \d+ at ([\d.]+)", output)
-    if event:  # shown with `pytest -s`: the figures of docs/troubleshooting.md
-        print(f"\n{out.name}: last process ended {ended - float(event.group(1)):.1f} s after the fault")
-    return Outcome(proc.returncode, output, float(event.group(1)) if event else None, ended)
+_run = partial(run_outcome, timeout=TIMEOUT)
 
 
 def _assert_nothing_left(out: Path) -> None:

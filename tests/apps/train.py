@@ -185,6 +185,7 @@ def main() -> None:
     parser.add_argument("--accumulate", type=int, default=1, help="accumulate_grad_batches")
     parser.add_argument("--data", default="map", choices=["map", "iterable", "uneven"],
                         help="iterable: an IterableDataset without length; uneven: rank 0 gets one batch more")
+    parser.add_argument("--max-time", default=None, help="Trainer(max_time=...), e.g. 00:00:10:00")
     parser.add_argument("--resume", default=None, help="a checkpoint path, or 'last'")
     parser.add_argument("--strategy", default="object", help="'object', or a registered name")
     args = parser.parse_args()
@@ -221,6 +222,7 @@ def main() -> None:
         strategy=strategy,
         max_epochs=args.epochs,
         max_steps=args.max_steps,
+        max_time=args.max_time,
         limit_train_batches=args.limit_train,
         precision=args.precision,
         callbacks=[checkpoint],
