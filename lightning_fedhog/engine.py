@@ -23,11 +23,14 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lightning_fedhog.averaging import exchange_average_, exchange_with_peer_, sum_control
+from lightning_fedhog.averaging import all_finite, exchange_average_, exchange_with_peer_, sum_control
 from lightning_fedhog.blocks import BlockRule, block_bounds, next_block
 from lightning_fedhog.topology import Topology, peers
 
 _State = Literal["idle", "running", "parked", "stopped"]
+
+_MAX_POLL_SECONDS = 0.05
+"""The longest the engine sleeps between two looks at the step counters (how late a round can start)."""
 
 
 class AveragingEngine:
@@ -46,7 +49,7 @@ class AveragingEngine:
             spread to every device); ``"stop"`` then fails with the leaders named, ``"skip"`` carries on.
         period: device steps between rounds; the main thread may change it at any time.
         timeout: how long the main thread waits for the engine to park or finish a command.
-        poll_interval: seconds between two looks at the step counters.
+        poll_interval: the least time between two looks at the step counters.
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class AveragingEngine:
         self._reference: Tensor | None = flat.clone() if block_rule == "largest_change" else None
         self._timeout = timeout.total_seconds()
         self._poll_interval = poll_interval
+        self._seconds_per_step = 0.0  # measured device step time, to sleep until the next round is near
         self._cond = threading.Condition()
         self._state: _State = "idle"
         self._pause_requested = False
@@ -113,6 +117,7 @@ class AveragingEngine:
         """Asks all leaders to pause and returns once this engine is parked (after an agreed round)."""
         with self._cond:
             self._pause_requested = True
+            self._cond.notify_all()
             self._wait(lambda: self._state in ("parked", "stopped"), "pause the averaging with all peers")
 
     def full_average(self) -> None:
@@ -247,7 +252,7 @@ class AveragingEngine:
         ``[pause flag, one-hot "my block is not finite" per leader, change score per block (largest_change)]``."""
         start, stop = self._bounds[block]
         values = [float(want_pause)] + [0.0] * len(self._group_ranks)
-        if not bool(torch.isfinite(self.flat[start:stop]).all()):
+        if not all_finite(self.flat[start:stop]):
             values[1 + self._group.rank()] = 1.0
         if self._reference is not None:
             values += [float((self.flat[a:b] - self._reference[a:b]).norm()) for a, b in self._bounds]
@@ -286,16 +291,33 @@ class AveragingEngine:
         return summed  # type: ignore[return-value]  # never None when a control vector is sent
 
     def _wait_for_trigger(self, last: int) -> bool | None:
-        """Blocks until the next round is due; returns whether to ask for a pause, or None to quit."""
+        """Blocks until the next round is due; returns whether to ask for a pause, or None to quit.
+
+        The step counters live in memory that other processes write, so nothing can notify this thread of a
+        step: it looks at them. Each look costs the training thread of this process the interpreter lock (and,
+        with every core busy training, a core), so it sleeps about half the time the remaining steps should take
+        at the measured step rate: a handful of looks per round instead of one every ``poll_interval``. A pause
+        request wakes it at once.
+        """
+        seen_steps, seen_time = self._device_steps(), time.monotonic()
         while True:
+            steps, now = self._device_steps(), time.monotonic()
+            if steps > seen_steps:
+                per_step = (now - seen_time) / (steps - seen_steps)
+                self._seconds_per_step = per_step if self._seconds_per_step == 0 else (
+                    0.5 * self._seconds_per_step + 0.5 * per_step
+                )
+                seen_steps, seen_time = steps, now
+            remaining = self.period - (steps - last)
+            delay = min(max(0.5 * remaining * self._seconds_per_step, self._poll_interval), _MAX_POLL_SECONDS)
             with self._cond:
                 if self._abandon:
                     return None
                 if self._pause_requested:
                     return True
-            if self._device_steps() - last >= self.period:
-                return False
-            time.sleep(self._poll_interval)
+                if remaining <= 0:
+                    return False
+                self._cond.wait_for(lambda: self._abandon or self._pause_requested, timeout=delay)
 
     def _park(self) -> bool:
         """Waits for commands while parked; returns False when told to stop."""
@@ -310,7 +332,7 @@ class AveragingEngine:
                 command, self._command = self._command, None
             if command == "full":
                 stats: dict[str, float] = {}
-                finite = torch.tensor([float(bool(torch.isfinite(self.flat).all()))], device=self.flat.device)
+                finite = torch.tensor([float(all_finite(self.flat))], device=self.flat.device)
                 exchange_average_(
                     self.flat, self._group, len(self._group_ranks), finite, exact=True, stats=stats,
                     accept=lambda summed: bool(summed[0] == len(self._group_ranks)),
