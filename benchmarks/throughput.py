@@ -1,20 +1,29 @@
-"""One timed training run; every rank writes its samples/s. Launched by ``benchmarks/compare.py``.
+"""One timed training run; every rank writes its step times. Launched by ``python -m benchmarks``.
 
-Lightning re-runs this script for each worker, so it is a program, not a function. The model is a
-ResNet-20-like CNN on synthetic CIFAR-shaped data (the GPU smoke test) or a small MLP (CPU).
+Lightning re-runs this script for each worker, so it is a program, not a function. Models, on synthetic
+CIFAR-shaped batches: ``mlp`` (1.6M parameters, CPU), ``wide`` (9.5M parameters: communication-heavy, for the
+thin-link benchmark) and ``cnn`` (ResNet-20-like, the GPU benchmark). Strategies: ``fedhog``, ``ddp``,
+``post_local`` (DDP with post-local SGD: local steps, parameters averaged every ``--period`` steps) and
+``single`` (one process, no communication: the runs the physical limit is summed from).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.overrides.distributed import _register_ddp_comm_hook
+from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks.post_localSGD_hook import PostLocalSGDState, post_localSGD_hook
 from torch.utils.data import DataLoader, TensorDataset
+from typing_extensions import override
 
 import lightning_fedhog  # noqa: F401 - registers strategy names
 from lightning_fedhog import FedHogStrategy
@@ -33,7 +42,48 @@ def make_model(name: str) -> nn.Module:
             nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), *[_block(32) for _ in range(3)],
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
         )
+    if name == "wide":
+        return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3072), nn.ReLU(), nn.Linear(3072, 10))
     return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 512), nn.ReLU(), nn.Linear(512, 10))
+
+
+def make_strategy(args: argparse.Namespace) -> Any:
+    if args.strategy == "fedhog":
+        return FedHogStrategy(
+            workers_per_device=args.workers,
+            averaging_period=args.period,
+            num_blocks=args.blocks,
+            work_sharing=args.work_sharing,
+        )
+    if args.strategy == "post_local":
+        # torch's post-local SGD (Lin et al., 2020): after `start_localSGD_iter` steps no gradient all-reduce
+        # (post_local_gradient_allreduce=False: per device, not per node), parameters averaged every `period`
+        return PostLocalSGDOnCPU(
+            model_averaging_period=args.period,
+            ddp_comm_state=PostLocalSGDState(
+                process_group=None, subgroup=None, start_localSGD_iter=1, post_local_gradient_allreduce=False
+            ),
+            ddp_comm_hook=post_localSGD_hook,
+        )
+    if args.strategy == "single":
+        return "auto"
+    return args.strategy
+
+
+class PostLocalSGDOnCPU(DDPStrategy):
+    """Lightning's post-local SGD, with its DDP communication hook installed on CPU too.
+
+    Lightning registers ``ddp_comm_hook`` only for CUDA devices, so on CPU its post-local SGD all-reduces every
+    gradient *and* averages the parameters: slower than DDP, not the baseline the paper compares with. torch's
+    hook itself works with gloo.
+    """
+
+    @override
+    def _register_ddp_hooks(self) -> None:
+        _register_ddp_comm_hook(
+            model=self.model, ddp_comm_state=self._ddp_comm_state, ddp_comm_hook=self._ddp_comm_hook,
+            ddp_comm_wrapper=self._ddp_comm_wrapper,
+        )
 
 
 class Timed(L.LightningModule):
@@ -70,35 +120,34 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--devices", type=int, default=2)
-    parser.add_argument("--strategy", default="fedhog", help="fedhog, ddp, or any registered name")
+    parser.add_argument("--strategy", default="fedhog", help="fedhog, ddp, post_local, single, or a registered name")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--period", type=int, default=16)
-    parser.add_argument("--model", default="mlp", choices=["mlp", "cnn"])
+    parser.add_argument("--blocks", type=int, default=1)
+    parser.add_argument("--model", default="mlp", choices=["mlp", "wide", "cnn"])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--samples", type=int, default=8192)
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--work-sharing", default="dynamic")
+    parser.add_argument("--work-sharing", default="static", choices=["static", "dynamic"])
     parser.add_argument("--slow-rank", type=int, default=-1)
     parser.add_argument("--slow-factor", type=float, default=1.0)
+    parser.add_argument("--csv", action="store_true", help="log to a CSVLogger under OUT/logs (fedhog's figures)")
     args = parser.parse_args()
 
     L.seed_everything(0)
-    strategy = (
-        FedHogStrategy(workers_per_device=args.workers, averaging_period=args.period, work_sharing=args.work_sharing)
-        if args.strategy == "fedhog"
-        else args.strategy
-    )
     trainer = L.Trainer(
-        accelerator=args.accelerator, devices=args.devices, strategy=strategy, max_epochs=args.epochs,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0,
+        accelerator=args.accelerator, devices=1 if args.strategy == "single" else args.devices,
+        strategy=make_strategy(args), max_epochs=args.epochs,
+        logger=L.pytorch.loggers.CSVLogger(args.out / "logs", name="run") if args.csv else False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
     )
-    data = TensorDataset(torch.randn(args.samples, 3, 32, 32), torch.randint(0, 10, (args.samples,)))
-    module = Timed(args.model, lr=0.05, slow_rank=args.slow_rank, slow_factor=args.slow_factor)
+    # inputs of norm ~1.7 (not ~55): plain SGD on random labels stays finite at this learning rate
+    data = TensorDataset(torch.randn(args.samples, 3, 32, 32) / 32, torch.randint(0, 10, (args.samples,)))
+    module = Timed(args.model, lr=0.01, slow_rank=args.slow_rank, slow_factor=args.slow_factor)
     trainer.fit(module, DataLoader(data, batch_size=args.batch, shuffle=True))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rank{trainer.global_rank}.json").write_text(
-        json.dumps({"rank": trainer.global_rank, "batch": args.batch, "times": module.times})
+        json.dumps({"rank": trainer.global_rank, "batch": args.batch, "times": module.times, "pid": os.getpid()})
     )
 
 

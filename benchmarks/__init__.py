@@ -1,0 +1,1 @@
+"""fedhog's benchmark suite: ``python -m benchmarks`` (see :mod:`benchmarks.suite`)."""

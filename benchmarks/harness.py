@@ -1,0 +1,198 @@
+"""Launching timed runs and turning their step times into figures: the parts every benchmark shares.
+
+A benchmark is a set of *methods* (fedhog, DDP, ...), each a list of launches of ``benchmarks/throughput.py``
+(or of a recipe). Methods are run interleaved - repeat 1 of every method, then repeat 2, ... - so that slow
+drifts of the machine (thermal, page cache, other tenants) hit all of them alike; figures are medians over
+repeats and the claims are ratios between methods of the same invocation.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+THROUGHPUT = ROOT / "benchmarks" / "throughput.py"
+CPUS = os.cpu_count() or 1
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on: a ratio means little without it."""
+    import lightning
+
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": CPUS,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+    }
+
+
+def aggregate(ranks: Sequence[dict[str, Any]], skip: int = 3) -> float:
+    """Samples/s of all ranks together, from the moment every rank has warmed up to the last rank's last step.
+
+    The window ends with the *last* rank's last step, so time a fast rank spends idle behind a straggler
+    (or parked at a consensus point) counts against the method, as it does for the user.
+    """
+    start = max(rank["times"][min(skip, len(rank["times"]) - 1)] for rank in ranks)
+    end = max(rank["times"][-1] for rank in ranks)
+    samples = sum(sum(start < t <= end for t in rank["times"]) * rank["batch"] for rank in ranks)
+    return samples / max(end - start, 1e-9)
+
+
+def step_seconds(ranks: Sequence[dict[str, Any]], skip: int = 3) -> float:
+    """Median seconds between two consecutive steps of one worker, over all ranks after warm-up."""
+    gaps = [b - a for rank in ranks for a, b in itertools.pairwise(rank["times"][skip:])]
+    return statistics.median(gaps) if gaps else float("nan")
+
+
+def threads_env(processes: int) -> dict[str, str]:
+    """One share of the cores per process, set explicitly so that every method gets the same split.
+
+    Lightning sets this for DDP-like strategies only; a single-process run would otherwise take every core
+    and two concurrent ones would oversubscribe.
+    """
+    threads = str(max(1, CPUS // processes))
+    return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONWARNINGS": "ignore"}
+
+
+def thin_link_prefix(rate: str) -> list[str] | None:
+    """A command prefix that runs a program in a private network namespace whose loopback is rate-limited.
+
+    ``tc ... tbf`` on the namespace's ``lo`` caps every byte the ranks exchange (TCPStore and gloo alike);
+    the MTU is lowered so that one packet fits the token bucket. Returns None (and the caller skips, saying
+    why) without root or without ``unshare``/``ip``/``tc``.
+    """
+    if os.geteuid() != 0 or not all(shutil.which(tool) for tool in ("unshare", "ip", "tc")):
+        return None
+    setup = (
+        f"ip link set lo up && ip link set lo mtu 9000 && tc qdisc add dev lo root tbf rate {rate} burst 256kb"
+        " latency 50ms && exec \"$@\""
+    )
+    return ["unshare", "--net", "sh", "-c", setup, "thin-link"]
+
+
+def thin_link_unavailable() -> str:
+    return (
+        "skipped: the thin-link benchmark needs root and `unshare`, `ip`, `tc` (iproute2) to rate-limit the"
+        f" loopback of a private network namespace (euid={os.geteuid()})"
+    )
+
+
+def launch(
+    args: Sequence[str], out: Path, processes: int, prefix: Sequence[str] = (), program: Path = THROUGHPUT
+) -> dict[str, Any]:
+    """Runs one ``throughput.py`` launch (all its ranks) and returns its figures.
+
+    Args:
+        args: the program's arguments (without ``--out``).
+        out: a fresh directory for the ranks' JSON files.
+        processes: how many processes the launch makes (for the thread split).
+        prefix: a command prefix, e.g. the thin-link namespace.
+        program: the script to run.
+    """
+    command = [*prefix, sys.executable, str(program), "--out", str(out), *args]
+    began = time.perf_counter()
+    done = subprocess.run(command, env=threads_env(processes), capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark launch failed ({done.returncode}): {shlex.join(command)}\n{done.stderr[-4000:]}")
+    ranks = [json.loads(path.read_text()) for path in sorted(out.glob("rank*.json"))]
+    return {
+        "command": shlex.join(command),
+        "samples_per_s": aggregate(ranks),
+        "step_s": step_seconds(ranks),
+        "steps_per_rank": [len(rank["times"]) for rank in ranks],
+        "process_wall_s": time.perf_counter() - began,
+        "fedhog": fedhog_figures(out / "logs"),
+    }
+
+
+def launch_independent(args: Sequence[str], out: Path, copies: int) -> dict[str, Any]:
+    """The physical limit: ``copies`` single-process runs at the same time, no communication; rates summed."""
+    commands = [
+        [sys.executable, str(THROUGHPUT), "--out", str(out / f"copy{i}"), "--strategy", "single", *args]
+        for i in range(copies)
+    ]
+    began = time.perf_counter()
+    running = [
+        subprocess.Popen(c, env=threads_env(copies), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+        for c in commands
+    ]
+    for process, command in zip(running, commands, strict=True):
+        _, err = process.communicate()
+        if process.returncode != 0:
+            raise RuntimeError(f"benchmark launch failed: {shlex.join(command)}\n{err.decode()[-4000:]}")
+    copies_ranks = [[json.loads((out / f"copy{i}" / "rank0.json").read_text())] for i in range(copies)]
+    return {
+        "command": " & ".join(shlex.join(c) for c in commands),
+        "samples_per_s": sum(aggregate(ranks) for ranks in copies_ranks),
+        "step_s": statistics.median(step_seconds(ranks) for ranks in copies_ranks),
+        "steps_per_rank": [len(ranks[0]["times"]) for ranks in copies_ranks],
+        "process_wall_s": time.perf_counter() - began,
+        "fedhog": {},
+    }
+
+
+def fedhog_figures(logs: Path) -> dict[str, float]:
+    """fedhog's own averaging figures from a run's CSVLogger file, averaged over its consensus points."""
+    files = sorted(logs.glob("**/metrics.csv"))
+    if not files:
+        return {}
+    with files[0].open() as handle:
+        rows = list(csv.DictReader(handle))
+    figures: dict[str, float] = {}
+    for key in ("rounds_per_s", "bytes_per_s", "seconds_per_round", "samples_per_s", "parked_s"):
+        values = [float(row[f"fedhog/{key}"]) for row in rows if row.get(f"fedhog/{key}")]
+        if values:
+            figures[key] = statistics.mean(values)
+    return figures
+
+
+def interleave(
+    methods: dict[str, Callable[[Path], dict[str, Any]]], repeats: int, workdir: Path, log: Callable[[str], None]
+) -> dict[str, dict[str, Any]]:
+    """Runs every method ``repeats`` times, interleaved, and summarizes each by the median over repeats."""
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in methods}
+    for repeat in range(repeats):
+        for name, method in methods.items():
+            result = method(workdir / f"{name}-{repeat}")
+            log(f"  {name} #{repeat + 1}: {result['samples_per_s']:,.0f} samples/s")
+            runs[name].append(result)
+    return {name: summarize(results) for name, results in runs.items()}
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median figures of one method's repeats, keeping every repeat's value and the exact command."""
+    summary: dict[str, Any] = {
+        "samples_per_s": statistics.median(r["samples_per_s"] for r in results),
+        "all_samples_per_s": [r["samples_per_s"] for r in results],
+        "step_s": statistics.median(r["step_s"] for r in results),
+        "steps_per_rank": [r["steps_per_rank"] for r in results],
+        "process_wall_s": statistics.median(r["process_wall_s"] for r in results),
+        "command": results[0]["command"],
+    }
+    keys = set().union(*(r["fedhog"] for r in results))
+    if keys:
+        summary["fedhog"] = {k: statistics.median(r["fedhog"][k] for r in results if k in r["fedhog"]) for k in keys}
+    return summary
+
+
+def write(path: Path, report: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")

@@ -1,0 +1,324 @@
+"""The benchmark suite: fedhog against DDP, post-local SGD and the physical limit, on this machine.
+
+    python -m benchmarks                      # every benchmark, 5 interleaved repeats (P4: 3) -> benchmarks/results/
+    python -m benchmarks --only p2 p3         # some of them
+    python -m benchmarks --smoke --output /tmp/bench   # a few seconds each, for the test suite
+
+Each benchmark writes ``<name>.json`` (medians, every repeat, ratios, the exact commands, settings, machine);
+``python -m benchmarks.report`` then draws the PNGs and regenerates the README's results section.
+
+The benchmarks (the issue that asked for them names them P1-P6):
+
+- ``p1_scaling``: samples/s of fedhog with 2 devices x 1 worker and 1 device x 2 workers, DDP, and the physical
+  limit: as many single-process runs with no communication as there are processes, at the same time.
+- ``p2_straggler``: one device made 2x slower by the harness (a sleep of its own step time); DDP, post-local
+  SGD, fedhog with static and with dynamic work sharing.
+- ``p3_thin_link``: a ~10M-parameter model in a network namespace whose loopback is capped at 100 Mbit/s.
+- ``p4_time_to_accuracy``: the MNIST-1D recipe to 0.90 test accuracy, fedhog vs DDP vs one process, wall-clock
+  from the start of ``fit`` (validation included), and the final accuracy after the same epochs.
+- ``p5_gpu``: ResNet-20-like CNN on CIFAR-shaped batches, K=1,2,4 workers on one GPU vs one DDP process.
+- ``p6_overhead``: a worker's step time with fedhog's averaging on and off, and the averager's rounds/s, bytes/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks import harness
+
+RESULTS = harness.ROOT / "benchmarks" / "results"
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How long the runs are: the real measurement, or a few seconds each to keep the harness from rotting."""
+
+    name: str
+    samples: int  # per launch and epoch, all processes together
+    epochs: int
+    repeats: int
+    accuracy_repeats: int  # P4's runs are ~1 min each: fewer of them
+    thin_samples: int  # fedhog's samples in the thin-link benchmark (DDP gets a quarter: it is 20x slower there)
+    thin_model: str
+    mnist_epochs: int
+    mnist_samples: int
+
+
+FULL = Scale(name="full", samples=12288, epochs=3, repeats=5, accuracy_repeats=3, thin_samples=4096, thin_model="wide",
+             mnist_epochs=100, mnist_samples=5000)
+SMOKE = Scale(name="smoke", samples=1024, epochs=1, repeats=1, accuracy_repeats=1, thin_samples=1024, thin_model="mlp",
+              mnist_epochs=2, mnist_samples=1000)
+
+Method = Callable[[Path], dict[str, Any]]
+
+
+def _common(scale: Scale, devices: int, samples: int | None = None, epochs: int | None = None) -> list[str]:
+    return ["--devices", str(devices), "--samples", str(samples or scale.samples),
+            "--epochs", str(epochs or scale.epochs), "--batch", "64"]
+
+
+def _throughput(args: list[str], processes: int, prefix: list[str] | None = None) -> Method:
+    return lambda out: harness.launch(args, out, processes, prefix or [])
+
+
+def p1_scaling(scale: Scale) -> dict[str, Any]:
+    """P1: does fedhog use the machine as well as independent processes would?"""
+    mlp = ["--model", "mlp"]
+    methods: dict[str, Method] = {
+        "physical_limit": lambda out: harness.launch_independent(
+            [*mlp, *_common(scale, 1, samples=scale.samples // 2)], out, copies=2
+        ),
+        "ddp": _throughput([*mlp, *_common(scale, 2), "--strategy", "ddp"], 2),
+        "fedhog_2x1": _throughput([*mlp, *_common(scale, 2), "--strategy", "fedhog", "--workers", "1"], 2),
+        "fedhog_1x2": _throughput([*mlp, *_common(scale, 1), "--strategy", "fedhog", "--workers", "2"], 2),
+        # the same 2 x 1 run exchanging a quarter of the vector per round: a quarter of the averaging traffic
+        "fedhog_2x1_4blocks": _throughput(
+            [*mlp, *_common(scale, 2), "--strategy", "fedhog", "--workers", "1", "--blocks", "4"], 2
+        ),
+    }
+    return {"methods": methods, "baseline": "ddp", "limit": "physical_limit",
+            "settings": {"model": "mlp (1.6M parameters)", "batch": 64, "processes": 2,
+                         "fedhog": "defaults: averaging_period=16, num_blocks=1, static work sharing"}}
+
+
+def p2_straggler(scale: Scale) -> dict[str, Any]:
+    """P2: the last device sleeps as long as its own step takes (2x slower); who waits for it?"""
+    slow = ["--model", "mlp", *_common(scale, 2), "--slow-rank", "1", "--slow-factor", "2"]
+    fedhog = [*slow, "--strategy", "fedhog", "--workers", "1"]
+    methods: dict[str, Method] = {
+        "ddp": _throughput([*slow, "--strategy", "ddp"], 2),
+        "post_local_sgd": _throughput([*slow, "--strategy", "post_local", "--period", "16"], 2),
+        "fedhog_static": _throughput([*fedhog, "--work-sharing", "static"], 2),
+        "fedhog_dynamic": _throughput([*fedhog, "--work-sharing", "dynamic"], 2),
+    }
+    return {"methods": methods, "baseline": "ddp",
+            "settings": {"model": "mlp (1.6M parameters)", "batch": 64, "slow_rank": 1, "slow_factor": 2.0,
+                         "averaging_period": 16,
+                         "post_local_sgd": "torch's post_localSGD_hook from step 1, parameters averaged every 16 steps"
+                         " (its hook installed on CPU too; Lightning installs it on CUDA only)"}}
+
+
+def p3_thin_link(scale: Scale) -> dict[str, Any]:
+    """P3: a communication-heavy model on a 100 Mbit/s link: DDP all-reduces 38 MB of gradients per step."""
+    prefix = harness.thin_link_prefix("100mbit")
+    if prefix is None:
+        return {"skipped": harness.thin_link_unavailable()}
+    model = ["--model", scale.thin_model]
+    ddp_samples = max(scale.thin_samples // 4, 2 * 64 * 6)  # a DDP step takes seconds here: fewer of them
+    methods: dict[str, Method] = {
+        "ddp": _throughput([*model, *_common(scale, 2, ddp_samples, 1), "--strategy", "ddp"], 2, prefix),
+        "fedhog": _throughput(
+            [*model, *_common(scale, 2, scale.thin_samples, 2), "--strategy", "fedhog", "--workers", "1",
+             "--blocks", "4", "--csv"], 2, prefix,
+        ),
+    }
+    return {"methods": methods, "baseline": "ddp",
+            "settings": {"model": f"{scale.thin_model} ({'9.5M' if scale.thin_model == 'wide' else '1.6M'}"
+                         " parameters)", "link": "loopback of a private netns, tc tbf 100mbit", "batch": 64,
+                         "fedhog": "2 devices x 1 worker, 4 blocks, 2 epochs (one consensus in the window)"}}
+
+
+def _mnist1d(strategy: list[str], processes: int, scale: Scale, data_dir: Path) -> Method:
+    def run(out: Path) -> dict[str, Any]:
+        command = [
+            sys.executable, "-m", "recipes.mnist1d", "fit", *strategy,
+            f"--trainer.max_epochs={scale.mnist_epochs}", "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={out}", "--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={out}",
+            "--trainer.callbacks+=lightning_fedhog.WallClock", f"--data.data_dir={data_dir}",
+            f"--data.num_samples={scale.mnist_samples}",
+        ]
+        began = time.perf_counter()
+        done = subprocess.run(
+            command, env=harness.threads_env(processes), capture_output=True, text=True, cwd=harness.ROOT
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"MNIST-1D run failed: {shlex.join(command)}\n{done.stderr[-4000:]}")
+        return {**_accuracy_curve(out), "command": shlex.join(command),
+                "process_wall_s": time.perf_counter() - began}
+
+    return run
+
+
+def _accuracy_curve(out: Path, target: float = 0.90) -> dict[str, Any]:
+    """Per-epoch (wall-clock seconds, test accuracy) from a run's CSV log.
+
+    Validation runs at the end of each epoch, before ``WallClock`` logs the epoch's time (one step later, so
+    steps do not match): the n-th accuracy pairs with the n-th time, which includes that validation.
+    """
+    with next(out.glob("**/metrics.csv")).open() as handle:
+        rows = list(csv.DictReader(handle))
+    clock = [float(row["wall_time_s"]) for row in rows if row.get("wall_time_s")]
+    accuracy = [float(row["val_acc"]) for row in rows if row.get("val_acc")]
+    curve = list(zip(clock, accuracy, strict=False))
+    reached = next((seconds for seconds, accuracy in curve if accuracy >= target), None)
+    return {"curve": curve, "seconds_to_target": reached, "final_accuracy": curve[-1][1] if curve else None,
+            "train_s": curve[-1][0] if curve else None}
+
+
+def p4_time_to_accuracy(scale: Scale, workdir: Path) -> dict[str, Any]:
+    """P4: wall-clock to 0.90 MNIST-1D test accuracy (consensus model), and accuracy after equal epochs."""
+    data = workdir / "mnist1d-data"
+    methods: dict[str, Method] = {
+        "single_process": _mnist1d(["--trainer.devices=1", "--trainer.strategy=auto"], 1, scale, data),
+        "ddp": _mnist1d(["--trainer.strategy=ddp"], 2, scale, data),
+        "fedhog": _mnist1d([], 4, scale, data),  # the recipe's default: 2 devices x 2 workers
+    }
+    return {"methods": methods, "baseline": "ddp", "kind": "accuracy",
+            "settings": {"target_accuracy": 0.90, "epochs": scale.mnist_epochs, "batch_per_process": 32,
+                         "samples": scale.mnist_samples, "recipe": "python -m recipes.mnist1d fit",
+                         "fedhog": "2 devices x 2 workers (the recipe's default)", "ddp": "2 processes"}}
+
+
+def p5_gpu(scale: Scale) -> dict[str, Any]:
+    """P5: K Hogwild workers sharing one GPU vs one process owning it."""
+    if not torch.cuda.is_available():
+        return {"skipped": "skipped: no CUDA device on this machine (run it where `torch.cuda.is_available()`)"}
+    cnn = ["--accelerator", "gpu", "--model", "cnn", *_common(scale, 1, samples=scale.samples * 4)]
+    methods: dict[str, Method] = {"ddp_1_process": _throughput([*cnn, "--strategy", "ddp"], 1)}
+    for workers in (1, 2, 4):
+        methods[f"fedhog_k{workers}"] = _throughput(
+            [*cnn, "--strategy", "fedhog", "--workers", str(workers), "--csv"], workers
+        )
+    return {"methods": methods, "baseline": "ddp_1_process",
+            "settings": {"model": "ResNet-20-like CNN", "batch": 64, "devices": 1}}
+
+
+def p6_overhead(scale: Scale) -> dict[str, Any]:
+    """P6: what the background averaging costs a worker's step, and how much it moves."""
+    fedhog = ["--model", "mlp", *_common(scale, 2), "--strategy", "fedhog", "--workers", "1", "--csv"]
+    methods: dict[str, Method] = {
+        # a period longer than the run: no rounds at all, only the consensus at epoch ends
+        "averaging_off": _throughput([*fedhog, "--period", str(10**9)], 2),
+        "averaging_on": _throughput([*fedhog, "--period", "16"], 2),
+    }
+    return {"methods": methods, "baseline": "averaging_off",
+            "settings": {"model": "mlp (1.6M parameters, 6.3 MB)", "devices": 2, "workers_per_device": 1,
+                         "averaging_period": 16, "num_blocks": 1}}
+
+
+BENCHMARKS = {
+    "p1_scaling": ("P1 scaling on 2 CPU cores", p1_scaling),
+    "p2_straggler": ("P2 one device 2x slower", p2_straggler),
+    "p3_thin_link": ("P3 100 Mbit/s link", p3_thin_link),
+    "p4_time_to_accuracy": ("P4 MNIST-1D time to 0.90", p4_time_to_accuracy),
+    "p5_gpu": ("P5 one GPU", p5_gpu),
+    "p6_overhead": ("P6 averaging overhead", p6_overhead),
+}
+TARGETS = {
+    "p1_scaling": "fedhog >= 0.95 of the physical limit and above DDP",
+    "p2_straggler": "fedhog >= 1.4x DDP",
+    "p3_thin_link": "fedhog >= 2x DDP",
+    "p4_time_to_accuracy": "fedhog <= 0.8x DDP's time, final accuracy within 1 point",
+}
+
+
+def _ratios(name: str, results: dict[str, dict[str, Any]], baseline: str, limit: str | None) -> dict[str, float]:
+    ratios: dict[str, float] = {}
+    if name == "p4_time_to_accuracy":
+        base = results[baseline]
+        for method, r in results.items():
+            if method == baseline:
+                continue
+            if r.get("seconds_to_target") and base.get("seconds_to_target"):
+                ratios[f"{method}_time_over_{baseline}"] = r["seconds_to_target"] / base["seconds_to_target"]
+            if r.get("final_accuracy") is not None and base.get("final_accuracy") is not None:
+                ratios[f"{method}_accuracy_minus_{baseline}"] = r["final_accuracy"] - base["final_accuracy"]
+        return ratios
+    for method, r in results.items():
+        if method != baseline:
+            ratios[f"{method}_over_{baseline}"] = r["samples_per_s"] / results[baseline]["samples_per_s"]
+        if limit and method != limit:
+            ratios[f"{method}_over_{limit}"] = r["samples_per_s"] / results[limit]["samples_per_s"]
+    if name == "p6_overhead":
+        on, off = results["averaging_on"], results["averaging_off"]
+        ratios["step_time_on_over_off"] = on["step_s"] / off["step_s"]
+    return ratios
+
+
+def _summarize_accuracy(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    reached = [r["seconds_to_target"] for r in runs if r["seconds_to_target"] is not None]
+    return {
+        "seconds_to_target": statistics.median(reached) if len(reached) == len(runs) else None,
+        "all_seconds_to_target": [r["seconds_to_target"] for r in runs],
+        "final_accuracy": statistics.median(r["final_accuracy"] for r in runs),
+        "all_final_accuracy": [r["final_accuracy"] for r in runs],
+        "train_s": statistics.median(r["train_s"] for r in runs),
+        "process_wall_s": statistics.median(r["process_wall_s"] for r in runs),
+        "curve": runs[len(runs) // 2]["curve"],  # one run's curve, for the plot
+        "command": runs[0]["command"],
+    }
+
+
+def run_benchmark(name: str, scale: Scale, workdir: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """Runs one benchmark's methods interleaved and returns its report (not yet written)."""
+    title, define = BENCHMARKS[name]
+    spec = define(scale, workdir) if name == "p4_time_to_accuracy" else define(scale)
+    report: dict[str, Any] = {"benchmark": name, "title": title, "date": datetime.date.today().isoformat(),
+                              "invocation": shlex.join([sys.executable, "-m", "benchmarks", *sys.argv[1:]]),
+                              "machine": harness.machine(), "scale": scale.name,
+                              "repeats": scale.accuracy_repeats if name == "p4_time_to_accuracy" else scale.repeats}
+    if "skipped" in spec:
+        log(f"{name}: {spec['skipped']}")
+        return {**report, "skipped": spec["skipped"]}
+    log(f"{name}: {title}")
+    began = time.perf_counter()
+    if spec.get("kind") == "accuracy":
+        runs: dict[str, list[dict[str, Any]]] = {m: [] for m in spec["methods"]}
+        for repeat in range(scale.accuracy_repeats):
+            for method, call in spec["methods"].items():
+                runs[method].append(call(workdir / f"{name}-{method}-{repeat}"))
+                last = runs[method][-1]
+                log(f"  {method} #{repeat + 1}: {last['seconds_to_target']} s to target,"
+                    f" final {last['final_accuracy']}")
+        results = {m: _summarize_accuracy(rs) for m, rs in runs.items()}
+    else:
+        results = harness.interleave(spec["methods"], scale.repeats, workdir / name, log)
+    return {
+        **report,
+        "settings": spec["settings"],
+        "target": TARGETS.get(name),
+        "baseline": spec["baseline"],
+        "limit": spec.get("limit"),
+        "results": results,
+        "ratios": _ratios(name, results, spec["baseline"], spec.get("limit")),
+        "benchmark_wall_s": time.perf_counter() - began,
+        "note": "medians over interleaved repeats; throughput = samples/s of all workers from warm-up to the"
+        " last worker's last step (idle time behind stragglers and consensus points included)",
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), default=list(BENCHMARKS))
+    parser.add_argument("--smoke", action="store_true", help="a few seconds per benchmark (the test suite's mode)")
+    parser.add_argument("--repeats", type=int, default=None, help="override the number of interleaved repeats")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="where the JSON files go")
+    args = parser.parse_args(argv)
+    scale = SMOKE if args.smoke else FULL
+    if args.repeats is not None:
+        scale = dataclasses.replace(scale, repeats=args.repeats, accuracy_repeats=args.repeats)
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="fedhog-bench-") as tmp:
+        for name in args.only:
+            report = run_benchmark(name, scale, Path(tmp), log)
+            harness.write(args.output / f"{name}.json", report)
+            if report.get("ratios"):
+                log("  " + ", ".join(f"{k}={v:.3f}" for k, v in report["ratios"].items()))

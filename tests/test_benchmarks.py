@@ -1,0 +1,86 @@
+"""The benchmark harness does not rot: every benchmark runs for a few seconds and writes a complete report.
+
+No timing is asserted here (a loaded 2-core test machine says nothing about speed); the figures come from
+``python -m benchmarks`` and live in ``benchmarks/results/``. What is asserted: every method of every benchmark
+ran and produced figures, the JSON has what a reader needs to trust it (command, settings, machine), the report
+turns it into tables and plots, and the README shows exactly what the committed JSON holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import report
+from benchmarks.harness import aggregate
+from benchmarks.suite import BENCHMARKS, RESULTS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_aggregate_counts_idle_time_behind_a_straggler() -> None:
+    # two ranks of batch 10: the fast one is done at t=4, the slow one keeps going until t=10
+    fast = {"batch": 10, "times": [0, 1, 2, 3, 4]}
+    slow = {"batch": 10, "times": [0, 2.5, 5, 7.5, 10]}
+    # window from the last warm-up step (t=2.5 with skip=1) to the last step of anyone (t=10)
+    assert aggregate([fast, slow], skip=1) == pytest.approx((2 * 10 + 3 * 10) / 7.5)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bench")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--smoke", "--output", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out
+
+
+def test_smoke_mode_runs_every_benchmark_and_method(smoke: Path) -> None:
+    assert sorted(path.stem for path in smoke.glob("*.json")) == sorted(BENCHMARKS)
+    for name in BENCHMARKS:
+        result = json.loads((smoke / f"{name}.json").read_text())
+        assert result["scale"] == "smoke" and result["machine"]["cpus"] >= 1
+        assert "python" in result["invocation"] and "--smoke" in result["invocation"]
+        if result.get("skipped"):
+            # only the GPU benchmark without CUDA, and the thin link without root, may skip, saying why
+            assert name in ("p5_gpu", "p3_thin_link") and result["skipped"].startswith("skipped: ")
+            continue
+        assert result["settings"] and result["baseline"] in result["results"]
+        for method, figures in result["results"].items():
+            assert figures["command"], method
+            if name == "p4_time_to_accuracy":
+                assert 0.0 < figures["final_accuracy"] <= 1.0, (method, figures)
+                assert len(figures["curve"]) == 2, "one (seconds, accuracy) point per epoch"
+            else:
+                assert figures["samples_per_s"] > 0 and figures["step_s"] > 0, (method, figures)
+                assert all(steps >= 4 for run in figures["steps_per_rank"] for steps in run), (method, figures)
+        assert result["ratios"], name
+    overhead = json.loads((smoke / "p6_overhead.json").read_text())
+    assert overhead["results"]["averaging_on"]["fedhog"]["rounds_per_s"] > 0  # fedhog's own figures were read
+
+
+def test_report_draws_every_plot_and_writes_the_readme_section(smoke: Path, tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\n{report.BEGIN}\nold\n{report.END}\n\nafter\n")
+    report.main(["--results", str(smoke), "--readme", str(readme)])
+    text = readme.read_text()
+    assert "old" not in text and text.endswith("after\n")
+    for name in BENCHMARKS:
+        result = json.loads((smoke / f"{name}.json").read_text())
+        assert result["title"] in text
+        if not result.get("skipped"):
+            assert (smoke / f"{name}.png").read_bytes().startswith(b"\x89PNG")
+    report.main(["--results", str(smoke), "--readme", str(readme), "--check"])
+
+
+def test_the_readme_shows_what_the_committed_results_hold() -> None:
+    assert (RESULTS / "p1_scaling.json").exists(), "run `python -m benchmarks` and commit benchmarks/results/"
+    report.main(["--check"])  # exits non-zero when the README's section differs from the JSON
