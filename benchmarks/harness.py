@@ -56,6 +56,20 @@ def aggregate(ranks: Sequence[dict[str, Any]], skip: int = 3) -> float:
     return samples / max(end - start, 1e-9)
 
 
+def aggregate_to_end(ranks: Sequence[dict[str, Any]], skip: int = 3) -> float | None:
+    """Like :func:`aggregate`, but the window ends when the last rank has returned from ``fit``.
+
+    That includes what a method does after the last step before the user has a model: fedhog's final consensus
+    (the exact average of all devices' copies), DDP's and everyone's teardown. None for older rank files.
+    """
+    if not all("fit_end" in rank for rank in ranks):
+        return None
+    start = max(rank["times"][min(skip, len(rank["times"]) - 1)] for rank in ranks)
+    end = max(rank["fit_end"] for rank in ranks)
+    samples = sum(sum(start < t for t in rank["times"]) * rank["batch"] for rank in ranks)
+    return samples / max(end - start, 1e-9)
+
+
 def step_seconds(ranks: Sequence[dict[str, Any]], skip: int = 3) -> float:
     """Median seconds between two consecutive steps of one worker, over all ranks after warm-up."""
     gaps = [b - a for rank in ranks for a, b in itertools.pairwise(rank["times"][skip:])]
@@ -116,6 +130,7 @@ def launch(
     return {
         "command": shlex.join(command),
         "samples_per_s": aggregate(ranks),
+        "samples_per_s_to_end": aggregate_to_end(ranks),
         "step_s": step_seconds(ranks),
         "steps_per_rank": [len(rank["times"]) for rank in ranks],
         "process_wall_s": time.perf_counter() - began,
@@ -142,11 +157,16 @@ def launch_independent(args: Sequence[str], out: Path, copies: int) -> dict[str,
     return {
         "command": " & ".join(shlex.join(c) for c in commands),
         "samples_per_s": sum(aggregate(ranks) for ranks in copies_ranks),
+        "samples_per_s_to_end": _sum_or_none([aggregate_to_end(ranks) for ranks in copies_ranks]),
         "step_s": statistics.median(step_seconds(ranks) for ranks in copies_ranks),
         "steps_per_rank": [len(ranks[0]["times"]) for ranks in copies_ranks],
         "process_wall_s": time.perf_counter() - began,
         "fedhog": {},
     }
+
+
+def _sum_or_none(values: list[float | None]) -> float | None:
+    return None if any(value is None for value in values) else sum(values)  # type: ignore[misc]
 
 
 def fedhog_figures(logs: Path) -> dict[str, float]:
@@ -182,6 +202,7 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "samples_per_s": statistics.median(r["samples_per_s"] for r in results),
         "all_samples_per_s": [r["samples_per_s"] for r in results],
+        "samples_per_s_to_end": _median_or_none([r.get("samples_per_s_to_end") for r in results]),
         "step_s": statistics.median(r["step_s"] for r in results),
         "steps_per_rank": [r["steps_per_rank"] for r in results],
         "process_wall_s": statistics.median(r["process_wall_s"] for r in results),
@@ -191,6 +212,10 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     if keys:
         summary["fedhog"] = {k: statistics.median(r["fedhog"][k] for r in results if k in r["fedhog"]) for k in keys}
     return summary
+
+
+def _median_or_none(values: list[float | None]) -> float | None:
+    return None if any(value is None for value in values) else statistics.median(values)  # type: ignore[type-var]
 
 
 def write(path: Path, report: dict[str, Any]) -> None:

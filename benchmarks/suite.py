@@ -242,6 +242,9 @@ def _ratios(name: str, results: dict[str, dict[str, Any]], baseline: str, limit:
     for method, r in results.items():
         if method != baseline:
             ratios[f"{method}_over_{baseline}"] = r["samples_per_s"] / results[baseline]["samples_per_s"]
+            to_end, base_to_end = r.get("samples_per_s_to_end"), results[baseline].get("samples_per_s_to_end")
+            if to_end and base_to_end:
+                ratios[f"{method}_to_end_over_{baseline}"] = to_end / base_to_end
         if limit and method != limit:
             ratios[f"{method}_over_{limit}"] = r["samples_per_s"] / results[limit]["samples_per_s"]
     if name == "p6_overhead":

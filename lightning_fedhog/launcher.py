@@ -23,6 +23,7 @@ from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.nn import Module
@@ -34,6 +35,10 @@ from lightning_fedhog.work_sharing import check_dynamic_compatible
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
+
+
+_FAILURE_GRACE = 10.0
+"""Seconds the workers get to stop on their own after a failure in the launching process, before they are killed."""
 
 
 class FedHogLauncher(_SubprocessScriptLauncher):
@@ -73,16 +78,20 @@ class FedHogLauncher(_SubprocessScriptLauncher):
         _set_num_threads_if_needed(num_processes=self.num_processes)
         try:
             return function(*args, **kwargs)
-        except BaseException:
-            self._end_children()
+        except BaseException as error:
+            timeout = self._config.timeout.total_seconds()
+            # a stop on SIGTERM saves a checkpoint: the workers get all of `timeout` for it. After a failure nothing
+            # is saved; a worker still blocked in a collective with this process (which keeps its connections
+            # open while it waits here) would only give up after `timeout`, 30 minutes by default
+            self._end_children(timeout if isinstance(error, SIGTERMException) else min(timeout, _FAILURE_GRACE))
             raise
 
-    def _end_children(self) -> None:
-        """After a failure (or SIGTERM) in this process: waits up to `timeout` for the workers it started to stop
-        on their own (they notice within seconds and print why), then kills the ones still running, so that no
-        worker outlives the run; a worker stuck in a long step would otherwise keep the devices busy.
+    def _end_children(self, grace: float) -> None:
+        """After a failure (or SIGTERM) in this process: waits up to ``grace`` seconds for the workers it started
+        to stop on their own (they notice within seconds and print why), then kills the ones still running, so
+        that no worker outlives the run; a worker stuck in a long step would otherwise keep the devices busy.
         """
-        deadline = time.monotonic() + self._config.timeout.total_seconds()
+        deadline = time.monotonic() + grace
         for proc in self.procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=max(deadline - time.monotonic(), 0.0))

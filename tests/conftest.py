@@ -139,7 +139,7 @@ def run_outcome(out: Path, *args: str, timeout: float = TIMEOUT) -> Outcome:
     )
     output, _ = proc.communicate(timeout=120)  # the pipe closes when the last child holding it has exited
     ended = time.time()
-    event = re.search(r"(?:KILLED|SIGTERM|SLEEP) rank \d+ at ([\d.]+)", output)
+    event = re.search(r"(?:KILLED|SIGTERM|SLEEP|NAN) rank \d+ at ([\d.]+)", output)
     if event:  # shown with `pytest -s`: the figures of docs/troubleshooting.md
         print(f"\n{out.name}: last process ended {ended - float(event.group(1)):.1f} s after the fault")
     return Outcome(proc.returncode, output, float(event.group(1)) if event else None, ended)

@@ -100,6 +100,7 @@ class Net(L.LightningModule):
             else:  # this one rank only
                 os.kill(os.getpid(), signal.SIGTERM)
         if self.global_rank == self.hparams.nan_rank and self.current_epoch == 1 and batch_idx == 1:
+            print(f"NAN rank {self.global_rank} at {time.time()}", flush=True)
             with torch.no_grad():
                 self.net[0].weight[0, 0] = float("nan")  # corrupt this device's shared copy
         x, y, index = batch
