@@ -177,11 +177,13 @@ def p4_time_to_accuracy(scale: Scale, workdir: Path) -> dict[str, Any]:
         "single_process": _mnist1d(["--trainer.devices=1", "--trainer.strategy=auto"], 1, scale, data),
         "ddp": _mnist1d(["--trainer.strategy=ddp"], 2, scale, data),
         "fedhog": _mnist1d([], 4, scale, data),  # the recipe's default: 2 devices x 2 workers
+        "fedhog_2x1": _mnist1d(["--trainer.strategy.workers_per_device=1"], 2, scale, data),  # DDP's 2 processes
     }
     return {"methods": methods, "baseline": "ddp", "kind": "accuracy",
             "settings": {"target_accuracy": 0.90, "epochs": scale.mnist_epochs, "batch_per_process": 32,
                          "samples": scale.mnist_samples, "recipe": "python -m recipes.mnist1d fit",
-                         "fedhog": "2 devices x 2 workers (the recipe's default)", "ddp": "2 processes"}}
+                         "fedhog": "2 devices x 2 workers (the recipe's default)", "fedhog_2x1": "2 devices x 1 worker",
+                         "ddp": "2 processes", "single_process": "1 process"}}
 
 
 def p5_gpu(scale: Scale) -> dict[str, Any]:
@@ -272,7 +274,7 @@ def run_benchmark(name: str, scale: Scale, workdir: Path, log: Callable[[str], N
     title, define = BENCHMARKS[name]
     spec = define(scale, workdir) if name == "p4_time_to_accuracy" else define(scale)
     report: dict[str, Any] = {"benchmark": name, "title": title, "date": datetime.date.today().isoformat(),
-                              "invocation": shlex.join([sys.executable, "-m", "benchmarks", *sys.argv[1:]]),
+                              "invocation": shlex.join(["python", "-m", "benchmarks", *sys.argv[1:]]),
                               "machine": harness.machine(), "scale": scale.name,
                               "repeats": scale.accuracy_repeats if name == "p4_time_to_accuracy" else scale.repeats}
     if "skipped" in spec:
