@@ -52,24 +52,8 @@ class FedHogLauncher(_SubprocessScriptLauncher):
 
     @override
     def launch(self, function: Callable, *args: Any, trainer: pl.Trainer | None = None, **kwargs: Any) -> Any:
-        module = trainer.lightning_module if trainer is not None else None
-        if module is not None and trainer is not None and trainer.state.fn == TrainerFn.FITTING:
-            checked_layout(self._config, module, built=not is_overridden("configure_model", module))
         if trainer is not None:
-            check_no_time_based_validation(trainer)
-            for message in lockstep_hazards(trainer):
-                rank_zero_warn(message)
-        if trainer is not None and self._config.work_sharing == "dynamic":
-            step_based = [
-                f"{type(callback).__name__}(every_n_train_steps={callback._every_n_train_steps})"
-                if callback._every_n_train_steps
-                else f"{type(callback).__name__}(train_time_interval={callback._train_time_interval})"
-                for callback in trainer.checkpoint_callbacks
-                if isinstance(callback, ModelCheckpoint)
-                and (callback._every_n_train_steps or callback._train_time_interval is not None)
-            ]
-            timer = any(isinstance(callback, Timer) for callback in trainer.callbacks)
-            check_dynamic_compatible(trainer.val_check_interval, step_based, max_time=timer)
+            self._check(trainer)
         # Lightning's launcher, with fedhog's observer of the workers instead of Lightning's (see `_Observer`)
         self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
         if not self.cluster_environment.creates_processes_externally:
@@ -85,6 +69,26 @@ class FedHogLauncher(_SubprocessScriptLauncher):
             # open while it waits here) would only give up after `timeout`, 30 minutes by default
             self._end_children(timeout if isinstance(error, SIGTERMException) else min(timeout, _FAILURE_GRACE))
             raise
+
+    def _check(self, trainer: pl.Trainer) -> None:
+        """Every check that can run before a worker exists: the model, then Trainer settings; warnings last."""
+        module = trainer.lightning_module
+        if module is not None and trainer.state.fn == TrainerFn.FITTING:
+            checked_layout(self._config, module, built=not is_overridden("configure_model", module))
+        check_no_time_based_validation(trainer)
+        if self._config.work_sharing == "dynamic":
+            step_based = [
+                f"{type(callback).__name__}(every_n_train_steps={callback._every_n_train_steps})"
+                if callback._every_n_train_steps
+                else f"{type(callback).__name__}(train_time_interval={callback._train_time_interval})"
+                for callback in trainer.checkpoint_callbacks
+                if isinstance(callback, ModelCheckpoint)
+                and (callback._every_n_train_steps or callback._train_time_interval is not None)
+            ]
+            timer = any(isinstance(callback, Timer) for callback in trainer.callbacks)
+            check_dynamic_compatible(trainer.val_check_interval, step_based, max_time=timer)
+        for message in lockstep_hazards(trainer):
+            rank_zero_warn(message)
 
     def _end_children(self, grace: float) -> None:
         """After a failure (or SIGTERM) in this process: waits up to ``grace`` seconds for the workers it started

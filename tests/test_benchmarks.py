@@ -18,7 +18,7 @@ import pytest
 
 from benchmarks import report
 from benchmarks.harness import aggregate
-from benchmarks.suite import BENCHMARKS, RESULTS
+from benchmarks.suite import BENCHMARKS, RESULTS, SMOKE_METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,7 +43,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_smoke_mode_runs_every_benchmark_and_method(smoke: Path) -> None:
+def test_smoke_mode_runs_every_benchmark_and_its_methods(smoke: Path) -> None:
     assert sorted(path.stem for path in smoke.glob("*.json")) == sorted(BENCHMARKS)
     for name in BENCHMARKS:
         result = json.loads((smoke / f"{name}.json").read_text())
@@ -54,6 +54,8 @@ def test_smoke_mode_runs_every_benchmark_and_method(smoke: Path) -> None:
             assert name in ("p5_gpu", "p3_thin_link") and result["skipped"].startswith("skipped: ")
             continue
         assert result["settings"] and result["baseline"] in result["results"]
+        if name in SMOKE_METHODS:
+            assert sorted(result["results"]) == sorted(SMOKE_METHODS[name])
         for method, figures in result["results"].items():
             assert figures["command"], method
             if name == "p4_time_to_accuracy":

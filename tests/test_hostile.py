@@ -111,7 +111,7 @@ def test_data_that_gives_workers_different_step_counts_fails_fast_in_every_worke
 def test_max_time_with_static_sharing_warns_and_stops_every_worker_together(tmp_path: Path) -> None:
     # the Timer broadcasts every step (lock-step, warned about), and stops all workers at the same step
     outcome = run_outcome(tmp_path, "--devices", "2", "--workers", "2", "--epochs", "1000", "--samples", "128",
-                          "--max-time", "00:00:00:06", timeout=TIMEOUT + MARGIN)
+                          "--max-time", "00:00:00:03", timeout=TIMEOUT + MARGIN)
     assert outcome.returncode == 0, outcome.output[-3000:]
     assert "Time limit reached" in outcome.output  # (the lock-step warning: tests/test_config.py)
     steps = {load_rank(tmp_path, rank)["state_dict"]["probe"][rank].item() for rank in range(4)}
