@@ -67,6 +67,9 @@ CHECKPOINT_KEY = "fedhog"
 _STARTUP_TIMEOUT = timedelta(minutes=5)
 """The least time the processes get to start and meet, whatever `timeout` (that one bounds collectives)."""
 
+_SETTLE_SECONDS = 2.0
+"""How long a rank whose collective lost a connection waits for the peer's process to be seen gone."""
+
 _LIVENESS_INTERVAL = 1.0
 """Seconds between two looks at the same-host peers' processes (and at a stop request from another host)."""
 
@@ -557,6 +560,12 @@ class FedHogStrategy(DDPStrategy):
 
     def _lost(self, what: str, error: BaseException) -> PeerLostError:
         """The error of a collective that failed, naming the dead or failed peers this rank can find."""
+        if self._peers is not None and "closed" in str(error).lower():
+            # a killed peer's sockets close while its process is still exiting, before `/proc` shows it dead:
+            # give it a moment, or it would be reported as alive but stuck
+            deadline = time.monotonic() + _SETTLE_SECONDS
+            while not self._peers.dead_local_peers() and time.monotonic() < deadline:
+                time.sleep(0.05)
         diagnosis = self._peers.diagnose(self._meetings) if self._peers is not None else "no peer registry yet"
         return PeerLostError(
             f"fedhog: rank {self.global_rank} could not {what}: another worker of the {self.world_size} is gone or"
