@@ -50,10 +50,7 @@ def aggregate(ranks: Sequence[dict[str, Any]], skip: int = 3) -> float:
     The window ends with the *last* rank's last step, so time a fast rank spends idle behind a straggler
     (or parked at a consensus point) counts against the method, as it does for the user.
     """
-    start = max(rank["times"][min(skip, len(rank["times"]) - 1)] for rank in ranks)
-    end = max(rank["times"][-1] for rank in ranks)
-    samples = sum(sum(start < t <= end for t in rank["times"]) * rank["batch"] for rank in ranks)
-    return samples / max(end - start, 1e-9)
+    return _window_rate(ranks, skip, end=max(rank["times"][-1] for rank in ranks))
 
 
 def aggregate_to_end(ranks: Sequence[dict[str, Any]], skip: int = 3) -> float | None:
@@ -64,9 +61,13 @@ def aggregate_to_end(ranks: Sequence[dict[str, Any]], skip: int = 3) -> float | 
     """
     if not all("fit_end" in rank for rank in ranks):
         return None
+    return _window_rate(ranks, skip, end=max(rank["fit_end"] for rank in ranks))
+
+
+def _window_rate(ranks: Sequence[dict[str, Any]], skip: int, end: float) -> float:
+    """Samples of all ranks' steps after every rank's ``skip``-th step and up to ``end``, per second."""
     start = max(rank["times"][min(skip, len(rank["times"]) - 1)] for rank in ranks)
-    end = max(rank["fit_end"] for rank in ranks)
-    samples = sum(sum(start < t for t in rank["times"]) * rank["batch"] for rank in ranks)
+    samples = sum(sum(start < t <= end for t in rank["times"]) * rank["batch"] for rank in ranks)
     return samples / max(end - start, 1e-9)
 
 

@@ -85,8 +85,7 @@ class FedHogLauncher(_SubprocessScriptLauncher):
                 if isinstance(callback, ModelCheckpoint)
                 and (callback._every_n_train_steps or callback._train_time_interval is not None)
             ]
-            timer = any(isinstance(callback, Timer) for callback in trainer.callbacks)
-            check_dynamic_compatible(trainer.val_check_interval, step_based, max_time=timer)
+            check_dynamic_compatible(trainer.val_check_interval, step_based, max_time=_has_timer(trainer))
         for message in lockstep_hazards(trainer):
             rank_zero_warn(message)
 
@@ -168,7 +167,7 @@ def lockstep_hazards(trainer: pl.Trainer) -> list[str]:
     the alternative. fedhog's benefit comes from workers never waiting for each other between consensus points.
     """
     messages = []
-    if any(isinstance(callback, Timer) for callback in trainer.callbacks):
+    if _has_timer(trainer):
         messages.append(
             "fedhog: `Trainer(max_time=...)` (the `Timer` callback) broadcasts the elapsed time from rank 0 after every"
             " step, so every worker waits for the slowest each step. HINT: bound the run with `max_epochs` or"
@@ -182,6 +181,11 @@ def lockstep_hazards(trainer: pl.Trainer) -> list[str]:
                 " with static work sharing)."
             )
     return messages
+
+
+def _has_timer(trainer: pl.Trainer) -> bool:
+    """Whether the Trainer has a ``Timer`` callback (``max_time=...``), which broadcasts after every step."""
+    return any(isinstance(callback, Timer) for callback in trainer.callbacks)
 
 
 def check_no_time_based_validation(trainer: pl.Trainer) -> None:

@@ -143,3 +143,18 @@ def run_outcome(out: Path, *args: str, timeout: float = TIMEOUT) -> Outcome:
     if event:  # shown with `pytest -s`: the figures of docs/troubleshooting.md
         print(f"\n{out.name}: last process ended {ended - float(event.group(1)):.1f} s after the fault")
     return Outcome(proc.returncode, output, float(event.group(1)) if event else None, ended)
+
+
+def fit_refused(model, message: str, strategy=None, **trainer_kwargs) -> None:
+    """``fit`` fails with ``message`` in the launching process, before any worker process is spawned."""
+    import lightning as L
+
+    from lightning_fedhog import FedHogStrategy
+
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy=strategy or FedHogStrategy(), logger=False, max_steps=1,
+        **trainer_kwargs,
+    )
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(model)
+    assert trainer.strategy.launcher.procs == [], "a worker process was spawned before the error"

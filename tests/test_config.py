@@ -11,6 +11,7 @@ from torch import nn
 
 import lightning_fedhog  # noqa: F401 - registers the strategies
 from lightning_fedhog import FedHogConfig, FedHogStrategy
+from tests.conftest import fit_refused
 
 
 @pytest.mark.parametrize(
@@ -67,16 +68,9 @@ class _Tiny(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _fit_refused(model: L.LightningModule, strategy: FedHogStrategy, message: str) -> None:
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, logger=False, max_steps=1)
-    with pytest.raises(ValueError, match=message):
-        trainer.fit(model)
-    assert trainer.strategy.launcher.procs == [], "a worker process was spawned before the error"
-
-
 def test_model_checks_run_in_the_launcher_before_spawning() -> None:
-    _fit_refused(_Tiny(), FedHogStrategy(num_blocks=7), r"`num_blocks=7` is larger than the model's 6 floating")
-    _fit_refused(_Tiny(mixed=True), FedHogStrategy(), r"mixes dtypes .*torch.float32.*HINT: cast the module")
+    fit_refused(_Tiny(), r"`num_blocks=7` is larger than the model's 6 floating", FedHogStrategy(num_blocks=7))
+    fit_refused(_Tiny(mixed=True), r"mixes dtypes .*torch.float32.*HINT: cast the module")
 
 
 def test_sync_batchnorm_is_refused_at_trainer_construction() -> None:

@@ -17,7 +17,7 @@ from torch import nn
 
 from lightning_fedhog import FedHogConfig, FedHogStrategy
 from lightning_fedhog.launcher import checked_layout
-from tests.conftest import MARGIN, TIMEOUT, load_rank, run_app, run_outcome
+from tests.conftest import MARGIN, TIMEOUT, fit_refused, load_rank, run_app, run_outcome
 
 
 class _Module(L.LightningModule):
@@ -35,17 +35,9 @@ class _Module(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _refused(model: L.LightningModule, message: str, strategy: FedHogStrategy | None = None, **trainer: object):
-    trainer_ = L.Trainer(
-        accelerator="cpu", devices=2, strategy=strategy or FedHogStrategy(), logger=False, max_epochs=1, **trainer
-    )
-    with pytest.raises(ValueError, match=message):
-        trainer_.fit(model)
-    assert trainer_.strategy.launcher.procs == [], "a worker process was spawned before the error"
-
-
 def test_a_module_without_parameters_is_refused_before_spawning() -> None:
-    _refused(_Module(with_layer=False), r"_Module has none. HINT: create the layers in `__init__` or `configure_model`")
+    message = r"_Module has none. HINT: create the layers in `__init__` or `configure_model`"
+    fit_refused(_Module(with_layer=False), message)
 
 
 def test_a_module_that_builds_its_layers_in_configure_model_passes_the_launcher() -> None:
@@ -56,16 +48,16 @@ def test_a_module_that_builds_its_layers_in_configure_model_passes_the_launcher(
 
 
 def test_a_non_floating_parameter_is_refused_before_spawning() -> None:
-    _refused(_Module(integral=True), r"non-floating parameter\(s\) \['counts'\].*HINT: .*`register_buffer`")
+    fit_refused(_Module(integral=True), r"non-floating parameter\(s\) \['counts'\].*HINT: .*`register_buffer`")
 
 
 def test_a_time_based_val_check_interval_is_refused_before_spawning() -> None:
     message = r"time-based `val_check_interval` \(60.0 s\).*HINT: use a float"
-    _refused(_Module(), message, val_check_interval="00:00:01:00")
+    fit_refused(_Module(), message, val_check_interval="00:00:01:00")
 
 
 def test_max_time_with_dynamic_work_sharing_is_refused_before_spawning() -> None:
-    _refused(
+    fit_refused(
         _Module(), r"`Trainer\(max_time=\.\.\.\)`.*would hang.*HINT: bound the run with `max_epochs`",
         strategy=FedHogStrategy(work_sharing="dynamic"), max_time="00:00:10:00",
     )
