@@ -47,7 +47,7 @@ def _row(report: dict[str, Any]) -> list[str]:
         return lines
     baseline, limit = report["baseline"], report.get("limit")
     for method, r in results.items():
-        ratio = ratios.get(f"{method}_over_{baseline}")
+        ratio = ratios.get(f"{method}_over_{report.get('baselines', {}).get(method, baseline)}")
         extra = ""
         if limit and method != limit:
             extra = f", {ratios[f'{method}_over_{limit}']:.2f} of the limit"
@@ -66,8 +66,9 @@ def markdown(reports: list[dict[str, Any]]) -> str:
     """The README section: one table per benchmark, with the command that measured it."""
     out = [BEGIN, ""]
     for report in reports:
+        gpu = f", {report['machine']['gpu']}" if report["machine"].get("gpu") else ""
         out.append(f"**{report['title']}** (`{report['benchmark']}.json`, {report['date']}, "
-                   f"{report['machine']['cpus']} CPUs, {report['repeats']} repeats)")
+                   f"{report['machine']['cpus']} CPUs{gpu}, {report['repeats']} repeats)")
         out.append("")
         if report.get("skipped"):
             out += [f"{report['skipped']}.", ""]
@@ -86,6 +87,10 @@ def markdown(reports: list[dict[str, Any]]) -> str:
                 f" ran {figures.get('rounds_per_s', 0):.1f} rounds/s, {figures.get('bytes_per_s', 0) / 1e6:.1f} MB/s"
                 " per leader."
             )
+        for name, measured in report.get("once", {}).get("consensus", {}).items():
+            out += ["", f"One consensus (exact average) of {measured['elements']:,} fp32 elements between two"
+                    f" leaders, {name.replace('_', ' ')}: {measured['seconds'] * 1000:.0f} ms (median of"
+                    f" {len(measured['all_seconds'])})."]
         if report.get("target"):
             out += ["", f"Target: {report['target']}."]
         out += ["", f"`{report['invocation']}`", ""]

@@ -96,20 +96,53 @@ def sum_control(control: Tensor, group: Any) -> Tensor:
     return message.float().cpu()
 
 
+def group_backend(group: Any) -> str:
+    """The backend of a leaders' group: ``"gloo"`` or ``"nccl"``.
+
+    A bare ``ProcessGroupGloo`` (made without ``init_process_group``, as the thread-based tests do) is not
+    registered with ``torch.distributed`` and cannot be asked; it is gloo by construction.
+    """
+    if isinstance(group, dist.ProcessGroupGloo):
+        return "gloo"
+    return str(dist.get_backend(group))
+
+
+def post_pair(group: Any, send: Tensor, receive: Tensor, peer: int, tag: int = 0) -> list[Any]:
+    """Posts the send to and the receive from ``peer`` (a rank within ``group``) together; returns their works.
+
+    NCCL's point-to-point calls occupy the communicator's stream until the peer posts the matching call, so two
+    leaders that each send first and receive second wait on their sends for ever. Posted as one batch
+    (``batch_isend_irecv`` groups them into one NCCL group call) the two directions are matched together.
+    Gloo sends and receives are asynchronous, so posting both before waiting on either is already a pair.
+    """
+    if group_backend(group) == "gloo":
+        return [group.send([send], peer, tag), group.recv([receive], peer, tag)]
+    return dist.batch_isend_irecv(
+        [
+            dist.P2POp(dist.isend, send, group=group, group_peer=peer, tag=tag),
+            dist.P2POp(dist.irecv, receive, group=group, group_peer=peer, tag=tag),
+        ]
+    )
+
+
 def exchange_with_peer_(
     live: Tensor, group: Any, peer: int, tag: int = 0, stats: dict[str, float] | None = None
 ) -> None:
     """Pairwise gossip: averages ``live`` with the copy of leader ``peer`` (a rank *within* ``group``) in place.
 
     Both sides compute ``s_i + s_j`` (addition commutes, so both get the same bits) and apply the delta, which
-    keeps the sum over the pair and therefore the mean over all devices.
+    keeps the sum over the pair and therefore the mean over all devices. Gloo moves host memory only for
+    point-to-point calls, so a CUDA block travels through a host copy on a gloo group (several devices on one
+    GPU); NCCL sends it from the GPU.
     """
     flat = live.view(-1)
     snapshot = flat.clone()
-    received = torch.empty_like(snapshot)
-    works = [group.send([snapshot], peer, tag), group.recv([received], peer, tag)]
-    for work in works:
+    staged = live.is_cuda and group_backend(group) == "gloo"
+    outgoing = snapshot.cpu() if staged else snapshot
+    incoming = torch.empty_like(outgoing)
+    for work in post_pair(group, outgoing, incoming, peer, tag):
         work.wait()
+    received = incoming.to(flat.device) if staged else incoming
     averaged = (snapshot + received).div_(2)
     delta = apply_average_delta_(flat, snapshot, averaged)
     if stats is not None:

@@ -11,6 +11,7 @@ from datetime import timedelta
 from typing import Literal, get_args
 
 from lightning_fedhog.blocks import BLOCK_RULES, PARTITIONS, BlockRule, Partition
+from lightning_fedhog.device_sync import AVERAGING_BACKENDS, AveragingBackend
 from lightning_fedhog.topology import TOPOLOGIES, Topology
 from lightning_fedhog.work_sharing import WorkSharing
 
@@ -72,6 +73,10 @@ class FedHogConfig:
             round-robin, so a round moves ``1/num_blocks`` of the model.
         timeout: how long a collective (averaging round, consensus barrier) may wait for a peer before the run
             fails with an error naming the peers.
+        averaging_backend: how device leaders talk. ``"auto"``: NCCL when every device has a GPU of its own,
+            gloo on CPU and wherever a GPU hosts several devices (NCCL refuses two ranks on one GPU; gloo averages
+            CUDA tensors through host memory). ``"gloo"`` forces gloo (MIG slices, a broken NCCL); ``"nccl"``
+            refuses to start where NCCL cannot run.
     """
 
     workers_per_device: int = 2
@@ -88,6 +93,7 @@ class FedHogConfig:
     rotate_ownership: bool = False
     work_sharing: WorkSharing = "static"
     nonfinite: Literal["stop", "skip"] = "stop"
+    averaging_backend: AveragingBackend = "auto"
 
     def __post_init__(self) -> None:
         _require_int(
@@ -102,6 +108,7 @@ class FedHogConfig:
         _require_choice("partition", self.partition, PARTITIONS)
         _require_choice("work_sharing", self.work_sharing, ("static", "dynamic"))
         _require_choice("nonfinite", self.nonfinite, ("stop", "skip"))
+        _require_choice("averaging_backend", self.averaging_backend, AVERAGING_BACKENDS)
         _require_int("seed", self.seed, 0, "any non-negative integer; all leaders must use the same one.")
         if self.partial_backprop is not None:
             _require_int(

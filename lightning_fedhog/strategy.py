@@ -46,6 +46,7 @@ from typing_extensions import override
 
 from lightning_fedhog.blocks import BlockRule, Partition, owned_block, partition_tensors, tensor_costs
 from lightning_fedhog.config import AveragingMode, FedHogConfig
+from lightning_fedhog.device_sync import AveragingBackend, leader_backend, settle
 from lightning_fedhog.engine import AveragingEngine
 from lightning_fedhog.launcher import FedHogLauncher, checked_layout
 from lightning_fedhog.liveness import PeerRegistry
@@ -69,6 +70,9 @@ _STARTUP_TIMEOUT = timedelta(minutes=5)
 
 _SETTLE_SECONDS = 2.0
 """How long a rank whose collective lost a connection waits for the peer's process to be seen gone."""
+
+_RELEASE_SECONDS = 15.0
+"""The longest a device leader waits at the end of ``fit`` for its workers to let go of the shared vector."""
 
 _LIVENESS_INTERVAL = 1.0
 """Seconds between two looks at the same-host peers' processes (and at a stop request from another host)."""
@@ -104,6 +108,9 @@ class FedHogStrategy(DDPStrategy):
         rotate_ownership: every worker moves to the next partial-backprop block each epoch.
         work_sharing: ``"static"`` equal shards, or ``"dynamic"`` batches claimed from a shared counter.
         nonfinite: a round with NaN/Inf in some device's block is never applied; ``"stop"`` or ``"skip"``.
+        averaging_backend: how device leaders talk: ``"auto"`` (NCCL between distinct GPUs, gloo on CPU and where
+            a GPU hosts several devices), ``"nccl"`` or ``"gloo"``. Several devices on one GPU: pass
+            ``parallel_devices=[torch.device("cuda", 0)] * 2``.
 
         See :class:`~lightning_fedhog.FedHogConfig` for when to change each knob.
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin: as for every
@@ -128,6 +135,7 @@ class FedHogStrategy(DDPStrategy):
         rotate_ownership: bool = False,
         work_sharing: WorkSharing = "static",
         nonfinite: Literal["stop", "skip"] = "stop",
+        averaging_backend: AveragingBackend = "auto",
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -149,6 +157,7 @@ class FedHogStrategy(DDPStrategy):
             rotate_ownership=rotate_ownership,
             work_sharing=work_sharing,
             nonfinite=nonfinite,
+            averaging_backend=averaging_backend,
         )
         super().__init__(
             accelerator=accelerator,
@@ -162,6 +171,7 @@ class FedHogStrategy(DDPStrategy):
         self.buffer: SharedFlatBuffer | None = None
         self.engine: AveragingEngine | None = None
         self._leader_group: Any = None
+        self.leader_backend: str | None = None  # "nccl" or "gloo", known once the Trainer set the devices
         self._leader_ranks: list[int] = []
         self._generation = 0
         self._at_consensus = False
@@ -243,6 +253,8 @@ class FedHogStrategy(DDPStrategy):
             )
         if self.cluster_environment is None:
             raise RuntimeError("fedhog: the Trainer did not set a cluster environment.")
+        # refused here, at `Trainer(...)`, before any worker exists
+        self.leader_backend = leader_backend(self.config.averaging_backend, self.parallel_devices or [])
         self._launcher = FedHogLauncher(self.cluster_environment, self.num_processes, self.num_nodes, self.config)
 
     @override
@@ -299,10 +311,14 @@ class FedHogStrategy(DDPStrategy):
         self._leader_ranks = list(range(0, self.world_size, self.workers_per_device))
         if len(self._leader_ranks) > 1:
             # a new group is a collective over the default group: every rank creates it, only leaders use it
-            backend = "nccl" if self.root_device.type == "cuda" else "gloo"
-            self._leader_group = dist.new_group(self._leader_ranks, timeout=self.config.timeout, backend=backend)
+            self.leader_backend = leader_backend(self.config.averaging_backend, self.parallel_devices or [])
+            self._leader_group = dist.new_group(
+                self._leader_ranks, timeout=self.config.timeout, backend=self.leader_backend
+            )
             if self.is_device_leader:
                 dist.broadcast(self.buffer.flat, src=0, group=self._leader_group)
+        # the leader's copy and the broadcast are only queued on CUDA: done before any follower reads the buffer
+        settle(self.root_device)
         self._at_consensus = False
         self._peers = PeerRegistry(
             dist.distributed_c10d._get_default_store(),
@@ -478,6 +494,7 @@ class FedHogStrategy(DDPStrategy):
         if self.buffer is None or self._at_consensus:
             return
         began = time.monotonic()
+        settle(self.root_device)  # this worker's last optimizer step has landed before the average is taken
         self._arrive()
         if self.engine is not None:
             self._engine_call(self.engine.pause, "pause the averaging with the other devices")
@@ -777,7 +794,7 @@ class FedHogStrategy(DDPStrategy):
             trainer = getattr(module, "_trainer", None)
             if trainer is not None:
                 _unpatch_sigterm_broadcast(trainer)
-        self.buffer = None
+        self._release_buffer()
         if self._saved_max_steps is not None and module is not None and module._trainer is not None:
             module._trainer.fit_loop.epoch_loop.max_steps = self._saved_max_steps
         self._saved_max_steps = None
@@ -787,6 +804,35 @@ class FedHogStrategy(DDPStrategy):
             dist.destroy_process_group(self._leader_group)
         self._leader_group = None
         super().teardown()
+
+    def _release_buffer(self) -> None:
+        """Lets go of the device's shared vector; the leader's memory outlives every follower's use of it.
+
+        On CUDA the followers map the leader's allocation through IPC: a leader that freed it, or exited, while a
+        follower still copied its parameters out would leave that follower reading freed memory. Each follower
+        finishes its copies and says so in the store; the leader waits for all of them (bounded, and not at all
+        after a failure, when the run is ending anyway) before dropping its reference. Store counters, not a
+        collective, so no rank's sequence of collectives changes.
+        """
+        buffer, self.buffer = self.buffer, None
+        if buffer is None or self._failed or self.workers_per_device == 1 or not dist.is_initialized():
+            return
+        settle(self.root_device)
+        store = dist.distributed_c10d._get_default_store()
+        key = self._store_key(f"device{self.device_index}/released")
+        if not self.is_device_leader:
+            store.add(key, 1)
+            return
+        deadline = time.monotonic() + min(self.config.timeout.total_seconds(), _RELEASE_SECONDS)
+        while (released := store.add(key, 0)) < self.workers_per_device - 1:
+            if time.monotonic() > deadline:
+                log.warning(
+                    "fedhog: rank %d: only %d of the %d other workers of device %d let go of its shared parameters;"
+                    " freeing them anyway.", self.global_rank, released, self.workers_per_device - 1,
+                    self.device_index,
+                )
+                return
+            time.sleep(0.005)
 
     def _trainer(self) -> pl.Trainer:
         trainer = getattr(self.lightning_module, "_trainer", None)

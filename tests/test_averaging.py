@@ -10,7 +10,8 @@ from datetime import timedelta
 import pytest
 import torch
 
-from lightning_fedhog.averaging import all_finite, apply_average_delta_, exchange_average_
+import lightning_fedhog.averaging as averaging
+from lightning_fedhog.averaging import all_finite, apply_average_delta_, exchange_average_, exchange_with_peer_
 from lightning_fedhog.engine import AveragingEngine
 from tests.conftest import run_in_threads, thread_groups
 
@@ -213,3 +214,51 @@ def test_a_non_finite_block_is_never_spread_to_other_devices(on_non_finite: str,
         with pytest.raises(RuntimeError, match=r"non-finite values .* at a consensus point"):
             run_in_threads(lambda r: engines[r].full_average(), world_size)
     assert torch.equal(vectors[0], healthy[0]) and torch.equal(vectors[2], healthy[1]), "NaN must not spread"
+
+
+class _NcclLikeGroup:
+    """A stand-in for an NCCL group: a send posted alone would block its stream until the peer's receive."""
+
+    def send(self, *args: object) -> None:
+        raise AssertionError("a lone send on NCCL waits for the peer's receive, which waits behind its own send")
+
+    recv = send
+
+
+def test_gossip_posts_its_send_and_receive_as_one_batch_on_nccl(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both peers send first on NCCL would deadlock; the pair must go out as one `batch_isend_irecv`."""
+    batches: list[list] = []
+    peer_copy = torch.tensor([3.0, 5.0])
+
+    class _Done:
+        def wait(self) -> None:
+            pass
+
+    def batch_isend_irecv(ops: list) -> list:
+        batches.append(ops)
+        receive = next(op for op in ops if op.op is torch.distributed.irecv)
+        receive.tensor.copy_(peer_copy)
+        return [_Done() for _ in ops]
+
+    def p2p_op(op, tensor, group=None, group_peer=None, tag=0):  # the real one needs a registered group
+        return type("P2POp", (), {"op": op, "tensor": tensor, "group": group, "group_peer": group_peer, "tag": tag})
+
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group: "nccl")
+    monkeypatch.setattr(torch.distributed, "batch_isend_irecv", batch_isend_irecv)
+    monkeypatch.setattr(torch.distributed, "P2POp", p2p_op)
+    live = torch.tensor([1.0, 1.0])
+    exchange_with_peer_(live, _NcclLikeGroup(), peer=1, tag=7)
+    assert len(batches) == 1
+    (first, second) = batches[0]
+    assert {first.op, second.op} == {torch.distributed.isend, torch.distributed.irecv}
+    assert (first.group_peer, second.group_peer, first.tag, second.tag) == (1, 1, 7, 7)
+    assert torch.equal(live, torch.tensor([2.0, 3.0]))
+    assert averaging.group_backend(_NcclLikeGroup()) == "nccl"
+
+
+def test_gossip_pairs_average_over_gloo_and_keep_the_sum() -> None:
+    _, groups = thread_groups(2)
+    copies = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([5.0, 6.0, 7.0])]
+    run_in_threads(lambda rank: exchange_with_peer_(copies[rank], groups[rank], peer=1 - rank, tag=3), 2)
+    assert torch.equal(copies[0], torch.tensor([3.0, 4.0, 5.0]))
+    assert torch.equal(copies[1], copies[0])

@@ -11,6 +11,7 @@ from torch import nn
 
 import lightning_fedhog  # noqa: F401 - registers the strategies
 from lightning_fedhog import FedHogConfig, FedHogStrategy
+from lightning_fedhog.device_sync import leader_backend
 from tests.conftest import fit_refused
 
 
@@ -31,6 +32,7 @@ from tests.conftest import fit_refused
         ({"partition": "flops"}, r"Unknown `partition='flops'`. HINT: choose one of 'numel', 'compute'"),
         ({"nonfinite": "ignore"}, r"Unknown `nonfinite='ignore'`. HINT: choose one of 'stop', 'skip'"),
         ({"work_sharing": "greedy"}, r"Unknown `work_sharing='greedy'`. HINT: choose one of 'static', 'dynamic'"),
+        ({"averaging_backend": "mpi"}, r"Unknown `averaging_backend='mpi'`. HINT: choose one of 'auto', 'nccl'"),
         ({"partial_backprop": -1, "workers_per_device": 2}, r"`partial_backprop` must be >= 0, got -1"),
         ({"partial_backprop": 3, "workers_per_device": 1}, r"`workers_per_device=1`. HINT: use `workers_per_device`"),
     ],
@@ -83,6 +85,28 @@ def test_unsupported_accelerator_is_refused_with_the_alternative() -> None:
     strategy.accelerator = L.pytorch.accelerators.MPSAccelerator()
     with pytest.raises(ValueError, match=r"not MPSAccelerator. HINT: use `strategy='ddp'`"):
         strategy._configure_launcher()
+
+
+def test_leaders_use_nccl_only_between_distinct_gpus() -> None:
+    cuda = [torch.device("cuda", 0), torch.device("cuda", 1)]
+    same_gpu = [torch.device("cuda", 0)] * 2
+    cpu = [torch.device("cpu")] * 2
+    assert leader_backend("auto", cuda) == "nccl"
+    assert leader_backend("auto", same_gpu) == "gloo"  # NCCL refuses two ranks on one GPU
+    assert leader_backend("auto", cpu) == "gloo"
+    assert leader_backend("gloo", cuda) == "gloo"
+    assert leader_backend("nccl", cuda) == "nccl"
+    with pytest.raises(ValueError, match=r"cuda:0 hosts several devices.*HINT: use `averaging_backend='auto'`"):
+        leader_backend("nccl", same_gpu)
+    with pytest.raises(ValueError, match=r"'nccl'` needs CUDA devices.*HINT"):
+        leader_backend("nccl", cpu)
+
+
+def test_nccl_on_cpu_is_refused_at_trainer_construction() -> None:
+    with pytest.raises(ValueError, match=r"`averaging_backend='nccl'` needs CUDA devices"):
+        L.Trainer(accelerator="cpu", devices=2, strategy=FedHogStrategy(averaging_backend="nccl"), logger=False)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=FedHogStrategy(), logger=False)
+    assert trainer.strategy.leader_backend == "gloo"
 
 
 def test_registered_names_build_the_strategy_with_their_presets() -> None:

@@ -153,6 +153,9 @@ def main() -> None:
     parser.add_argument("--kind", default="minimal", choices=["minimal", "bn", "adam", "manual"])
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--gpu-ids", default=None,
+                        help="comma-separated CUDA device of each fedhog device, e.g. 0,0: two devices on GPU 0")
+    parser.add_argument("--averaging-backend", default="auto")
     parser.add_argument("--num-nodes", type=int, default=1)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--epochs", type=int, default=2)
@@ -190,6 +193,8 @@ def main() -> None:
     parser.add_argument("--resume", default=None, help="a checkpoint path, or 'last'")
     parser.add_argument("--strategy", default="object", help="'object', or a registered name")
     args = parser.parse_args()
+    if args.gpu_ids:
+        args.devices = len(args.gpu_ids.split(","))
 
     L.seed_everything(1234)
     world_size = args.devices * args.num_nodes * args.workers
@@ -211,6 +216,10 @@ def main() -> None:
             partition=args.partition,
             rotate_ownership=args.rotate,
             work_sharing=args.work_sharing,
+            averaging_backend=args.averaging_backend,
+            parallel_devices=(
+                [torch.device("cuda", int(index)) for index in args.gpu_ids.split(",")] if args.gpu_ids else None
+            ),
         )
         if args.strategy == "object"
         else args.strategy
@@ -218,7 +227,7 @@ def main() -> None:
     checkpoint = ModelCheckpoint(dirpath=args.out / "ckpt", save_last=True, save_top_k=-1)
     trainer = L.Trainer(
         accelerator=args.accelerator,
-        devices=args.devices,
+        devices="auto" if args.gpu_ids else args.devices,
         num_nodes=args.num_nodes,
         strategy=strategy,
         max_epochs=args.epochs,
@@ -267,6 +276,7 @@ def main() -> None:
         "environment": type(trainer.strategy.cluster_environment).__name__,
         "workers_per_device": getattr(trainer.strategy, "workers_per_device", 1),
         "root_device": str(trainer.strategy.root_device),
+        "leader_backend": getattr(trainer.strategy, "leader_backend", None),
         "registered": "fedhog" in L.pytorch.strategies.StrategyRegistry,
         "version": lightning_fedhog.__version__,
     }
