@@ -22,16 +22,16 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 lightning.__version__, "gpus", torch.cuda.device_count())' || exit 1
 "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA device: nothing to check")' || exit 1
 
-echo "== GPU tests (limit 170 s)"
+echo "== GPU tests (limit 220 s)"
 began=$SECONDS
-timeout -k 5 170 "$PY" -m pytest -m gpu tests/test_gpu.py -v -p no:cacheprovider 2>&1 | tee "$LOGS/tests.log"
+timeout -k 5 220 "$PY" -m pytest -m gpu tests/test_gpu.py -v --durations=0 -p no:cacheprovider 2>&1 | tee "$LOGS/tests.log"
 code=${PIPESTATUS[0]}
 echo "== GPU tests: exit $code after $((SECONDS - began)) s"
 [ "$code" -eq 0 ] || status=1
 
-echo "== P5 (limit 240 s)"
+echo "== P5 (limit 260 s)"
 began=$SECONDS
-timeout -k 5 240 "$PY" -m benchmarks --only p5_gpu --repeats "${REPEATS:-3}" --output "$RESULTS" 2>&1 \
+timeout -k 5 260 "$PY" -m benchmarks --only p5_gpu --repeats "${REPEATS:-3}" --output "$RESULTS" 2>&1 \
     | tee "$LOGS/p5.log"
 code=${PIPESTATUS[0]}
 echo "== P5: exit $code after $((SECONDS - began)) s; $RESULTS/p5_gpu.json"

@@ -64,7 +64,7 @@ class Scale:
 
 
 FULL = Scale(name="full", samples=12288, epochs=3, repeats=5, accuracy_repeats=3, thin_samples=4096, thin_model="wide",
-             mnist_epochs=100, mnist_samples=5000, gpu_samples=32768, gpu_epochs=2,
+             mnist_epochs=100, mnist_samples=5000, gpu_samples=16384, gpu_epochs=2,
              consensus_elements=25_557_032)
 SMOKE = Scale(name="smoke", samples=1024, epochs=1, repeats=1, accuracy_repeats=1, thin_samples=1024, thin_model="mlp",
               mnist_epochs=2, mnist_samples=1000, gpu_samples=2048, gpu_epochs=1, consensus_elements=1_000_000)

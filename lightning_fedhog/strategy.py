@@ -272,7 +272,7 @@ class FedHogStrategy(DDPStrategy):
             timeout=startup,
             **restart_safe_store(self.cluster_environment, startup),
         )
-        dist.set_timeout(self.config.timeout)  # collectives fail after `timeout` again
+        _set_default_timeout(self.config.timeout)  # collectives fail after `timeout` again
 
     # ------------------------------------------------------------------------------------------------ set-up
     @override
@@ -894,6 +894,14 @@ _AFTER_FAILURE = (
     " cause in the failed rank's log, then resume with `trainer.fit(..., ckpt_path=\"last\")`, or launch with"
     " `torchrun --max-restarts=N` to restart automatically"
 )
+
+
+def _set_default_timeout(timeout: timedelta) -> None:
+    """Sets the default group's collective timeout: ``dist.set_timeout`` from torch 2.12 on, before that the
+    function it replaced (without either, collectives keep the start-up timeout)."""
+    setter = getattr(dist, "set_timeout", None) or getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    if setter is not None:
+        setter(timeout)
 
 
 def threading_is_main() -> bool:
