@@ -27,6 +27,13 @@ def load(results: Path) -> list[dict[str, Any]]:
     return [json.loads((results / f"{n}.json").read_text()) for n in BENCHMARKS if (results / f"{n}.json").exists()]
 
 
+_PLACEMENTS = {
+    "gloo_one_gpu": "both on one GPU (gloo, through host memory)",
+    "nccl_two_gpus": "one per GPU (NCCL)",
+    "gloo_cpu": "on CPU (gloo)",
+}
+
+
 def _rate(value: float) -> str:
     return f"{value:,.0f}"
 
@@ -67,8 +74,9 @@ def markdown(reports: list[dict[str, Any]]) -> str:
     out = [BEGIN, ""]
     for report in reports:
         gpu = f", {report['machine']['gpu']}" if report["machine"].get("gpu") else ""
+        repeats = f"{report['repeats']} repeat" + ("s" if report["repeats"] != 1 else "")
         out.append(f"**{report['title']}** (`{report['benchmark']}.json`, {report['date']}, "
-                   f"{report['machine']['cpus']} CPUs{gpu}, {report['repeats']} repeats)")
+                   f"{report['machine']['cpus']} CPUs{gpu}, {repeats})")
         out.append("")
         if report.get("skipped"):
             out += [f"{report['skipped']}.", ""]
@@ -89,7 +97,7 @@ def markdown(reports: list[dict[str, Any]]) -> str:
             )
         for name, measured in report.get("once", {}).get("consensus", {}).items():
             out += ["", f"One consensus (exact average) of {measured['elements']:,} fp32 elements between two"
-                    f" leaders, {name.replace('_', ' ')}: {measured['seconds'] * 1000:.0f} ms (median of"
+                    f" leaders, {_PLACEMENTS.get(name, name)}: {measured['seconds'] * 1000:.0f} ms (median of"
                     f" {len(measured['all_seconds'])})."]
         if report.get("target"):
             out += ["", f"Target: {report['target']}."]

@@ -202,6 +202,7 @@ def p5_gpu(scale: Scale) -> dict[str, Any]:
                   "--epochs", str(scale.gpu_epochs), "--batch", str(batch)]
         one = f"one_process_b{batch}"
         methods[one] = _throughput([*common, "--strategy", "single"], 1)
+        baselines[one] = one
         for workers in (1, 2, 4):
             name = f"fedhog_k{workers}_b{batch}"
             methods[name] = _throughput([*common, "--strategy", "fedhog", "--workers", str(workers), "--csv"], workers)
