@@ -65,8 +65,12 @@ def aggregate_to_end(ranks: Sequence[dict[str, Any]], skip: int = 3) -> float | 
 
 
 def _window_rate(ranks: Sequence[dict[str, Any]], skip: int, end: float) -> float:
-    """Samples of all ranks' steps after every rank's ``skip``-th step and up to ``end``, per second."""
-    start = max(rank["times"][min(skip, len(rank["times"]) - 1)] for rank in ranks)
+    """Samples of all ranks' steps after every rank's ``skip``-th step and up to ``end``, per second.
+
+    A rank with few steps (a straggler in a short run) skips at most half of them, so the window cannot start
+    after everybody's last step.
+    """
+    start = max(rank["times"][min(skip, len(rank["times"]) // 2)] for rank in ranks)
     samples = sum(sum(start < t <= end for t in rank["times"]) * rank["batch"] for rank in ranks)
     return samples / max(end - start, 1e-9)
 
