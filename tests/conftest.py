@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_fedhog.shared_buffer import SHM_DIR, SHM_PREFIX
+from tests.forkserver import ForkServer
 
 APP = Path(__file__).parent / "apps" / "train.py"
 TIMEOUT = 4.0  # `timeout` in seconds of the runs that fail on purpose: short, so that a stuck peer is found quickly
@@ -93,16 +95,58 @@ def run_in_threads(fn, world_size: int, timeout: float = 60.0) -> list:
     return results
 
 
+_FORKSERVER: ForkServer | None = None
+_WORKERS_OF_PRESET = {"fedhog": 2, "fedhog_k4": 4, "fedhog_lpp": 4, "fedhog_gossip": 2, "fedhog_single_worker": 1,
+                      "ddp": 1}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _close_forkserver() -> Iterator[None]:
+    yield
+    if _FORKSERVER is not None:
+        _FORKSERVER.close()
+
+
+def forkserver() -> ForkServer:
+    """The session's zygote (``tests/apps/zygote.py``), started at first use."""
+    global _FORKSERVER
+    _FORKSERVER = _FORKSERVER or ForkServer()
+    return _FORKSERVER
+
+
+def processes_of(app_args: tuple[str, ...]) -> int:
+    """How many ranks a run of the app with these arguments has (one node): devices x workers per device."""
+    def value(flag: str, default: str) -> str:
+        return app_args[app_args.index(flag) + 1] if flag in app_args else default
+
+    devices = len(value("--gpu-ids", "").split(",")) if "--gpu-ids" in app_args else int(value("--devices", "2"))
+    strategy = value("--strategy", "object")
+    workers = int(value("--workers", "1")) if strategy == "object" else _WORKERS_OF_PRESET[strategy]
+    return devices * workers * int(value("--num-nodes", "1"))
+
+
 def run_app(out: Path, *app_args: str, launcher: list[str] | None = None, env: dict | None = None,
             timeout: float = 240.0) -> list[dict]:
-    """Runs tests/apps/train.py as a real program and returns every rank's report, ordered by rank."""
+    """Runs tests/apps/train.py and returns every rank's report, ordered by rank.
+
+    Without ``launcher`` the ranks are forked from the session's zygote (``tests/apps/zygote.py``), which imported
+    Lightning once: a run then costs its training, not ~10 s of imports per process. With a ``launcher`` (e.g.
+    ``[sys.executable]`` for Lightning's own launcher, or torchrun) it is a real program start.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    command = [*(launcher or [sys.executable]), str(APP), "--out", str(out), *app_args]
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     full_env.pop("PL_GLOBAL_SEED", None)
-    proc = subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"{command} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr}")
+    if launcher is None:
+        returncode, output = forkserver().run(
+            APP, ["--out", str(out), *app_args], processes_of(app_args), full_env, Path.cwd(), timeout
+        )
+        if returncode != 0:
+            raise AssertionError(f"{shlex.join(app_args)} failed ({returncode}):\n{output[-8000:]}")
+    else:
+        command = [*launcher, str(APP), "--out", str(out), *app_args]
+        proc = subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise AssertionError(f"{command} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr}")
     reports = [json.loads(path.read_text()) for path in sorted(out.glob("rank*.json"))]
     return sorted(reports, key=lambda report: report["rank"])
 
@@ -126,24 +170,31 @@ class Outcome:
         return self.ended - self.event
 
 
-def run_outcome(out: Path, *args: str, timeout: float = TIMEOUT) -> Outcome:
+def run_outcome(out: Path, *args: str, timeout: float = TIMEOUT, forked: bool = False) -> Outcome:
     """Runs the app in its own session (so a process-group SIGTERM stays inside it) and waits for every process.
 
     Unlike :func:`run_app` a failure is an outcome to look at, not an error: stdout and stderr come back together.
+    ``forked``: the ranks are forks of the session's zygote (see :func:`run_app`), for runs whose outcome does not
+    depend on how the processes were started.
     """
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     env.pop("PL_GLOBAL_SEED", None)
-    command = [sys.executable, str(APP), "--out", str(out), "--timeout", str(timeout), *args]
-    proc = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    output, _ = proc.communicate(timeout=120)  # the pipe closes when the last child holding it has exited
+    app_args = ["--out", str(out), "--timeout", str(timeout), *args]
+    if forked:
+        returncode, output = forkserver().run(APP, app_args, processes_of(args), env, Path.cwd(), 120)
+    else:
+        proc = subprocess.Popen(
+            [sys.executable, str(APP), *app_args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, start_new_session=True,
+        )
+        output, _ = proc.communicate(timeout=120)  # the pipe closes when the last child holding it has exited
+        returncode = proc.returncode
     ended = time.time()
     event = re.search(r"(?:KILLED|SIGTERM|SLEEP|NAN) rank \d+ at ([\d.]+)", output)
     if event:  # shown with `pytest -s`: the figures of docs/troubleshooting.md
         print(f"\n{out.name}: last process ended {ended - float(event.group(1)):.1f} s after the fault")
-    return Outcome(proc.returncode, output, float(event.group(1)) if event else None, ended)
+    return Outcome(returncode, output, float(event.group(1)) if event else None, ended)
 
 
 def fit_refused(model, message: str, strategy=None, **trainer_kwargs) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -121,7 +122,7 @@ def test_a_crashed_worker_ends_the_run_with_a_clear_error_and_leaves_nothing_beh
     with pytest.raises(AssertionError) as failure:
         run_app(
             tmp_path, "--devices", "2", "--workers", "2", "--samples", "1024", "--crash-rank", "1", "--timeout", "30",
-            timeout=120,
+            launcher=[sys.executable], timeout=120,  # Lightning's launcher and fedhog's observer of its workers
         )
     message = str(failure.value)
     assert "injected failure on rank 1" in message

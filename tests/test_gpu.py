@@ -11,6 +11,7 @@ with the same bits, equal to the checkpoint saved at the end.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ LR = 0.125  # the app's default: plain SGD moves probe[r] by -LR per step of ran
 
 def run_on_gpu(out: Path, *args: str) -> list[dict]:
     """The app on CUDA; a stuck collective fails within 30 s (naming the peers) instead of hanging the check."""
-    return run_app(out, "--accelerator", "gpu", "--timeout", "30", *args, timeout=150)
+    return run_app(out, "--accelerator", "gpu", "--timeout", "30", *args, launcher=[sys.executable], timeout=150)
 
 
 def _floating(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

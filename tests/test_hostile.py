@@ -93,7 +93,7 @@ def test_gradient_accumulation_steps_every_second_batch(tmp_path: Path) -> None:
 def test_data_that_gives_workers_different_step_counts_fails_fast_in_every_worker(
     tmp_path: Path, data: str, message: str
 ) -> None:
-    outcome = run_outcome(tmp_path, "--devices", "2", "--data", data, "--epochs", "1")
+    outcome = run_outcome(tmp_path, "--devices", "2", "--data", data, "--epochs", "1", forked=True)
     assert outcome.returncode != 0
     assert message in outcome.output and "HINT: give every worker the same number of batches" in outcome.output
     assert outcome.output.count(message) >= 2, "every worker must stop on its own, not wait for a peer"
@@ -103,7 +103,7 @@ def test_data_that_gives_workers_different_step_counts_fails_fast_in_every_worke
 def test_max_time_with_static_sharing_warns_and_stops_every_worker_together(tmp_path: Path) -> None:
     # the Timer broadcasts every step (lock-step, warned about), and stops all workers at the same step
     outcome = run_outcome(tmp_path, "--devices", "2", "--workers", "2", "--epochs", "1000", "--samples", "128",
-                          "--max-time", "00:00:00:03", timeout=TIMEOUT + MARGIN)
+                          "--max-time", "00:00:00:03", timeout=TIMEOUT + MARGIN, forked=True)
     assert outcome.returncode == 0, outcome.output[-3000:]
     assert "Time limit reached" in outcome.output  # (the lock-step warning: tests/test_config.py)
     steps = {load_rank(tmp_path, rank)["state_dict"]["probe"][rank].item() for rank in range(4)}

@@ -3,9 +3,8 @@ CIFAR and ImageNet runs train under fedhog on data generated here."""
 
 from __future__ import annotations
 
+import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +14,14 @@ import yaml
 from recipes.cli import main as cli_main
 from recipes.data import CIFAR10DataModule, CIFAR100DataModule, ImageNetDataModule
 from recipes.make_configs import CONFIG_DIR, all_configs
+from tests.conftest import forkserver
 
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
+ROOT = Path(__file__).parents[1]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONWARNINGS": "ignore"}
 
 
 def test_committed_configs_are_the_generated_ones() -> None:
@@ -112,24 +117,25 @@ def test_missing_data_sets_say_where_and_how(tmp_path: Path) -> None:
         ImageNetDataModule(data_dir=str(tmp_path)).prepare_data()
 
 
-def _fit(tmp_path: Path, config: str, data_dir: Path, *extra: str) -> str:
-    command = [
-        sys.executable, "-m", "recipes", "fit", "--config", str(CONFIG_DIR / config),
+def _fit(tmp_path: Path, config: str, data_dir: Path, workers: int, *extra: str) -> str:
+    """One epoch of a recipe on 2 CPU devices, its ranks forked from the test session's zygote."""
+    args = [
+        "fit", "--config", str(CONFIG_DIR / config),
         f"--data.init_args.data_dir={data_dir}", "--data.init_args.num_workers=0",
         "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.max_epochs=1",
         "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0",
-        f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.enable_progress_bar=false", *extra,
+        f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.enable_progress_bar=false",
+        f"--trainer.strategy.init_args.workers_per_device={workers}", *extra,
     ]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    return proc.stdout + proc.stderr
+    returncode, output = forkserver().run(None, args, 2 * workers, _env(), ROOT, 300, module="recipes")
+    assert returncode == 0, output[-6000:]
+    return output
 
 
 def test_cifar10_recipe_trains_under_fedhog(tmp_path: Path) -> None:
     _write_cifar(tmp_path / "data", 10)
     output = _fit(
-        tmp_path, "cifar10_resnet20_fedhog.yaml", tmp_path / "data", "--data.init_args.batch_size=8",
-        "--trainer.strategy.init_args.workers_per_device=1",
+        tmp_path, "cifar10_resnet20_fedhog.yaml", tmp_path / "data", 1, "--data.init_args.batch_size=8",
     )
     assert "`Trainer.fit` stopped: `max_epochs=1` reached." in output
     assert list((tmp_path / "run").rglob("*.ckpt")), "a checkpoint of the consensus model was written"
@@ -138,19 +144,18 @@ def test_cifar10_recipe_trains_under_fedhog(tmp_path: Path) -> None:
 def test_imagenet_recipe_trains_under_fedhog_lpp(tmp_path: Path) -> None:
     _write_imagefolder(tmp_path / "imagenet")
     output = _fit(
-        tmp_path, "imagenet_resnet50_fedhog_lpp.yaml", tmp_path / "imagenet", "--data.init_args.batch_size=2",
-        "--data.init_args.image_size=32", "--model.model=resnet18", "--trainer.strategy.init_args.workers_per_device=2",
-        "--trainer.strategy.init_args.partial_backprop=0",
+        tmp_path, "imagenet_resnet50_fedhog_lpp.yaml", tmp_path / "imagenet", 2, "--data.init_args.batch_size=2",
+        "--data.init_args.image_size=32", "--model.model=resnet18", "--trainer.strategy.init_args.partial_backprop=0",
     )
     assert "`Trainer.fit` stopped: `max_epochs=1` reached." in output
 
 
 def test_mnist1d_default_job_runs_and_learns(tmp_path: Path) -> None:
-    command = [
-        sys.executable, "-m", "recipes.mnist1d", "fit", "--trainer.max_epochs=4", "--trainer.enable_progress_bar=false",
+    args = [
+        "fit", "--trainer.max_epochs=4", "--trainer.enable_progress_bar=false",
         f"--trainer.default_root_dir={tmp_path}", f"--data.data_dir={tmp_path / 'data'}",
     ]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    line = next(line for line in proc.stdout.splitlines() if line.startswith("MNIST-1D test accuracy"))
+    returncode, output = forkserver().run(None, args, 4, _env(), ROOT, 300, module="recipes.mnist1d")  # 2 x 2
+    assert returncode == 0, output[-6000:]
+    line = next(line for line in output.splitlines() if line.startswith("MNIST-1D test accuracy"))
     assert float(line.rsplit(" ", 1)[1]) > 0.4  # 4 epochs; the full 100-epoch default reaches about 0.94
