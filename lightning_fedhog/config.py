@@ -20,17 +20,22 @@ AveragingMode = Literal["allreduce", "gossip"]
 
 _AVERAGING_MODES: tuple[str, ...] = get_args(AveragingMode)
 
+MAX_WORKERS_PER_DEVICE = 64
+"""K is bounded by the step counters next to the shared vector (one per worker)."""
+
 
 def _require_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"Unknown `{name}={value!r}`. HINT: choose one of {', '.join(map(repr, choices))}.")
 
 
-def _require_int(name: str, value: object, minimum: int, hint: str) -> None:
+def _require_int(name: str, value: object, minimum: int, hint: str, maximum: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"`{name}` must be an integer, got {value!r} ({type(value).__name__}). HINT: {hint}")
     if value < minimum:
         raise ValueError(f"`{name}` must be >= {minimum}, got {value}. HINT: {hint}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"`{name}` must be <= {maximum}, got {value}. HINT: {hint}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,6 +106,7 @@ class FedHogConfig:
             self.workers_per_device,
             1,
             "use 1 for one process per device (no local asynchrony), 2-4 for Hogwild! workers sharing a device.",
+            maximum=MAX_WORKERS_PER_DEVICE,
         )
         _require_choice("averaging", self.averaging, _AVERAGING_MODES)
         _require_choice("topology", self.topology, TOPOLOGIES)

@@ -29,6 +29,14 @@ from lightning_fedhog.topology import Topology, peers
 
 _State = Literal["idle", "running", "parked", "stopped"]
 
+class AveragingError(RuntimeError):
+    """The averaging among device leaders failed (a peer gone, stuck or too slow); the message names the leaders."""
+
+
+class NonFiniteError(AveragingError):
+    """A device's copy held NaN/Inf: the round (or the consensus) was not applied anywhere."""
+
+
 _MAX_POLL_SECONDS = 0.05
 """The longest the engine sleeps between two looks at the step counters (how late a round can start)."""
 
@@ -71,7 +79,7 @@ class AveragingEngine:
         self.flat = flat
         self.period = period
         self.rounds = 0
-        self.error: RuntimeError | None = None
+        self.error: AveragingError | None = None
         self._device_steps = device_steps
         self._group = group
         self._group_ranks = group_ranks
@@ -175,7 +183,7 @@ class AveragingEngine:
     def _command_and_wait(self, command: str) -> None:
         with self._cond:
             if self._state != "parked":
-                raise RuntimeError(f"fedhog: averaging engine must be parked to {command!r}, it is {self._state!r}")
+                raise AveragingError(f"fedhog: averaging engine must be parked to {command!r}, it is {self._state!r}")
             target = self._commands_done + 1
             self._command = command
             self._cond.notify_all()
@@ -184,7 +192,7 @@ class AveragingEngine:
     def _wait(self, predicate: Callable[[], bool], what: str) -> None:
         # called with self._cond held
         if not self._cond.wait_for(lambda: predicate() or self.error is not None, timeout=self._timeout):
-            raise RuntimeError(
+            raise AveragingError(
                 f"fedhog: could not {what} within {timedelta(seconds=self._timeout)}; the device leaders at global"
                 f" ranks {self._group_ranks} did not all answer. HINT: a peer is slow or gone; raise `timeout`."
             )
@@ -200,11 +208,13 @@ class AveragingEngine:
             else:
                 self._loop()
         except BaseException as error:
+            kind = NonFiniteError if isinstance(error, FloatingPointError) else AveragingError
             with self._cond:
-                self.error = RuntimeError(
+                self.error = kind(
                     f"fedhog: averaging round {self.rounds} among the device leaders at global ranks"
                     f" {self._group_ranks} failed: {error}"
                 )
+                self.error.__cause__ = error
                 self._state = "stopped"
                 self._cond.notify_all()
 

@@ -15,6 +15,8 @@ from contextlib import contextmanager
 
 from torch import Tensor, nn
 
+from lightning_fedhog.blocks import Partition, owned_block, partition_tensors, tensor_costs
+
 
 @contextmanager
 def gradients_only_for(parameters: Sequence[nn.Parameter], keep: range) -> Iterator[bool]:
@@ -72,3 +74,55 @@ def record_positions(module: nn.Module) -> tuple[dict[int, int], Callable[[], No
             handle.remove()
 
     return positions, remove
+
+
+class PartialSteps:
+    """One worker's partial-backprop schedule: odd steps from ``start_epoch`` on touch only the worker's block.
+
+    The K blocks are groups of parameter tensors (:func:`~lightning_fedhog.blocks.partition_tensors`), computed once
+    per ``fit`` on the first partial step; with ``partition="compute"`` the first forward pass measures where each
+    parameter is applied (:func:`record_positions`) and no step is partial until it has.
+
+    Args:
+        start_epoch: the first epoch with partial steps (``partial_backprop``).
+        workers: K, the workers of a device (one block each).
+        partition: ``"numel"`` or ``"compute"``.
+        rotate: move to the next block every epoch.
+    """
+
+    def __init__(self, start_epoch: int, workers: int, partition: Partition, rotate: bool) -> None:
+        self.start_epoch, self.workers, self.partition, self.rotate = start_epoch, workers, partition, rotate
+        self._positions: dict[int, int] = {}
+        self._remove_hooks: Callable[[], None] | None = None
+        self._blocks: list[range] | None = None
+        self._parameters: list[nn.Parameter] = []
+
+    def start(self, module: nn.Module) -> None:
+        """Training starts: a new model may have come, and ``"compute"`` measures it on the next forward pass."""
+        self._blocks, self._parameters = None, []
+        if self.partition == "compute":
+            self._positions, self._remove_hooks = record_positions(module)
+
+    def after_step(self) -> None:
+        if self._remove_hooks is not None:  # the first forward measured the positions
+            self._remove_hooks()
+            self._remove_hooks = None
+
+    @contextmanager
+    def step(self, module: nn.Module, epoch: int, worker_steps: int, slot: int) -> Iterator[None]:
+        """Runs a training step: a partial one (only this worker's block requires gradients) when it is one."""
+        if self._remove_hooks is not None or epoch < self.start_epoch or worker_steps % 2 == 0:
+            yield
+            return
+        if self._blocks is None:  # computed once per fit: the parameters do not change during it
+            self._parameters = list(module.parameters())
+            numels = [parameter.numel() for parameter in self._parameters]
+            positions = [self._positions.get(id(parameter), 1) for parameter in self._parameters]
+            self._blocks = partition_tensors(tensor_costs(numels, positions, self.partition), self.workers)
+        block = owned_block(slot, epoch, self.workers, self.rotate)
+        with gradients_only_for(self._parameters, self._blocks[block]):
+            yield
+
+    def clear(self) -> None:
+        """The end of ``fit``: a later one may bring another model."""
+        self._blocks, self._parameters = None, []

@@ -14,7 +14,6 @@ workers open it through CUDA IPC. A small CPU region next to it holds each worke
 from __future__ import annotations
 
 import os
-import pickle
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,8 +24,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_fedhog.config import MAX_WORKERS_PER_DEVICE
+from lightning_fedhog.internals import cuda_ipc_handle, open_cuda_ipc_handle, registered_tensors
+
 _ALIGN_ELEMENTS = 16  # every tensor starts on a 64-byte boundary (fp32), good for vectorised kernels
-_META_SLOTS = 64  # int64 counters: one step counter per worker (K <= 64)
+_META_SLOTS = MAX_WORKERS_PER_DEVICE  # int64 counters: one step counter per worker
 SHM_DIR = "/dev/shm"
 SHM_PREFIX = "fedhog-"
 
@@ -58,9 +60,9 @@ class FlatLayout:
 def _shared_tensors(module: nn.Module) -> Iterator[tuple[str, nn.Module, str, Tensor]]:
     """Yields ``(qualified_name, owner, attribute, tensor)`` for floating parameters, then floating buffers."""
     seen: set[int] = set()
-    for kind in ("_parameters", "_buffers"):
+    for kind in (0, 1):  # parameters, then buffers
         for prefix, owner in module.named_modules(remove_duplicate=False):
-            for attribute, tensor in getattr(owner, kind).items():
+            for attribute, tensor in registered_tensors(owner)[kind].items():
                 if tensor is None or not tensor.is_floating_point() or id(tensor) in seen:
                     continue
                 seen.add(id(tensor))
@@ -108,10 +110,11 @@ def bind_module(module: nn.Module, flat: Tensor, layout: FlatLayout, *, copy_val
         view = _alias(flat, offset, shape)
         if copy_values:
             view.copy_(tensor.detach())
-        if attribute in owner._parameters:
+        parameters, buffers = registered_tensors(owner)
+        if attribute in parameters:
             tensor.data = view
         else:
-            owner._buffers[attribute] = view
+            buffers[attribute] = view
 
 
 def _alias(flat: Tensor, offset: int, shape: torch.Size) -> Tensor:
@@ -128,10 +131,11 @@ def _alias(flat: Tensor, offset: int, shape: torch.Size) -> Tensor:
 def unbind_module(module: nn.Module) -> None:
     """Gives every shared tensor private memory again (the values are kept), so the module outlives the run."""
     for _, owner, attribute, tensor in list(_shared_tensors(module)):
-        if attribute in owner._parameters:
+        parameters, buffers = registered_tensors(owner)
+        if attribute in parameters:
             tensor.data = tensor.data.clone()
         else:
-            owner._buffers[attribute] = tensor.clone()
+            buffers[attribute] = tensor.clone()
 
 
 def _tensor_in(storage: torch.UntypedStorage, byte_offset: int, numel: int, dtype: torch.dtype) -> Tensor:
@@ -177,8 +181,8 @@ class SharedFlatBuffer:
         every worker maps it and checks in; the leader then unlinks the file, so the mapping disappears with the
         last process that holds it, also after a crash.
         """
-        if num_workers > _META_SLOTS:
-            raise ValueError(f"workers_per_device={num_workers} exceeds the supported maximum of {_META_SLOTS}")
+        if num_workers > _META_SLOTS:  # refused by FedHogConfig before any process starts; an invariant here
+            raise RuntimeError(f"fedhog: {num_workers} workers per device, at most {_META_SLOTS} supported")
         on_cpu = device.type == "cpu"
         itemsize = torch.empty((), dtype=layout.dtype).element_size()
         meta_bytes = _META_SLOTS * 8
@@ -192,7 +196,7 @@ class SharedFlatBuffer:
                     if on_cpu
                     else torch.zeros(layout.numel, dtype=layout.dtype, device=device)
                 )
-                ipc = None if on_cpu else pickle.dumps(torch.multiprocessing.reductions.reduce_tensor(flat))
+                ipc = None if on_cpu else cuda_ipc_handle(flat)
                 store.set(f"{key}/path", path)
                 store.set(f"{key}/ipc", ipc or b"")
                 store.add(f"{key}/attached", 1)
@@ -211,8 +215,7 @@ class SharedFlatBuffer:
             if on_cpu:
                 flat = _tensor_in(storage, meta_bytes, layout.numel, layout.dtype)
             else:
-                rebuild, args = pickle.loads(_wait_for(store, f"{key}/ipc", timeout, "the CUDA IPC handle"))
-                flat = rebuild(*args)
+                flat = open_cuda_ipc_handle(_wait_for(store, f"{key}/ipc", timeout, "the CUDA IPC handle"))
             store.add(f"{key}/attached", 1)
         steps = _tensor_in(storage, 0, num_workers, torch.int64)
         return cls(flat, steps)
@@ -231,3 +234,24 @@ class SharedFlatBuffer:
     def device_steps(self) -> int:
         """Optimizer steps taken by all workers of the device so far (polled often: read through numpy)."""
         return int(self.steps.numpy().sum())
+
+
+def hand_back(store: Any, key: str, slot: int, num_workers: int, wait_seconds: float) -> int | None:
+    """At the end of ``fit``: every follower says it let go of the leader's memory; the leader waits for all of them.
+
+    On CUDA the followers map the leader's allocation through IPC: a leader that freed it, or exited, while a
+    follower still copied its parameters out would leave that follower reading freed memory. Store counters, not a
+    collective, so no rank's sequence of collectives changes. Call it after this worker's copies have landed.
+
+    Returns:
+        None when done; on the leader, the number of followers that had let go when ``wait_seconds`` ran out.
+    """
+    if slot != 0:
+        store.add(key, 1)
+        return None
+    deadline = time.monotonic() + wait_seconds
+    while (released := store.add(key, 0)) < num_workers - 1:
+        if time.monotonic() > deadline:
+            return released
+        time.sleep(0.005)
+    return None

@@ -15,10 +15,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from torch.utils.data import Sampler
+from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch.utils.data import DataLoader, Sampler
+
+from lightning_fedhog.internals import update_dataloader
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
 
 WorkSharing = Literal["static", "dynamic"]
 
@@ -109,6 +116,48 @@ class SharedCounterSampler(Sampler[int]):
             self.exhausted = True
             if self.on_exhausted is not None:
                 self.on_exhausted()
+
+
+def shared_counter_loader(
+    dataloader: object, trainer: pl.Trainer, store: Any, key: str, world_size: int
+) -> tuple[object, SharedCounterSampler | None, int | None]:
+    """The training loader with a :class:`SharedCounterSampler` in place of its sampler.
+
+    ``max_steps`` is a per-worker count in Lightning; the same total work (``max_steps`` batches per worker) is
+    spent from one budget instead, so every worker stops at the same epoch end: Lightning's own ``max_steps`` is
+    switched off for the run.
+
+    Returns:
+        The loader, its sampler, and the ``max_steps`` to restore after ``fit`` (None if unchanged); the loader is
+        returned as it is (with a warning) when it has no ``batch_size`` to claim by.
+    """
+    if not isinstance(dataloader, DataLoader) or dataloader.batch_size is None:
+        rank_zero_warn(
+            "fedhog: `work_sharing='dynamic'` needs a `DataLoader` with a `batch_size` (not a custom"
+            " `batch_sampler`); this training loader keeps static shards."
+        )
+        return dataloader, None, None
+    limit = trainer.limit_train_batches
+    epoch_loop = trainer.fit_loop.epoch_loop
+    saved_max_steps, total_chunks = None, None
+    if epoch_loop.max_steps > 0:
+        saved_max_steps = epoch_loop.max_steps
+        total_chunks = max(epoch_loop.max_steps - trainer.global_step, 0) * world_size
+        epoch_loop.max_steps = -1
+    sampler = dataloader.sampler
+    work_sampler = SharedCounterSampler(
+        len(dataloader.dataset),  # type: ignore[arg-type]
+        dataloader.batch_size,
+        store,
+        key=key,
+        seed=int(getattr(sampler, "seed", 0)),
+        shuffle=bool(getattr(sampler, "shuffle", True)),
+        chunks_per_epoch=limit * world_size if isinstance(limit, int) else None,
+        total_chunks=total_chunks,
+        start_epoch=trainer.current_epoch,
+        on_exhausted=lambda: setattr(trainer, "should_stop", True),
+    )
+    return update_dataloader(dataloader, work_sampler, mode=RunningStage.TRAINING), work_sampler, saved_max_steps
 
 
 def check_dynamic_compatible(val_check_interval: object, step_checkpoints: list[str], max_time: bool = False) -> None:

@@ -21,6 +21,8 @@ from tests.conftest import fit_refused
         ({"workers_per_device": 0}, r"`workers_per_device` must be >= 1, got 0. HINT"),
         ({"workers_per_device": 1.5}, r"`workers_per_device` must be an integer"),
         ({"workers_per_device": True}, r"`workers_per_device` must be an integer"),
+        # a typo would start 100 processes per device before anything failed: refused at construction instead
+        ({"workers_per_device": 100}, r"`workers_per_device` must be <= 64, got 100. HINT"),
         ({"num_blocks": 0}, r"`num_blocks` must be >= 1, got 0"),
         ({"averaging_period": -3}, r"`averaging_period` must be >= 1, got -3"),
         ({"averaging_warmup_epochs": -1}, r"`averaging_warmup_epochs` must be >= 0, got -1"),
@@ -143,7 +145,7 @@ def test_settings_that_bring_back_per_step_lockstep_are_warned_about() -> None:
 
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from lightning_fedhog.launcher import lockstep_hazards
+    from lightning_fedhog.checks import lockstep_hazards
 
     clean = L.Trainer(accelerator="cpu", devices=2, strategy="fedhog", logger=False)
     assert lockstep_hazards(clean) == []

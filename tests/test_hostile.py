@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lightning_fedhog import FedHogConfig, FedHogStrategy
-from lightning_fedhog.launcher import checked_layout
+from lightning_fedhog.checks import checked_layout
 from tests.conftest import MARGIN, TIMEOUT, fit_refused, load_rank, run_app, run_outcome
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -101,11 +100,3 @@ def test_every_workers_updates_land_in_one_storage_and_no_file_remains() -> None
         assert steps.tolist() == [10, 10, 10]
         assert torch.equal(weight, results[0][3])
     assert not shm_files()
-
-
-def test_too_many_workers_per_device_is_refused() -> None:
-    with pytest.raises(ValueError, match="exceeds the supported maximum"):
-        SharedFlatBuffer.open(
-            layout=flat_layout(_model()), device=torch.device("cpu"), store=None, key="x", slot=0,
-            num_workers=65, timeout=timedelta(seconds=1),
-        )

@@ -1,0 +1,64 @@
+"""What fedhog adds to Lightning's checkpoints: every worker's optimizer state, and the checkpoint of a stop.
+
+The weights in a checkpoint are the consensus model (a consensus point comes first), which loads into the plain
+module. But each Hogwild! worker has its own optimizer state (momentum, Adam moments), and Lightning saves rank 0's
+only; resuming every worker from rank 0's would change the run. So every worker's state goes under
+``checkpoint["fedhog"]`` and each worker gets its own back on resume (same world size).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor
+
+from lightning_fedhog.internals import PathLike, preemption_checkpoint_path, refresh_last_checkpoint
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+CHECKPOINT_KEY = "fedhog"
+"""Checkpoint entry holding every worker's optimizer state (Lightning itself keeps only rank 0's)."""
+
+
+def add_every_workers_optimizer_state(
+    checkpoint: dict[str, Any], world_size: int, gather: Callable[[Any], list[Any]]
+) -> None:
+    """Puts every worker's optimizer states into ``checkpoint`` (``gather`` is a collective over all workers)."""
+    states = checkpoint.get("optimizer_states")
+    if states is None or world_size == 1:
+        return
+    gathered = gather(apply_to_collection(states, Tensor, lambda tensor: tensor.detach().cpu()))
+    checkpoint[CHECKPOINT_KEY] = {"world_size": world_size, "optimizer_states_per_rank": gathered}
+
+
+def own_optimizer_states(checkpoint: Mapping[str, Any], world_size: int, rank: int) -> list[Any]:
+    """This worker's optimizer states: its own when the checkpoint has one per rank of a run of the same size."""
+    per_rank = (checkpoint.get(CHECKPOINT_KEY) or {}).get("optimizer_states_per_rank")
+    if per_rank is not None and len(per_rank) == world_size:
+        return per_rank[rank]
+    if per_rank is not None:
+        rank_zero_warn(
+            f"fedhog: the checkpoint holds optimizer states of {len(per_rank)} workers but this run has"
+            f" {world_size}; every worker starts from rank 0's optimizer state."
+        )
+    return checkpoint["optimizer_states"]
+
+
+def save_stop_checkpoint(trainer: pl.Trainer, broadcast: Callable[[Any], Any]) -> PathLike:
+    """Saves the checkpoint of an agreed stop where a preemption checkpoint goes, and refreshes ``last.ckpt``.
+
+    ``hpc_ckpt_N.ckpt`` in ``default_root_dir``: a SLURM requeue with ``ckpt_path=None`` resumes from it, elsewhere
+    ``ckpt_path="hpc"``; also ``last.ckpt`` of every ``ModelCheckpoint(save_last=True)``, so ``ckpt_path="last"``
+    resumes from it too. All ranks call this (saving is a collective); ``broadcast`` gives them rank 0's path.
+    """
+    path = broadcast(preemption_checkpoint_path(trainer))
+    trainer.save_checkpoint(path)
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.save_last is True:
+            refresh_last_checkpoint(callback, trainer)
+    return path

@@ -1,0 +1,131 @@
+"""Checks that refuse what fedhog cannot run, as early as possible: most before any worker process exists.
+
+Every rule is a plain function of the module, the Trainer's settings or a few numbers, so a unit test calls it
+directly. The launcher runs :func:`check_before_launch` in the launching process; :func:`check_equal_batches` needs
+every worker's batch count and runs once per ``fit`` at the start of training.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from lightning.pytorch.callbacks import ModelCheckpoint, Timer
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch.nn import Module
+
+from lightning_fedhog.config import FedHogConfig
+from lightning_fedhog.internals import saves_by_time, step_or_time_trigger, time_based_val_check
+from lightning_fedhog.shared_buffer import FlatLayout, flat_layout
+from lightning_fedhog.work_sharing import check_dynamic_compatible
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+
+def check_before_launch(trainer: pl.Trainer, config: FedHogConfig) -> None:
+    """Every check that can run before a worker exists: the model, then Trainer settings; warnings last."""
+    module = trainer.lightning_module
+    if module is not None and trainer.state.fn == TrainerFn.FITTING:
+        checked_layout(config, module, built=not is_overridden("configure_model", module))
+    check_no_time_based_validation(trainer)
+    if config.work_sharing == "dynamic":
+        step_based = [
+            f"{type(callback).__name__}({trigger})"
+            for callback in trainer.checkpoint_callbacks
+            if isinstance(callback, ModelCheckpoint) and (trigger := step_or_time_trigger(callback))
+        ]
+        check_dynamic_compatible(trainer.val_check_interval, step_based, max_time=has_timer(trainer))
+    for message in lockstep_hazards(trainer):
+        rank_zero_warn(message)
+
+
+def checked_layout(config: FedHogConfig, module: Module, *, built: bool = True) -> FlatLayout:
+    """The module's flat layout, after every model-dependent check of ``config`` (dtypes, blocks, tensors).
+
+    Args:
+        built: the module has its layers. False in the launcher when the module builds them in
+            ``configure_model`` (in each worker, after the launch): then a module with no parameters yet is fine.
+    """
+    parameters = list(module.parameters())
+    integral = [name for name, parameter in module.named_parameters() if not parameter.is_floating_point()]
+    if integral:
+        raise ValueError(
+            f"fedhog shares and averages floating parameters only, but {type(module).__name__} has non-floating"
+            f" parameter(s) {integral}: each worker would keep its own copy and the devices would silently disagree."
+            " HINT: make them floating, or register them with `register_buffer` (state each worker keeps as is)."
+        )
+    if built and not parameters:
+        raise ValueError(
+            f"fedhog trains a module's parameters, but {type(module).__name__} has none. HINT: create the layers in"
+            " `__init__` or `configure_model`, or run a module without parameters with `Trainer(strategy='auto')`."
+        )
+    layout = flat_layout(module)
+    config.validate_model(layout.num_elements, len(parameters))
+    return layout
+
+
+def lockstep_hazards(trainer: pl.Trainer) -> list[str]:
+    """Trainer settings that put all workers back in lock-step every step, with the cost and the alternative.
+
+    fedhog's benefit comes from workers never waiting for each other between consensus points; a collective after
+    every step makes every worker wait for the slowest one each step.
+    """
+    messages = []
+    if has_timer(trainer):
+        messages.append(
+            "fedhog: `Trainer(max_time=...)` (the `Timer` callback) broadcasts the elapsed time from rank 0 after every"
+            " step, so every worker waits for the slowest each step. HINT: bound the run with `max_epochs` or"
+            " `max_steps` instead."
+        )
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and saves_by_time(callback):
+            messages.append(
+                "fedhog: `ModelCheckpoint(train_time_interval=...)` decides with a broadcast after every step, so"
+                " every worker waits for the slowest each step. HINT: use `every_n_epochs` (or `every_n_train_steps`"
+                " with static work sharing)."
+            )
+    return messages
+
+
+def has_timer(trainer: pl.Trainer) -> bool:
+    """Whether the Trainer has a ``Timer`` callback (``max_time=...``), which broadcasts after every step."""
+    return any(isinstance(callback, Timer) for callback in trainer.callbacks)
+
+
+def check_no_time_based_validation(trainer: pl.Trainer) -> None:
+    """Refuses a time-based ``val_check_interval``: each worker decides it by its own clock, so workers would
+    disagree on when to validate and wait for each other at the consensus point until ``timeout``.
+    """
+    interval = time_based_val_check(trainer)
+    if interval is not None:
+        raise ValueError(
+            f"fedhog: a time-based `val_check_interval` ({interval} s) is decided by each worker's own clock, so"
+            " workers would disagree on when to validate and wait for each other at the consensus point until"
+            " `timeout`. HINT: use a float fraction of the epoch or an int number of batches."
+        )
+
+
+def check_equal_batches(counts: list[Any]) -> None:
+    """Refuses training data that gives workers different numbers of batches per epoch (they would hang).
+
+    With static work sharing, consensus points (epoch ends, every N batches) only line up when every worker has
+    the same number of batches per epoch.
+
+    Args:
+        counts: every worker's ``trainer.num_training_batches``, by rank.
+    """
+    if len(set(counts)) == 1 and counts[0] != float("inf"):
+        return
+    if all(count == float("inf") for count in counts):
+        problem = "the training data has no length (an `IterableDataset`), so no worker knows where its epoch ends"
+    else:
+        problem = f"workers get different numbers of training batches per epoch: {dict(enumerate(counts))}"
+    raise ValueError(
+        f"fedhog: {problem}; workers would reach the consensus points (validation, checkpoints, end of epoch)"
+        " at different times and wait for each other until `timeout`. HINT: give every worker the same number"
+        " of batches: a map-style `Dataset` with Lightning's `DistributedSampler` (the default), or"
+        " `Trainer(limit_train_batches=N)` with an int N that every worker's stream reaches, or"
+        " `work_sharing='dynamic'`."
+    )

@@ -1,0 +1,149 @@
+"""Consensus points: every worker parked, every device holding the exact average, and the stop agreed there.
+
+Lightning looks at the model at validation start, checkpoint save and the end of ``fit``; there every device must
+hold the same model, the exact average of the devices' copies, and nobody may write it. A consensus point is a
+collective over all workers, which Lightning reaches at the same points on every rank. Workers stay parked until
+their next training batch, so consecutive consensus points (validate, then checkpoint) cost one.
+
+Stopping (SIGTERM) is decided inside a collective that every rank reaches at the same consensus point, never by a
+separate message: all ranks then save the same checkpoint and stop at the same point.
+
+The order at each point is the same on every rank: this module issues ``agree`` and ``barrier`` only, in a fixed
+sequence that depends on nothing a rank knows alone (tests/test_consensus.py checks it with fakes).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+from lightning_fedhog.faults import FaultWatch
+
+
+class Collectives(Protocol):
+    """The two collectives over all workers that consensus points use."""
+
+    def agree(self, flag: bool) -> bool:
+        """True on every rank when any rank passed True (a sum all-reduce of one number)."""
+
+    def barrier(self, name: str) -> None: ...
+
+
+class AllWorkers:
+    """:class:`Collectives` over the default process group (gloo, CPU tensors), which every worker belongs to."""
+
+    def agree(self, flag: bool) -> bool:
+        total = torch.tensor([float(flag)])
+        dist.all_reduce(total)
+        return bool(total.item() > 0)
+
+    def barrier(self, name: str) -> None:
+        dist.barrier()
+
+
+class ParkableEngine(Protocol):
+    """What a consensus point asks of the device leader's averaging engine."""
+
+    @property
+    def parked(self) -> bool: ...
+
+    def pause(self) -> None: ...
+
+    def full_average(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+
+class ConsensusPoints:
+    """Entering and leaving consensus points for one worker.
+
+    Args:
+        collectives: ``agree`` and ``barrier`` over every worker of the run.
+        faults: turns failed collectives and engine commands into errors that name the lost peer, and holds the
+            stop flag.
+        engine: returns this worker's averaging engine (device leaders with peers), else None.
+        settle: waits until this worker's queued device work has landed in the shared vector (CUDA streams).
+        arrive: marks the n-th consensus point reached, so a rank that waits in vain can name who never came.
+        clock: injected for tests.
+    """
+
+    def __init__(
+        self,
+        collectives: Collectives,
+        faults: FaultWatch,
+        *,
+        engine: Callable[[], ParkableEngine | None],
+        settle: Callable[[], None],
+        arrive: Callable[[int], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.at_consensus = False
+        self.meetings = 0  # consensus points met so far in this fit (the same count on every rank)
+        self.parked_seconds = 0.0
+        self._collectives = collectives
+        self._faults = faults
+        self._engine = engine
+        self._settle = settle
+        self._arrive_at = arrive
+        self._clock = clock
+
+    def enter(self) -> bool | None:
+        """Parks every worker and leaves the exact average on every device.
+
+        Returns:
+            None when this worker is still parked at the previous consensus point (nothing was done); else whether
+            the ranks agreed to stop here.
+        """
+        if self.at_consensus:
+            return None
+        began = self._clock()
+        self._settle()  # this worker's last optimizer step has landed before the average is taken
+        self._arrive()
+        engine = self._engine()
+        if engine is not None:
+            self._faults.run_engine_command(engine.pause, "pause the averaging with the other devices")
+        stop = self._agree("park the workers for a consensus point")
+        if engine is not None:
+            self._faults.run_engine_command(engine.full_average, "average with the other devices at a consensus point")
+        self._collective("finish the consensus average", lambda: self._collectives.barrier("fedhog-consensus"))
+        self.at_consensus = True
+        self.parked_seconds += self._clock() - began
+        return stop
+
+    def leave(self) -> bool:
+        """Resumes training after a consensus point, once every worker has finished with the consensus model.
+
+        Returns:
+            Whether the ranks agreed to stop instead (the engine then stays parked).
+        """
+        self._arrive()
+        if self._agree("resume training after a consensus point"):
+            return True
+        engine = self._engine()
+        if engine is not None and engine.parked:  # not parked: started after the consensus point
+            self._faults.run_engine_command(engine.resume, "resume the averaging with the other devices")
+        self.at_consensus = False
+        return False
+
+    def reset(self) -> None:
+        """A new ``fit``: no consensus point met yet."""
+        self.at_consensus, self.meetings, self.parked_seconds = False, 0, 0.0
+
+    def _arrive(self) -> None:
+        self.meetings += 1
+        self._arrive_at(self.meetings)
+
+    def _agree(self, what: str) -> bool:
+        stop = self._faults.stop_requested
+        return self._collective(what, lambda: self._collectives.agree(stop))
+
+    def _collective(self, what: str, call: Callable[[], bool | None]) -> bool:
+        began = self._clock()
+        try:
+            return bool(call())
+        except RuntimeError as error:
+            raise self._faults.collective_failed(what, error, elapsed=self._clock() - began) from error

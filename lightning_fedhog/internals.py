@@ -1,0 +1,161 @@
+"""Every private Lightning and torch name fedhog touches, in one place, each behind a small function.
+
+Lightning exposes no public hook for some of what a strategy with several processes per device needs; each such
+touch is a liability, because a Lightning or torch release can move the name silently. So no other module of
+fedhog spells a private name: they call the functions here, and ``tests/test_internals.py`` holds a sub-second
+canary per name that fails with the name and this module's function when an upgrade moves it.
+
+The list (what, and why no public API does it):
+
+- ``_init_dist_connection``, ``_sync_ddp_if_available``, ``_optimizer_to_device``, ``_optimizers_to_device``,
+  ``_sync_module_states``, ``_update_dataloader``, ``_set_num_threads_if_needed``, ``_SubprocessScriptLauncher``,
+  ``_StrategyRegistry``, ``_PATH``: the helpers Lightning's own ``DDPStrategy`` and launcher are made of; fedhog
+  reuses them instead of copying them.
+- ``DDPStrategy._configure_launcher``, ``_layer_sync``, ``_timeout``, ``_launcher``: the override points and state
+  of a strategy subclass (every Lightning strategy sets its launcher this way).
+- ``DDPStrategy.setup`` and ``_SubprocessScriptLauncher.launch``: fedhog's versions follow their bodies; the canary
+  compares a fingerprint of Lightning's source, so a change upstream is reviewed, not inherited blindly.
+- ``_TrainingEpochLoop._broadcast_sigterm_tensor``: a broadcast before every training batch that would put all
+  workers in lock-step; replaced per Trainer by a local check.
+- ``trainer._signal_connector._original_handlers``: the user's SIGTERM handler, chained by fedhog's.
+- ``trainer._checkpoint_connector.hpc_save_path``, ``ModelCheckpoint._save_last_checkpoint`` /
+  ``_monitor_candidates``: where a preemption checkpoint goes, and refreshing ``last.ckpt`` with it.
+- ``ModelCheckpoint._every_n_train_steps`` / ``_train_time_interval``, ``trainer._val_check_time_interval``:
+  settings that are read-only in public and must be checked before launch.
+- ``LightningModule._trainer``: whether a module is attached, without the error ``module.trainer`` raises.
+- ``_SubprocessScriptLauncher._call_children_scripts`` and ``procs``: starting and watching the workers.
+- ``trainer._logger_connector._first_loop_iter``: whether a training batch is in progress (``sync_dist`` inside a
+  batch stays local); ``_progress_bar_metrics``: the averaging rate next to the user's progress-bar values.
+- torch: ``distributed_c10d._get_default_store`` (the rendezvous store, for counters that are not collectives),
+  ``_set_pg_timeout`` (torch < 2.12 only), ``nn.Module._parameters`` / ``_buffers`` (to swap a tensor without
+  changing its identity), ``multiprocessing.reductions.reduce_tensor`` (CUDA IPC handles).
+"""
+
+from __future__ import annotations
+
+import pickle
+import signal
+from collections.abc import Callable
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.strategies import _StrategyRegistry as StrategyRegistry
+from lightning.fabric.utilities.distributed import _init_dist_connection as init_dist_connection
+from lightning.fabric.utilities.distributed import _set_num_threads_if_needed as set_num_threads_if_needed
+from lightning.fabric.utilities.distributed import _sync_ddp_if_available as sync_ddp_if_available
+from lightning.fabric.utilities.optimizer import _optimizer_to_device as optimizer_to_device
+from lightning.fabric.utilities.optimizer import _optimizers_to_device as optimizers_to_device
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.overrides.distributed import _sync_module_states as sync_module_states
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher as ScriptLauncher
+from lightning.pytorch.utilities.data import _update_dataloader as update_dataloader
+from torch import nn
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+PathLike = _PATH
+"""A file path as Lightning's checkpoint functions take it (``str`` or ``os.PathLike``)."""
+
+__all__ = [
+    "PathLike",
+    "ScriptLauncher",
+    "StrategyRegistry",
+    "init_dist_connection",
+    "optimizer_to_device",
+    "optimizers_to_device",
+    "set_num_threads_if_needed",
+    "sync_ddp_if_available",
+    "sync_module_states",
+    "update_dataloader",
+]
+
+
+# ------------------------------------------------------------------------------------------------------ torch
+def default_store() -> Any:
+    """The rendezvous store of the default process group (atomic counters and flags without a collective)."""
+    return dist.distributed_c10d._get_default_store()
+
+
+def set_default_timeout(timeout: timedelta) -> None:
+    """Sets the default group's collective timeout (``dist.set_timeout`` from torch 2.12, the function it replaced
+    before; without either, collectives keep the timeout the group was made with)."""
+    setter = getattr(dist, "set_timeout", None) or getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    if setter is not None:
+        setter(timeout)
+
+
+def registered_tensors(owner: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The module's own parameter and buffer dicts (not its children's), to swap entries in place."""
+    return owner._parameters, owner._buffers
+
+
+def cuda_ipc_handle(tensor: torch.Tensor) -> bytes:
+    """A pickled handle another process on the same machine opens with :func:`open_cuda_ipc_handle`."""
+    return pickle.dumps(torch.multiprocessing.reductions.reduce_tensor(tensor))
+
+
+def open_cuda_ipc_handle(handle: bytes) -> torch.Tensor:
+    rebuild, args = pickle.loads(handle)
+    return rebuild(*args)
+
+
+# -------------------------------------------------------------------------------------------------- Lightning
+def replace_sigterm_broadcast(trainer: pl.Trainer, check: Callable[[], None]) -> None:
+    """Replaces the per-batch SIGTERM broadcast of this Trainer's training epoch loop with ``check``."""
+    trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = check  # type: ignore[method-assign]
+
+
+def restore_sigterm_broadcast(trainer: pl.Trainer) -> None:
+    trainer.fit_loop.epoch_loop.__dict__.pop("_broadcast_sigterm_tensor", None)
+
+
+def attached_trainer(module: pl.LightningModule | None) -> pl.Trainer | None:
+    """The Trainer a LightningModule is attached to, or None (``module.trainer`` raises when there is none)."""
+    return getattr(module, "_trainer", None)
+
+
+def user_sigterm_handler(trainer: pl.Trainer) -> Any:
+    """The SIGTERM handler that was installed before Lightning's (the user's, or the default)."""
+    return trainer._signal_connector._original_handlers.get(signal.SIGTERM)
+
+
+def in_training_batch(trainer: pl.Trainer) -> bool:
+    """Whether a training batch is in progress (between its start and Lightning's end-of-batch logging)."""
+    return trainer.training and trainer._logger_connector._first_loop_iter is not None
+
+
+def show_in_progress_bar(trainer: pl.Trainer, name: str, value: float) -> None:
+    """Adds a value to the progress bar's metrics without logging it (no collective, no logger)."""
+    trainer._logger_connector._progress_bar_metrics[name] = value
+
+
+def preemption_checkpoint_path(trainer: pl.Trainer) -> PathLike:
+    """Where Lightning saves (and a SLURM requeue resumes) a checkpoint taken on preemption."""
+    return trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
+
+
+def refresh_last_checkpoint(callback: ModelCheckpoint, trainer: pl.Trainer) -> None:
+    """Writes ``callback``'s ``last.ckpt`` now, as it would after a regular save."""
+    callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+
+
+def step_or_time_trigger(callback: ModelCheckpoint) -> str | None:
+    """``"every_n_train_steps=N"`` or ``"train_time_interval=T"`` when the callback saves by steps or by time."""
+    if callback._every_n_train_steps:
+        return f"every_n_train_steps={callback._every_n_train_steps}"
+    if callback._train_time_interval is not None:
+        return f"train_time_interval={callback._train_time_interval}"
+    return None
+
+
+def saves_by_time(callback: ModelCheckpoint) -> bool:
+    return callback._train_time_interval is not None
+
+
+def time_based_val_check(trainer: pl.Trainer) -> float | None:
+    """Seconds between validations when ``val_check_interval`` was given as a time, else None."""
+    return getattr(trainer, "_val_check_time_interval", None)

@@ -1,0 +1,95 @@
+"""Where a worker sits in the run: its device, its place among the device's K workers, the device leaders.
+
+Each node runs ``devices x K`` processes; worker ``local_rank`` uses device ``local_rank // K`` and the first
+worker of a device (slot 0) is its *leader*, which also runs the averaging engine. All of it follows from four
+numbers, so it is one frozen value computed once, not arithmetic repeated where it is needed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
+from lightning.fabric.plugins import ClusterEnvironment
+
+
+@dataclass(frozen=True)
+class DeviceLayout:
+    """One worker's place in the run.
+
+    Attributes:
+        workers_per_device: K, the workers sharing one device's parameter copy.
+        devices_per_node: fedhog devices on each node (every node has the same number).
+        local_rank: the worker's rank on its node.
+        node_rank: its node.
+        world_size: workers in the run, all nodes together.
+    """
+
+    workers_per_device: int
+    devices_per_node: int
+    local_rank: int
+    node_rank: int
+    world_size: int
+
+    @property
+    def slot(self) -> int:
+        """The worker's index among the K workers of its device (0 is the leader)."""
+        return self.local_rank % self.workers_per_device
+
+    @property
+    def is_leader(self) -> bool:
+        return self.slot == 0
+
+    @property
+    def local_device(self) -> int:
+        """Index of the worker's device among its node's devices (into ``parallel_devices``)."""
+        return self.local_rank // self.workers_per_device
+
+    @property
+    def device_index(self) -> int:
+        """Index of the worker's device among all devices of the run."""
+        return self.node_rank * self.devices_per_node + self.local_device
+
+    @property
+    def num_devices(self) -> int:
+        return self.world_size // self.workers_per_device
+
+    @property
+    def leader_ranks(self) -> list[int]:
+        """Global ranks of every device's leader, in device order."""
+        return list(range(0, self.world_size, self.workers_per_device))
+
+
+def store_key(name: str, generation: int) -> str:
+    """A rendezvous-store key unique to one ``fit``: torchrun restarts reuse the store, so the key holds the restart
+    count; a second ``fit`` in the same processes gets the next set-up ``generation``."""
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return f"fedhog/{restart}/{generation}/{name}"
+
+
+def restart_safe_store(environment: ClusterEnvironment, timeout: timedelta) -> dict[str, Any]:
+    """The ``store=`` argument for ``init_process_group`` that lets a torchrun restart connect, or nothing.
+
+    Under ``torchrun`` the ranks share the elastic agent's ``TCPStore`` (``TORCHELASTIC_USE_AGENT_STORE=True``),
+    and the agent keeps that one store for every restart: with the default static rendezvous and, in torch 2.14,
+    with ``--rdzv-backend=c10d`` too. ``init_process_group`` uses it without a per-attempt prefix, so the
+    restarted ranks read the gloo addresses that the dead ranks of the previous attempt left there and fail or
+    hang connecting to closed ports. That hits ``strategy="ddp"`` the same way; older torch releases prefixed the
+    keys with the restart count, which is what this brings back, for the default group and every key derived
+    from it (sub-groups, the shared buffer's keys).
+
+    All agents count the same restarts when every node's workers fail together, which fedhog's failure
+    detection ensures; ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` with the c10d rendezvous avoids the agent's
+    store altogether (rank 0 then hosts a fresh store per attempt) and needs nothing from here.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    address, port = environment.main_address, environment.main_port
+    if os.environ.get("MASTER_ADDR") != address or os.environ.get("MASTER_PORT") != str(port):
+        return {}  # the environment points elsewhere than the agent's store: torch creates the store itself
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    client = dist.TCPStore(address, port, is_master=False, timeout=timeout)
+    return {"store": dist.PrefixStore(f"fedhog/attempt{attempt}", client)}
