@@ -8,6 +8,7 @@ only; resuming every worker from rank 0's would change the run. So every worker'
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,8 @@ from lightning_fedhog.internals import PathLike, preemption_checkpoint_path, ref
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_KEY = "fedhog"
 """Checkpoint entry holding every worker's optimizer state (Lightning itself keeps only rank 0's)."""
@@ -61,4 +64,10 @@ def save_stop_checkpoint(trainer: pl.Trainer, broadcast: Callable[[Any], Any]) -
     for callback in trainer.checkpoint_callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.save_last is True:
             refresh_last_checkpoint(callback, trainer)
+    if trainer.is_global_zero:
+        log.warning(
+            "fedhog: stopped by SIGTERM at epoch %d, step %d; checkpoint saved to %s. Resume with"
+            " `trainer.fit(..., ckpt_path=%r)` (or \"last\" with `ModelCheckpoint(save_last=True)`).",
+            trainer.current_epoch, trainer.global_step, path, str(path),
+        )
     return path

@@ -20,6 +20,24 @@ AveragingMode = Literal["allreduce", "gossip"]
 
 _AVERAGING_MODES: tuple[str, ...] = get_args(AveragingMode)
 
+PRESETS: dict[str, tuple[str, dict[str, object]]] = {
+    "fedhog": ("fedhog: 2 Hogwild! workers per device, background all-reduce averaging every 16 steps", {}),
+    "fedhog_k4": ("fedhog with the paper's 4 Hogwild! workers per device", {"workers_per_device": 4}),
+    "fedhog_single_worker": (
+        "fedhog with 1 worker per device: background averaging between devices only",
+        {"workers_per_device": 1},
+    ),
+    "fedhog_lpp": (
+        "LPP-SGD: 4 workers per device alternating full and partial-backprop steps from epoch 1",
+        {"workers_per_device": 4, "partial_backprop": 1},
+    ),
+    "fedhog_gossip": (
+        "fedhog with pairwise gossip on the one-peer exponential graph instead of all-reduce",
+        {"averaging": "gossip", "topology": "exponential"},
+    ),
+}
+"""``Trainer(strategy=name)``: the registered names, with their description and the knobs they set."""
+
 MAX_WORKERS_PER_DEVICE = 64
 """K is bounded by the step counters next to the shared vector (one per worker)."""
 

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -26,6 +26,9 @@ from torch import Tensor
 from lightning_fedhog.averaging import all_finite, exchange_average_, exchange_with_peer_, sum_control
 from lightning_fedhog.blocks import BlockRule, block_bounds, next_block
 from lightning_fedhog.topology import Topology, peers
+
+if TYPE_CHECKING:
+    from lightning_fedhog.config import FedHogConfig
 
 _State = Literal["idle", "running", "parked", "stopped"]
 
@@ -110,6 +113,19 @@ class AveragingEngine:
         self._command: str | None = None
         self._commands_done = 0
         self._thread = threading.Thread(target=self._run, name="fedhog-averaging", daemon=True)
+
+    @classmethod
+    def configured(
+        cls, config: FedHogConfig, flat: Tensor, device_steps: Callable[[], int], group: Any, group_ranks: list[int],
+        *, period: int,
+    ) -> AveragingEngine:
+        """The engine with the run's settings (``num_blocks``, ``block_rule``, gossip, seed, ``nonfinite``)."""
+        return cls(
+            flat, device_steps, group, group_ranks, num_blocks=config.num_blocks, period=period,
+            timeout=config.timeout, block_rule=config.block_rule,
+            gossip_topology=config.topology if config.averaging == "gossip" else None, seed=config.seed,
+            on_non_finite=config.nonfinite,
+        )
 
     # ----------------------------------------------------------------------------------------------- main thread
     def start(self) -> None:

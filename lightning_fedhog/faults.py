@@ -17,10 +17,15 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_fedhog.engine import NonFiniteError
 from lightning_fedhog.liveness import PeerRegistry
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
 
 AFTER_FAILURE = (
     "Nothing is saved after a failure, so the last checkpoint written (e.g. `last.ckpt`) is intact. HINT: find the"
@@ -152,6 +157,17 @@ class FaultWatch:
     def on_exit(self) -> None:
         if self.peers is not None and not self.failed:
             self.peers.mark("exited")
+
+
+def check_sigterm_locally(trainer: pl.Trainer) -> None:
+    """Stands in for Lightning's per-batch SIGTERM broadcast, which would put every worker in lock-step.
+
+    Each worker receives the signal itself (the launcher forwards it to its children). fedhog's own handler
+    (installed at train start) never sets ``received_sigterm``; the stop is agreed at a consensus point. A SIGTERM
+    caught by Lightning's handler before that still ends this rank, locally.
+    """
+    if trainer.received_sigterm:
+        raise SIGTERMException()
 
 
 def install_stop_handler(watch: FaultWatch, previous: Any) -> None:

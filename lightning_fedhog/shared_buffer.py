@@ -13,6 +13,7 @@ workers open it through CUDA IPC. A small CPU region next to it holds each worke
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import uuid
@@ -26,6 +27,8 @@ from torch import Tensor, nn
 
 from lightning_fedhog.config import MAX_WORKERS_PER_DEVICE
 from lightning_fedhog.internals import cuda_ipc_handle, open_cuda_ipc_handle, registered_tensors
+
+log = logging.getLogger(__name__)
 
 _ALIGN_ELEMENTS = 16  # every tensor starts on a 64-byte boundary (fp32), good for vectorised kernels
 _META_SLOTS = MAX_WORKERS_PER_DEVICE  # int64 counters: one step counter per worker
@@ -244,7 +247,8 @@ def hand_back(store: Any, key: str, slot: int, num_workers: int, wait_seconds: f
     collective, so no rank's sequence of collectives changes. Call it after this worker's copies have landed.
 
     Returns:
-        None when done; on the leader, the number of followers that had let go when ``wait_seconds`` ran out.
+        None when done; on the leader, the number of followers that had let go when ``wait_seconds`` ran out (it
+        frees the memory anyway, with a warning).
     """
     if slot != 0:
         store.add(key, 1)
@@ -252,6 +256,10 @@ def hand_back(store: Any, key: str, slot: int, num_workers: int, wait_seconds: f
     deadline = time.monotonic() + wait_seconds
     while (released := store.add(key, 0)) < num_workers - 1:
         if time.monotonic() > deadline:
+            log.warning(
+                "fedhog: only %d of the %d other workers of this device let go of its shared parameters within %.0f s;"
+                " freeing them anyway.", released, num_workers - 1, wait_seconds,
+            )
             return released
         time.sleep(0.005)
     return None

@@ -35,11 +35,11 @@ from lightning_fedhog import internals
 from lightning_fedhog.blocks import BlockRule, Partition
 from lightning_fedhog.checkpoints import add_every_workers_optimizer_state, own_optimizer_states, save_stop_checkpoint
 from lightning_fedhog.checks import check_equal_batches, checked_layout
-from lightning_fedhog.config import AveragingMode, FedHogConfig
+from lightning_fedhog.config import PRESETS, AveragingMode, FedHogConfig
 from lightning_fedhog.consensus import AllWorkers, ConsensusPoints
 from lightning_fedhog.device_sync import AveragingBackend, leader_backend, settle
 from lightning_fedhog.engine import AveragingEngine
-from lightning_fedhog.faults import FaultWatch, PeerLostError, install_stop_handler
+from lightning_fedhog.faults import FaultWatch, PeerLostError, check_sigterm_locally, install_stop_handler
 from lightning_fedhog.launcher import FedHogLauncher
 from lightning_fedhog.layout import DeviceLayout, restart_safe_store, store_key
 from lightning_fedhog.liveness import PeerRegistry
@@ -156,18 +156,6 @@ class FedHogStrategy(DDPStrategy):
             raise RuntimeError("fedhog: `parallel_devices` is not set yet; the Trainer sets it.")
         return self.parallel_devices[self.layout.local_device]
 
-    @property
-    def device_slot(self) -> int:
-        return self.layout.slot
-
-    @property
-    def is_device_leader(self) -> bool:
-        return self.layout.is_leader
-
-    @property
-    def device_index(self) -> int:
-        return self.layout.device_index
-
     def _key(self, name: str) -> str:
         return store_key(name, self._generation)
 
@@ -222,7 +210,7 @@ class FedHogStrategy(DDPStrategy):
         fitting = trainer.state.fn == TrainerFn.FITTING
         if fitting:
             self._share_parameters()
-            internals.replace_sigterm_broadcast(trainer, lambda: _check_sigterm_locally(trainer))
+            internals.replace_sigterm_broadcast(trainer, lambda: check_sigterm_locally(trainer))
             self.setup_optimizers(trainer)
         else:
             internals.sync_module_states(self.model)
@@ -278,13 +266,10 @@ class FedHogStrategy(DDPStrategy):
     @override
     def on_train_start(self) -> None:
         trainer = self._trainer()
-        if self.buffer is not None and self._leader_group is not None and self.is_device_leader:
-            self.engine = AveragingEngine(
-                self.buffer.flat, self.buffer.device_steps, self._leader_group, self.layout.leader_ranks,
-                num_blocks=self.config.num_blocks, period=self._period(trainer.current_epoch),
-                timeout=self.config.timeout, block_rule=self.config.block_rule,
-                gossip_topology=self.config.topology if self.config.averaging == "gossip" else None,
-                seed=self.config.seed, on_non_finite=self.config.nonfinite,
+        if self.buffer is not None and self._leader_group is not None and self.layout.is_leader:
+            self.engine = AveragingEngine.configured(
+                self.config, self.buffer.flat, self.buffer.device_steps, self._leader_group, self.layout.leader_ranks,
+                period=self._period(trainer.current_epoch),
             )
             self.engine.start()
         if self.buffer is not None and self.faults is not None:
@@ -314,8 +299,8 @@ class FedHogStrategy(DDPStrategy):
         """Runs the user's ``training_step``; on a partial step only the worker's block requires gradients."""
         if self._partial is None or self.buffer is None:
             return super().training_step(*args, **kwargs)
-        worker_steps = int(self.buffer.steps[self.device_slot])
-        with self._partial.step(self._module(), self._trainer().current_epoch, worker_steps, self.device_slot):
+        worker_steps = int(self.buffer.steps[self.layout.slot])
+        with self._partial.step(self._module(), self._trainer().current_epoch, worker_steps, self.layout.slot):
             output = super().training_step(*args, **kwargs)
         self._partial.after_step()
         return output
@@ -326,7 +311,7 @@ class FedHogStrategy(DDPStrategy):
     ) -> Any:
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
         if self.buffer is not None:
-            self.buffer.steps[self.device_slot] += 1
+            self.buffer.steps[self.layout.slot] += 1
         return output
 
     @override
@@ -368,7 +353,7 @@ class FedHogStrategy(DDPStrategy):
             self._stop()
         if self.telemetry.enabled:
             engine = self.engine.take_stats() if self.engine is not None else None
-            mine = self.telemetry.take(self.device_index, self._points.parked_seconds, engine)
+            mine = self.telemetry.take(self.layout.device_index, self._points.parked_seconds, engine)
             self._points.parked_seconds = 0.0
             gathered = self._gather(mine)  # a collective at a consensus point: every rank is here
             if self.is_global_zero:
@@ -380,14 +365,7 @@ class FedHogStrategy(DDPStrategy):
         :class:`SIGTERMException` then ends ``fit`` the way Lightning does on SIGTERM (a ``SystemExit``: the script
         ends with status 0 unless it catches it).
         """
-        trainer = self._trainer()
-        path = save_stop_checkpoint(trainer, self.broadcast)
-        if self.is_global_zero:
-            log.warning(
-                "fedhog: stopped by SIGTERM at epoch %d, step %d; checkpoint saved to %s. Resume with"
-                " `trainer.fit(..., ckpt_path=%r)` (or \"last\" with `ModelCheckpoint(save_last=True)`).",
-                trainer.current_epoch, trainer.global_step, path, str(path),
-            )
+        save_stop_checkpoint(self._trainer(), self.broadcast)
         raise SIGTERMException()
 
     def _gather(self, value: Any) -> list[Any]:
@@ -492,14 +470,9 @@ class FedHogStrategy(DDPStrategy):
         if not wait or self.workers_per_device == 1 or not dist.is_initialized():
             return
         settle(self.root_device)
-        key = self._key(f"device{self.device_index}/released")
+        key = self._key(f"device{self.layout.device_index}/released")
         wait_seconds = min(self.config.timeout.total_seconds(), _RELEASE_SECONDS)
-        released = hand_back(internals.default_store(), key, self.device_slot, self.workers_per_device, wait_seconds)
-        if released is not None:
-            log.warning(
-                "fedhog: rank %d: only %d of the %d other workers of device %d let go of its shared parameters;"
-                " freeing them anyway.", self.global_rank, released, self.workers_per_device - 1, self.device_index,
-            )
+        hand_back(internals.default_store(), key, self.layout.slot, self.workers_per_device, wait_seconds)
 
     def _module(self) -> pl.LightningModule:
         module = self.lightning_module
@@ -516,33 +489,6 @@ class FedHogStrategy(DDPStrategy):
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: internals.StrategyRegistry) -> None:
-        presets: dict[str, tuple[str, dict[str, Any]]] = {
-            "fedhog": ("fedhog: 2 Hogwild! workers per device, background all-reduce averaging every 16 steps", {}),
-            "fedhog_k4": ("fedhog with the paper's 4 Hogwild! workers per device", {"workers_per_device": 4}),
-            "fedhog_single_worker": (
-                "fedhog with 1 worker per device: background averaging between devices only",
-                {"workers_per_device": 1},
-            ),
-            "fedhog_lpp": (
-                "LPP-SGD: 4 workers per device alternating full and partial-backprop steps from epoch 1",
-                {"workers_per_device": 4, "partial_backprop": 1},
-            ),
-            "fedhog_gossip": (
-                "fedhog with pairwise gossip on the one-peer exponential graph instead of all-reduce",
-                {"averaging": "gossip", "topology": "exponential"},
-            ),
-        }
-        for name, (description, init_params) in presets.items():
+        for name, (description, init_params) in PRESETS.items():
             if name not in strategy_registry:
                 strategy_registry.register(name, cls, description=description, **init_params)
-
-
-def _check_sigterm_locally(trainer: pl.Trainer) -> None:
-    """Stands in for Lightning's per-batch SIGTERM broadcast, which would put every worker in lock-step.
-
-    Each worker receives the signal itself (the launcher forwards it to its children). fedhog's own handler
-    (installed at train start) never sets ``received_sigterm``; the stop is agreed at a consensus point. A SIGTERM
-    caught by Lightning's handler before that still ends this rank, locally.
-    """
-    if trainer.received_sigterm:
-        raise SIGTERMException()

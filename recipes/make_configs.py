@@ -1,4 +1,4 @@
-"""Writes ``recipes/configs/{dataset}_{model}_{method}.yaml`` from the paper's settings (DESIGN.md section 1).
+"""Writes ``recipes/configs/{dataset}_{model}_{method}.yaml`` from the paper's settings.
 
     python -m recipes.make_configs          # rewrite every config; tests check the committed files match
 

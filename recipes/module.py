@@ -1,5 +1,5 @@
 """The image-classification LightningModule of the recipes: SGD with Nesterov momentum, linear warm-up then
-cosine decay (the paper's schedule, DESIGN.md section 1), top-1/top-5 accuracy from torchmetrics."""
+cosine decay (the schedule of the paper's experiments), top-1/top-5 accuracy from torchmetrics."""
 
 from __future__ import annotations
 

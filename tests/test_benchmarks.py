@@ -43,6 +43,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_smoke_mode_runs_every_benchmark_and_its_methods(smoke: Path) -> None:
     assert sorted(path.stem for path in smoke.glob("*.json")) == sorted(BENCHMARKS)
     for name in BENCHMARKS:
@@ -69,6 +70,7 @@ def test_smoke_mode_runs_every_benchmark_and_its_methods(smoke: Path) -> None:
     assert overhead["results"]["averaging_on"]["fedhog"]["rounds_per_s"] > 0  # fedhog's own figures were read
 
 
+@pytest.mark.slow
 def test_report_draws_every_plot_and_writes_the_readme_section(smoke: Path, tmp_path: Path) -> None:
     readme = tmp_path / "README.md"
     readme.write_text(f"# title\n\n{report.BEGIN}\nold\n{report.END}\n\nafter\n")

@@ -127,7 +127,7 @@ def test_workers_map_to_their_device() -> None:
     seen = []
     for local_rank in range(6):
         strategy.cluster_environment = _FixedRank(local_rank)
-        seen.append((strategy.root_device.index, strategy.device_slot, strategy.is_device_leader))
+        seen.append((strategy.root_device.index, strategy.layout.slot, strategy.layout.is_leader))
     assert seen == [(0, 0, True), (0, 1, False), (0, 2, False), (1, 0, True), (1, 1, False), (1, 2, False)]
 
 
@@ -157,3 +157,23 @@ def test_settings_that_bring_back_per_step_lockstep_are_warned_about() -> None:
     assert len(messages) == 2
     assert "max_time" in messages[0] and "HINT: bound the run with `max_epochs`" in messages[0]
     assert "train_time_interval" in messages[1] and "HINT" in messages[1]
+
+
+def test_the_strategy_signature_and_the_config_are_one_list_of_knobs() -> None:
+    """Every knob appears once in each, in the same order, with the same type and default (they cannot drift)."""
+    import dataclasses
+    import inspect
+
+    fields = [(f.name, str(f.type), f.default) for f in dataclasses.fields(FedHogConfig)]
+    lightning_args = {"self", "accelerator", "parallel_devices", "cluster_environment", "checkpoint_io",
+                      "precision_plugin"}
+    parameters = [
+        (p.name, str(p.annotation), p.default)
+        for p in inspect.signature(FedHogStrategy.__init__).parameters.values()
+        if p.name not in lightning_args
+    ]
+    assert parameters == fields
+    documented = FedHogConfig.__doc__ or ""
+    assert all(f"{name}:" in documented for name, _, _ in fields), "every knob has its docstring entry"
+    built = FedHogStrategy(**{name: default for name, _, default in fields})
+    assert built.config == FedHogConfig()

@@ -34,6 +34,7 @@ def test_the_docs_have_code_and_only_known_kinds() -> None:
     assert sum(language == "python" for _, _, language, _ in BLOCKS) >= 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("page", "index", "language", "code"), BLOCKS, ids=[f"{page}-{index}" for page, index, _, _ in BLOCKS]
 )

@@ -118,6 +118,7 @@ def test_a_slow_worker_does_not_slow_the_others_within_an_epoch(tmp_path: Path, 
         )
 
 
+@pytest.mark.slow
 def test_a_crashed_worker_ends_the_run_with_a_clear_error_and_leaves_nothing_behind(tmp_path: Path) -> None:
     with pytest.raises(AssertionError) as failure:
         run_app(

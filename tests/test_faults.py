@@ -19,6 +19,8 @@ from tests.conftest import MARGIN, TIMEOUT, run_outcome
 
 _run = partial(run_outcome, timeout=TIMEOUT)
 
+pytestmark = pytest.mark.slow
+
 
 def _assert_nothing_left(out: Path) -> None:
     left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()

@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.conftest import APP, free_port, load_rank, run_app
+
+pytestmark = pytest.mark.slow
 
 
 def _assert_consensus(out: Path, world_size: int) -> None:

@@ -38,6 +38,7 @@ def test_restart_safe_store_gives_each_attempt_its_own_keys(monkeypatch: pytest.
     assert server.get("fedhog/attempt1/rank0_address") == b"attempt 1"
 
 
+@pytest.mark.slow
 def test_torchrun_restart_resumes_from_last_checkpoint(tmp_path: Path) -> None:
     """Rank 3 is SIGKILLed in epoch 1; torchrun restarts all 4 workers once and they resume from ``last.ckpt``.
 

@@ -1,0 +1,127 @@
+"""Canaries: every private Lightning and torch name that lightning_fedhog/internals.py relies on is still there.
+
+Each test takes well under a second and fails with the name that moved and the function of ``internals.py`` that
+uses it, so an upgrade of Lightning or torch says what to look at instead of failing somewhere in a training run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+from collections.abc import Callable
+from datetime import timedelta
+
+import lightning as L
+import pytest
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies.ddp import DDPStrategy
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch import nn
+
+from lightning_fedhog import internals
+
+HELPERS = [
+    ("lightning.fabric.utilities.distributed", "_init_dist_connection"),
+    ("lightning.fabric.utilities.distributed", "_set_num_threads_if_needed"),
+    ("lightning.fabric.utilities.distributed", "_sync_ddp_if_available"),
+    ("lightning.fabric.utilities.optimizer", "_optimizer_to_device"),
+    ("lightning.fabric.utilities.optimizer", "_optimizers_to_device"),
+    ("lightning.pytorch.overrides.distributed", "_sync_module_states"),
+    ("lightning.pytorch.utilities.data", "_update_dataloader"),
+    ("lightning.pytorch.strategies.launchers.subprocess_script", "_SubprocessScriptLauncher"),
+    ("lightning.fabric.strategies", "_StrategyRegistry"),
+    ("lightning.fabric.utilities.types", "_PATH"),
+]
+
+# Lightning bodies that fedhog's versions follow (FedHogStrategy.setup, FedHogLauncher.launch): when one changes
+# upstream, compare it with fedhog's version, carry over what matters, then record the new fingerprint here.
+FINGERPRINTS = {
+    "DDPStrategy.setup": (DDPStrategy.setup, "3e1dd84901a333f1"),
+    "_SubprocessScriptLauncher.launch": (_SubprocessScriptLauncher.launch, "16cdd0a2d94b8f47"),
+}
+
+
+@pytest.fixture(scope="module")
+def trainer() -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+
+
+def _has(owner: object, name: str, used_by: Callable) -> None:
+    assert hasattr(owner, name), (
+        f"{type(owner).__name__ if not isinstance(owner, type) else owner.__name__}.{name} is gone: update"
+        f" lightning_fedhog.internals.{used_by.__name__}"
+    )
+
+
+@pytest.mark.parametrize(("module", "name"), HELPERS, ids=[name for _, name in HELPERS])
+def test_lightning_helpers_still_exist(module: str, name: str) -> None:
+    assert hasattr(importlib.import_module(module), name), f"{module}.{name} is gone: update lightning_fedhog.internals"
+
+
+@pytest.mark.parametrize("name", list(FINGERPRINTS))
+def test_lightning_bodies_that_fedhog_follows_are_unchanged(name: str) -> None:
+    function, recorded = FINGERPRINTS[name]
+    now = hashlib.sha256(inspect.getsource(function).encode()).hexdigest()[:16]
+    assert now == recorded, f"Lightning changed {name} ({recorded} -> {now}): review fedhog's version of it"
+
+
+def test_trainer_internals(trainer: L.Trainer) -> None:
+    epoch_loop = trainer.fit_loop.epoch_loop
+    _has(epoch_loop, "_broadcast_sigterm_tensor", internals.replace_sigterm_broadcast)
+    internals.replace_sigterm_broadcast(trainer, lambda: None)
+    assert epoch_loop._broadcast_sigterm_tensor() is None
+    internals.restore_sigterm_broadcast(trainer)
+    assert "_broadcast_sigterm_tensor" not in epoch_loop.__dict__
+    _has(trainer._signal_connector, "_original_handlers", internals.user_sigterm_handler)
+    assert isinstance(trainer._signal_connector._original_handlers, dict)
+    _has(trainer._checkpoint_connector, "hpc_save_path", internals.preemption_checkpoint_path)
+    assert str(internals.preemption_checkpoint_path(trainer)).endswith(".ckpt")
+    _has(trainer._logger_connector, "_first_loop_iter", internals.in_training_batch)
+    assert internals.in_training_batch(trainer) is False
+    _has(trainer._logger_connector, "_progress_bar_metrics", internals.show_in_progress_bar)
+    internals.show_in_progress_bar(trainer, "canary", 1.0)
+    assert trainer.progress_bar_metrics["canary"] == 1.0
+    _has(trainer, "_val_check_time_interval", internals.time_based_val_check)
+    assert internals.time_based_val_check(trainer) is None
+    assert internals.time_based_val_check(L.Trainer(accelerator="cpu", val_check_interval="00:00:00:10")) == 10.0
+
+
+def test_model_checkpoint_internals() -> None:
+    by_steps = ModelCheckpoint(every_n_train_steps=5)
+    by_time = ModelCheckpoint(train_time_interval=timedelta(seconds=3))
+    for name in ("_every_n_train_steps", "_train_time_interval"):
+        _has(by_steps, name, internals.step_or_time_trigger)
+    for name in ("_save_last_checkpoint", "_monitor_candidates"):
+        _has(by_steps, name, internals.refresh_last_checkpoint)
+    assert internals.step_or_time_trigger(by_steps) == "every_n_train_steps=5"
+    assert internals.step_or_time_trigger(by_time) == "train_time_interval=0:00:03"
+    assert internals.step_or_time_trigger(ModelCheckpoint()) is None
+    assert internals.saves_by_time(by_time) and not internals.saves_by_time(by_steps)
+
+
+def test_strategy_and_launcher_override_points() -> None:
+    for name in ("_configure_launcher", "_layer_sync", "_timeout", "_launcher"):
+        _has(DDPStrategy(), name, internals.attached_trainer)
+    _has(_SubprocessScriptLauncher, "_call_children_scripts", internals.set_num_threads_if_needed)
+    module = L.LightningModule()
+    _has(module, "_trainer", internals.attached_trainer)
+    assert internals.attached_trainer(module) is None and internals.attached_trainer(None) is None
+
+
+def test_a_stop_on_sigterm_ends_the_script_with_status_0() -> None:
+    # what the SIGTERM tests assert on the exit status, and what a SLURM requeue script sees
+    assert issubclass(SIGTERMException, SystemExit) and SIGTERMException().code is None
+
+
+def test_torch_internals() -> None:
+    assert callable(dist.distributed_c10d._get_default_store), "update lightning_fedhog.internals.default_store"
+    assert hasattr(dist, "set_timeout") or hasattr(dist.distributed_c10d, "_set_pg_timeout"), (
+        "update lightning_fedhog.internals.set_default_timeout"
+    )
+    parameters, buffers = internals.registered_tensors(nn.BatchNorm1d(2))
+    assert set(parameters) == {"weight", "bias"} and "running_mean" in buffers
+    assert callable(torch.multiprocessing.reductions.reduce_tensor), "update lightning_fedhog.internals.cuda_ipc_handle"
