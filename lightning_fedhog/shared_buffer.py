@@ -245,21 +245,26 @@ def hand_back(store: Any, key: str, slot: int, num_workers: int, wait_seconds: f
     On CUDA the followers map the leader's allocation through IPC: a leader that freed it, or exited, while a
     follower still copied its parameters out would leave that follower reading freed memory. Store counters, not a
     collective, so no rank's sequence of collectives changes. Call it after this worker's copies have landed.
+    Best effort: a store that is gone (its host, rank 0, finished first) ends the wait without an error.
 
     Returns:
         None when done; on the leader, the number of followers that had let go when ``wait_seconds`` ran out (it
         frees the memory anyway, with a warning).
     """
-    if slot != 0:
-        store.add(key, 1)
+    released = 0
+    try:
+        if slot != 0:
+            store.add(key, 1)
+            return None
+        deadline = time.monotonic() + wait_seconds
+        while (released := store.add(key, 0)) < num_workers - 1:
+            if time.monotonic() > deadline:
+                log.warning(
+                    "fedhog: only %d of the %d other workers of this device let go of its shared parameters within"
+                    " %.0f s; freeing them anyway.", released, num_workers - 1, wait_seconds,
+                )
+                return released
+            time.sleep(0.005)
+    except (RuntimeError, OSError):  # DistNetworkError is a RuntimeError
         return None
-    deadline = time.monotonic() + wait_seconds
-    while (released := store.add(key, 0)) < num_workers - 1:
-        if time.monotonic() > deadline:
-            log.warning(
-                "fedhog: only %d of the %d other workers of this device let go of its shared parameters within %.0f s;"
-                " freeing them anyway.", released, num_workers - 1, wait_seconds,
-            )
-            return released
-        time.sleep(0.005)
     return None

@@ -465,9 +465,12 @@ class FedHogStrategy(DDPStrategy):
         super().teardown()
 
     def _release_buffer(self, wait: bool) -> None:
-        """Drops the shared vector; the leader's memory outlives its followers' use of it (see ``hand_back``)."""
+        """Drops the shared vector; on CUDA the leader's memory outlives its followers' use of it (``hand_back``).
+
+        On CPU the mapping of ``/dev/shm`` lives until the last process that holds it lets go: nothing to wait for.
+        """
         self.buffer = None
-        if not wait or self.workers_per_device == 1 or not dist.is_initialized():
+        if not wait or self.workers_per_device == 1 or self.root_device.type != "cuda" or not dist.is_initialized():
             return
         settle(self.root_device)
         key = self._key(f"device{self.layout.device_index}/released")

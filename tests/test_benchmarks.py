@@ -44,6 +44,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # the smoke run is this test's set-up: about 4 minutes on 2 cores, more when they are shared
 def test_smoke_mode_runs_every_benchmark_and_its_methods(smoke: Path) -> None:
     assert sorted(path.stem for path in smoke.glob("*.json")) == sorted(BENCHMARKS)
     for name in BENCHMARKS:
@@ -71,6 +72,7 @@ def test_smoke_mode_runs_every_benchmark_and_its_methods(smoke: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_report_draws_every_plot_and_writes_the_readme_section(smoke: Path, tmp_path: Path) -> None:
     readme = tmp_path / "README.md"
     readme.write_text(f"# title\n\n{report.BEGIN}\nold\n{report.END}\n\nafter\n")

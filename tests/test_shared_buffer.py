@@ -100,3 +100,34 @@ def test_every_workers_updates_land_in_one_storage_and_no_file_remains() -> None
         assert steps.tolist() == [10, 10, 10]
         assert torch.equal(weight, results[0][3])
     assert not shm_files()
+
+
+def test_the_leader_keeps_its_memory_until_every_follower_let_go() -> None:
+    """``hand_back`` (CUDA IPC lifetime at the end of fit), with the followers as threads on a real TCPStore."""
+    import threading
+
+    from lightning_fedhog.shared_buffer import hand_back
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    let_go = threading.Event()
+
+    def follower(slot: int) -> None:
+        let_go.wait(5)
+        hand_back(dist.TCPStore("127.0.0.1", store.port, is_master=False), "released", slot, 3, 5.0)
+
+    threads = [threading.Thread(target=follower, args=(slot,), name=f"fedhog-test-{slot}") for slot in (1, 2)]
+    for thread in threads:
+        thread.start()
+    assert store.add("released", 0) == 0  # nobody let go yet: the leader would still wait
+    let_go.set()
+    assert hand_back(store, "released", 0, 3, 5.0) is None  # both followers came
+    for thread in threads:
+        thread.join()
+    assert hand_back(store, "other", 0, 3, 0.05) == 0  # nobody came: gives up after the wait, with a warning
+
+    class GoneStore:
+        def add(self, key: str, value: int) -> int:
+            raise dist.DistNetworkError("Connection reset by peer")
+
+    assert hand_back(GoneStore(), "released", 1, 3, 5.0) is None  # rank 0 finished first: no error at teardown
+    assert hand_back(GoneStore(), "released", 0, 3, 5.0) is None
