@@ -22,6 +22,9 @@ The list (what, and why no public API does it):
   ``_monitor_candidates``: where a preemption checkpoint goes, and refreshing ``last.ckpt`` with it.
 - ``ModelCheckpoint._every_n_train_steps`` / ``_train_time_interval``, ``trainer._val_check_time_interval``:
   settings that are read-only in public and must be checked before launch.
+- ``Trainer.estimated_stepping_batches``: a read-only property computed from per-worker counts; under dynamic
+  work sharing the Trainer's class is swapped for a subclass whose property gives the average worker's count
+  (for ``fit`` only, undone at teardown).
 - ``LightningModule._trainer``: whether a module is attached, without the error ``module.trainer`` raises.
 - ``_SubprocessScriptLauncher._call_children_scripts`` and ``procs``: starting and watching the workers.
 - ``trainer._logger_connector._first_loop_iter``: whether a training batch is in progress (``sync_dist`` inside a
@@ -159,3 +162,42 @@ def saves_by_time(callback: ModelCheckpoint) -> bool:
 def time_based_val_check(trainer: pl.Trainer) -> float | None:
     """Seconds between validations when ``val_check_interval`` was given as a time, else None."""
     return getattr(trainer, "_val_check_time_interval", None)
+
+
+# ---------------------------------------------------------------------------------------------------- Trainer
+_BASE_CLASS = "_fedhog_base_class"
+
+
+def override_estimated_stepping_batches(trainer: pl.Trainer, estimate: Callable[[], float | None]) -> None:
+    """Makes ``trainer.estimated_stepping_batches`` return ``estimate()`` (Lightning's own value where it is None).
+
+    The property is read-only and derived from one worker's loader length, which dynamic work sharing takes away;
+    a subclass of the Trainer's own class that overrides only this property replaces it on this instance.
+    """
+    restore_trainer_class(trainer)
+    base = type(trainer)
+    original = base.estimated_stepping_batches
+
+    def estimated_stepping_batches(self: pl.Trainer) -> int | float:
+        value = estimate()
+        if value is None:
+            return original.fget(self)  # type: ignore[attr-defined]
+        return int(value) if value != float("inf") else value
+
+    trainer.__class__ = type(
+        base.__name__,
+        (base,),
+        {
+            "estimated_stepping_batches": property(estimated_stepping_batches, doc=original.__doc__),
+            _BASE_CLASS: base,
+            "__module__": base.__module__,
+            "__qualname__": base.__qualname__,
+        },
+    )
+
+
+def restore_trainer_class(trainer: pl.Trainer) -> None:
+    """Undoes :func:`override_estimated_stepping_batches` (nothing if it was not applied)."""
+    base = type(trainer).__dict__.get(_BASE_CLASS)
+    if base is not None:
+        trainer.__class__ = base

@@ -12,6 +12,7 @@ telemetry, checkpoints, work sharing and partial backprop.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
@@ -33,6 +34,7 @@ from typing_extensions import override
 
 from lightning_fedhog import internals
 from lightning_fedhog.blocks import BlockRule, Partition
+from lightning_fedhog.callbacks import ConsensusFirst
 from lightning_fedhog.checkpoints import add_every_workers_optimizer_state, own_optimizer_states, save_stop_checkpoint
 from lightning_fedhog.checks import check_equal_batches, checked_layout
 from lightning_fedhog.config import PRESETS, AveragingMode, FedHogConfig
@@ -43,12 +45,14 @@ from lightning_fedhog.faults import FaultWatch, PeerLostError, check_sigterm_loc
 from lightning_fedhog.launcher import FedHogLauncher
 from lightning_fedhog.layout import DeviceLayout, restart_safe_store, store_key
 from lightning_fedhog.liveness import PeerRegistry
+from lightning_fedhog.pacing import pace_step_schedulers, unpace
 from lightning_fedhog.partial import PartialSteps
 from lightning_fedhog.schedule import averaging_period
 from lightning_fedhog.shared_buffer import SharedFlatBuffer, bind_module, hand_back, unbind_module
+from lightning_fedhog.stragglers import idle_report
 from lightning_fedhog.telemetry import Telemetry
 from lightning_fedhog.topology import Topology
-from lightning_fedhog.work_sharing import SharedCounterSampler, WorkSharing, shared_counter_loader
+from lightning_fedhog.work_sharing import DynamicWork, WorkSharing
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -57,6 +61,9 @@ log = logging.getLogger(__name__)
 
 _STARTUP_TIMEOUT = timedelta(minutes=5)
 """The least time the processes get to start and meet, whatever `timeout` (that one bounds collectives)."""
+
+_WORK_KEY = "fedhog_work"
+"""The checkpoint entry of the dynamic work-sharing budget (chunks spent, epoch)."""
 
 _RELEASE_SECONDS = 15.0
 """The longest a device leader waits at the end of ``fit`` for its workers to let go of the shared vector."""
@@ -118,14 +125,16 @@ class FedHogStrategy(DDPStrategy):
         self.buffer: SharedFlatBuffer | None = None
         self.engine: AveragingEngine | None = None
         self.leader_backend: str | None = None  # "nccl" or "gloo", known once the Trainer set the devices
-        self.work_sampler: SharedCounterSampler | None = None
+        self.work: DynamicWork | None = None  # with work_sharing="dynamic", during fit
         self.telemetry = Telemetry()
         self.faults: FaultWatch | None = None
         self._points: ConsensusPoints | None = None
         self._leader_group: Any = None
         self._generation = 0
         self._warned_local_reduce = False
-        self._saved_max_steps: int | None = None
+        self._consensus_first: ConsensusFirst | None = None
+        self._trained_since: float | None = None  # when this worker left the last consensus point (static)
+        self._straggler_warned = False
         self._partial = (
             PartialSteps(partial_backprop, workers_per_device, partition, rotate_ownership)
             if partial_backprop is not None
@@ -198,6 +207,28 @@ class FedHogStrategy(DDPStrategy):
         )
         internals.set_default_timeout(self.config.timeout)  # collectives fail after `timeout` again
 
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        self._generation += 1  # store keys unique to this fit: loaders may be set up before `setup`
+        trainer = self._trainer()
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        # before the user's `setup` hook, which may already read `trainer.estimated_stepping_batches`
+        self._consensus_first = ConsensusFirst(self.consensus)
+        trainer.callbacks.insert(0, self._consensus_first)
+        if self.config.work_sharing == "dynamic":
+            self.work = DynamicWork(self.world_size, self.global_rank)
+            internals.override_estimated_stepping_batches(trainer, self._estimated_stepping_batches)
+
+    def _estimated_stepping_batches(self) -> float | None:
+        """The average worker's steps under dynamic sharing (None: Lightning's own estimate holds)."""
+        if self.work is None:
+            return None
+        if self.work.sampler is None:
+            self._trainer().fit_loop.setup_data()  # as Lightning does when the loader is not set up yet
+        return self.work.estimated_stepping_batches()
+
     # ------------------------------------------------------------------------------------------------ set-up
     @override
     def setup(self, trainer: pl.Trainer) -> None:
@@ -212,18 +243,26 @@ class FedHogStrategy(DDPStrategy):
             self._share_parameters()
             internals.replace_sigterm_broadcast(trainer, lambda: check_sigterm_locally(trainer))
             self.setup_optimizers(trainer)
+            self._pace_schedulers()
         else:
             internals.sync_module_states(self.model)
         self.setup_precision_plugin()
         if fitting:
             internals.optimizers_to_device(self.optimizers, self.root_device)
 
+    def _pace_schedulers(self) -> None:
+        """Under dynamic sharing, per-step LR schedules follow the run's progress (see :mod:`.pacing`)."""
+        if self.work is None or not any(config.interval == "step" for config in self.lr_scheduler_configs):
+            return
+        total = self._trainer().estimated_stepping_batches
+        if self.work.sampler is not None:  # else the loader is not one dynamic sharing can take over
+            pace_step_schedulers(self.lr_scheduler_configs, self.work.progress, float(total))
+
     def _share_parameters(self) -> None:
         """Moves the module into the device's shared flat buffer and gives every device rank 0's values."""
         module = self._module()
         layout = checked_layout(self.config, module)  # again here: `configure_model` may have built the layers
         place = self.layout
-        self._generation += 1
         store = internals.default_store()
         self.buffer = SharedFlatBuffer.open(
             layout=layout, device=self.root_device, store=store, key=self._key(f"device{place.device_index}"),
@@ -287,6 +326,7 @@ class FedHogStrategy(DDPStrategy):
             if self._points.at_consensus:
                 if self._points.leave():
                     self._stop()
+                self._trained_since = time.monotonic()
             elif self.faults.stop_requested:
                 self.consensus()  # agrees on the stop with every rank, saves a checkpoint there and raises
         self.telemetry.count(batch)
@@ -328,14 +368,9 @@ class FedHogStrategy(DDPStrategy):
     @override
     def process_dataloader(self, dataloader: object) -> object:
         """With ``work_sharing="dynamic"``, gives the training loader a sampler fed by the run's shared counter."""
-        if self.config.work_sharing != "dynamic" or self.buffer is None or not self._trainer().training:
+        if self.work is None or not self._trainer().training:
             return dataloader
-        loader, self.work_sampler, saved = shared_counter_loader(
-            dataloader, self._trainer(), internals.default_store(), self._key("work"), self.world_size
-        )
-        if saved is not None:
-            self._saved_max_steps = saved
-        return loader
+        return self.work.loader(dataloader, self._trainer(), internals.default_store(), self._key("work"))
 
     # ------------------------------------------------------------------------------------------- consensus
     def consensus(self) -> None:
@@ -346,11 +381,14 @@ class FedHogStrategy(DDPStrategy):
         """
         if self._points is None:
             return
+        trained = None if self._trained_since is None else time.monotonic() - self._trained_since
         stop = self._points.enter()
         if stop is None:
             return
         if stop:
             self._stop()
+        self._trained_since = None
+        self._check_stragglers(trained)
         if self.telemetry.enabled:
             engine = self.engine.take_stats() if self.engine is not None else None
             mine = self.telemetry.take(self.layout.device_index, self._points.parked_seconds, engine)
@@ -358,6 +396,25 @@ class FedHogStrategy(DDPStrategy):
             gathered = self._gather(mine)  # a collective at a consensus point: every rank is here
             if self.is_global_zero:
                 self.telemetry.publish(self._trainer(), gathered)
+
+    def _check_stragglers(self, trained: float | None) -> None:
+        """With static shards, says once (on rank 0) when the workers waited for a slow one at this consensus point.
+
+        ``trained``: the seconds this worker trained between leaving the last consensus point and reaching this one.
+
+        Every rank trained since the last consensus point or none did (leaving one is a collective), so every rank
+        gathers here or none does; the same gathered figures make the same decision everywhere.
+        """
+        if self.config.work_sharing != "static" or self._straggler_warned or trained is None:
+            return
+        if self.layout.num_devices * self.num_nodes < 2:
+            return
+        busy = self._gather((trained, self.layout.device_index))
+        report = idle_report([seconds for seconds, _ in busy], [device for _, device in busy])
+        if report is not None:
+            self._straggler_warned = True
+            if self.is_global_zero:  # through logging: advice that a `warnings` filter should not swallow
+                log.warning(report)
 
     def _stop(self) -> NoReturn:
         """Every rank agreed to stop (SIGTERM): saves a resumable checkpoint of the consensus model and stops.
@@ -415,7 +472,18 @@ class FedHogStrategy(DDPStrategy):
         """Adds every worker's optimizer state to the checkpoint (all ranks call this), then lets rank 0 write it."""
         if self.world_size > 1 and dist.is_initialized():
             add_every_workers_optimizer_state(checkpoint, self.world_size, self._gather)
+        if self.work is not None and self.work.sampler is not None:
+            checkpoint[_WORK_KEY] = self.work.budget.state_dict()  # the same on every rank
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: internals.PathLike, weights_only: bool | None = None) -> dict[str, Any]:
+        """Loads a checkpoint; under dynamic sharing the run's ``max_steps`` budget goes on from what it had spent."""
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        if self.work is not None and _WORK_KEY in checkpoint:
+            self.work.budget.load_state_dict(checkpoint[_WORK_KEY])
+        return checkpoint
+
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
@@ -454,15 +522,25 @@ class FedHogStrategy(DDPStrategy):
             if trainer is not None:
                 internals.restore_sigterm_broadcast(trainer)
             self._release_buffer(wait=not failed)
-        if self._saved_max_steps is not None and trainer is not None:
-            trainer.fit_loop.epoch_loop.max_steps = self._saved_max_steps
-        self._saved_max_steps, self.work_sampler = None, None
+        if trainer is not None:
+            self._give_back_trainer(trainer)
         if self._partial is not None:
             self._partial.clear()
         if self._leader_group is not None and clean:
             dist.destroy_process_group(self._leader_group)
         self._leader_group = None
         super().teardown()
+
+    def _give_back_trainer(self, trainer: pl.Trainer) -> None:
+        """Undoes what ``fit`` changed on the Trainer: its callbacks, loop limits, schedulers and class."""
+        if self._consensus_first is not None and self._consensus_first in trainer.callbacks:
+            trainer.callbacks.remove(self._consensus_first)
+        self._consensus_first = None
+        if self.work is not None:
+            self.work.restore(trainer)
+            unpace(self.lr_scheduler_configs)
+            internals.restore_trainer_class(trainer)
+        self.work = None
 
     def _release_buffer(self, wait: bool) -> None:
         """Drops the shared vector; on CUDA the leader's memory outlives its followers' use of it (``hand_back``).

@@ -8,13 +8,18 @@ faster workers take more batches, every sample is used exactly once per epoch, a
 about one batch of each other.
 
 The counter is a ``TCPStore.add`` on the process group's store: one small request per batch, not a collective,
-so nobody waits for anybody.
+so nobody waits for anybody. What Lightning derives from a loader's length is kept right by
+:class:`DynamicWork`: every worker gets at least one batch per epoch (so every rank reaches the same hooks and
+collectives), the epoch's limit and the run's ``max_steps`` budget are spent by the sampler rather than cut by
+Lightning per worker (so batches a prefetching loader claimed are never dropped), and
+``trainer.estimated_stepping_batches`` is the average worker's count.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -30,26 +35,93 @@ if TYPE_CHECKING:
 WorkSharing = Literal["static", "dynamic"]
 
 
+def chunks_per_epoch(num_chunks: int, limit: int | float, world_size: int) -> int:
+    """Chunks the whole run may train in one epoch under ``limit_train_batches`` (a per-worker figure in Lightning).
+
+    An int limit allows that many batches to every worker, so ``limit * world_size`` in all; a float takes that
+    fraction of the epoch (at least one batch).
+    """
+    if isinstance(limit, int):
+        return min(num_chunks, limit * world_size)
+    return num_chunks if limit >= 1.0 else max(1, int(num_chunks * limit))
+
+
+@dataclass
+class WorkBudget:
+    """How many chunks each epoch hands out, and the run's ``max_steps`` budget as it is spent.
+
+    Every worker holds its own copy and computes the same numbers from the same inputs, so no message is needed
+    to agree on them. An epoch hands out at least one chunk per worker: a worker that got none would skip the
+    epoch's hooks and collectives (leaving a consensus point, validation, the epoch-end reductions) while the
+    others wait in them. So the budget's last epoch is rounded up to one batch per worker when less is left (at
+    most ``world_size - 1`` batches more than ``max_steps`` asked, less than one step per worker).
+
+    Args:
+        world_size: workers sharing the counter.
+        total: chunks the whole run may train (``max_steps * accumulate_grad_batches * world_size``), or None.
+        spent: chunks of the epochs finished before the current one (resumed from a checkpoint).
+    """
+
+    world_size: int
+    total: int | None = None
+    spent: int = 0
+    epoch: int = -1  # the epoch whose size is `current`
+    current: int = 0
+    resumed_epoch: int | None = None  # a checkpoint's epoch: it counts as finished if training starts after it
+    resumed_current: int = 0
+
+    def left(self) -> int | None:
+        """Chunks of the budget not yet handed out at the start of the current epoch (None: no budget)."""
+        return None if self.total is None else max(self.total - self.spent, 0)
+
+    def begin_epoch(self, epoch: int, available: int) -> tuple[int, bool]:
+        """The number of chunks of ``epoch`` (``available`` at most, unless rounded up) and whether it is the last.
+
+        Idempotent for the same epoch, so loaders that iterate twice (a reload) see the same size.
+        """
+        if epoch != self.epoch:
+            if self.resumed_epoch is not None:
+                if epoch > self.resumed_epoch:
+                    self.spent += self.resumed_current
+                self.resumed_epoch = None
+            elif self.epoch >= 0 and epoch > self.epoch:
+                self.spent += self.current
+            self.epoch = epoch
+            left = self.left()
+            size = available if left is None else min(available, left)
+            self.current = max(size, self.world_size) if size > 0 else 0
+        left = self.left()
+        return self.current, left is not None and left <= self.current
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"total": self.total, "spent": self.spent, "epoch": self.epoch, "current": self.current}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continues a saved run: the saved epoch counts as spent if training resumes after it, else it restarts."""
+        self.spent = state["spent"]  # the total comes from this run's `max_steps`, which may have been raised
+        self.epoch, self.current = -1, 0
+        self.resumed_epoch, self.resumed_current = state["epoch"], state["current"]
+
+
 class SharedCounterSampler(Sampler[int]):
     """Yields the chunks of an epoch's permutation that this worker claims from a shared counter.
 
     It has no ``__len__`` on purpose: the number of batches a worker gets is not known in advance, and Lightning
-    then ends the epoch when the iterator is exhausted instead of after a fixed count.
+    then ends the epoch when the iterator is exhausted instead of after a fixed count. The first chunk of every
+    epoch is reserved for each worker (chunk ``rank``), so nobody ends an epoch empty-handed; the rest are claimed.
 
     Args:
         num_samples: size of the data set.
         chunk_size: samples per claim; the loader's batch size, so one claim is one batch.
         store: a ``torch.distributed.Store`` shared by all workers (``add`` is atomic).
         key: a prefix unique to this run and fit.
+        rank: this worker's index among the ``budget.world_size`` workers.
+        budget: the number of chunks of each epoch (shared with the strategy, which saves it in checkpoints).
         seed: seed of the per-epoch permutation, the same on every worker.
         shuffle: permute the samples every epoch (otherwise in order).
-        chunks_per_epoch: claimable chunks per epoch (default: all); ``limit_train_batches`` lowers it.
-        total_chunks: chunks left for the rest of the run from ``start_epoch`` on (``max_steps``), or None. The
-            budget is spent epoch by epoch, so every worker knows without talking to the others in which epoch
-            (and at which chunk) it runs out.
-        start_epoch: the epoch from which ``total_chunks`` counts.
-        on_exhausted: called at the end of the epoch in which ``total_chunks`` runs out, on every worker, so
-            they all stop at the same epoch end.
+        drop_last: leave out the last, incomplete chunk.
+        limit: ``limit_train_batches`` (per worker, as Lightning defines it).
+        on_last_epoch: called with the epoch in which the budget runs out, when it begins, on every worker.
     """
 
     def __init__(
@@ -59,12 +131,13 @@ class SharedCounterSampler(Sampler[int]):
         store: Any,
         key: str,
         *,
+        rank: int = 0,
+        budget: WorkBudget | None = None,
         seed: int = 0,
         shuffle: bool = True,
-        chunks_per_epoch: int | None = None,
-        total_chunks: int | None = None,
-        start_epoch: int = 0,
-        on_exhausted: Callable[[], None] | None = None,
+        drop_last: bool = False,
+        limit: int | float = 1.0,
+        on_last_epoch: Callable[[int], None] | None = None,
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -72,16 +145,16 @@ class SharedCounterSampler(Sampler[int]):
         self.chunk_size = chunk_size
         self.store = store
         self.key = key
+        self.rank = rank
+        self.budget = budget if budget is not None else WorkBudget(world_size=1)
         self.seed = seed
         self.shuffle = shuffle
-        all_chunks = math.ceil(num_samples / chunk_size)
-        self.chunks_per_epoch = all_chunks if chunks_per_epoch is None else min(chunks_per_epoch, all_chunks)
-        self.total_chunks = total_chunks
-        self.start_epoch = start_epoch
-        self.on_exhausted = on_exhausted
+        self.num_chunks = max(num_samples // chunk_size if drop_last else math.ceil(num_samples / chunk_size), 1)
+        self.chunks_per_epoch = chunks_per_epoch(self.num_chunks, limit, self.budget.world_size)
+        self.on_last_epoch = on_last_epoch
         self.epoch = 0
-        self.exhausted = False
         self.claimed: list[int] = []  # chunks this worker got in the current epoch
+        self.claimed_through = 0  # the run's chunks handed out up to this worker's latest claim (its progress)
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning at the start of every epoch: a new permutation and a new counter."""
@@ -94,70 +167,121 @@ class SharedCounterSampler(Sampler[int]):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return torch.randperm(self.num_samples, generator=generator).tolist()
 
-    def _chunks_this_epoch(self) -> tuple[int, bool]:
-        """Claimable chunks in the current epoch, and whether the run's budget ends with it."""
-        if self.total_chunks is None:
-            return self.chunks_per_epoch, False
-        spent = max(self.epoch - self.start_epoch, 0) * self.chunks_per_epoch
-        left = max(self.total_chunks - spent, 0)
-        return min(self.chunks_per_epoch, left), left <= self.chunks_per_epoch
-
     def __iter__(self) -> Iterator[int]:
         order = self.order()
-        limit, last_epoch = self._chunks_this_epoch()
+        limit, last = self.budget.begin_epoch(self.epoch, self.chunks_per_epoch)
+        if last and self.on_last_epoch is not None:
+            self.on_last_epoch(self.epoch)
         self.claimed = []
-        while True:
-            chunk = int(self.store.add(f"{self.key}/epoch{self.epoch}", 1)) - 1
-            if chunk >= limit:
-                break
+        workers = self.budget.world_size
+        chunk = self.rank  # reserved: every worker trains at least one batch per epoch
+        while chunk < limit:
             self.claimed.append(chunk)
-            yield from order[chunk * self.chunk_size : (chunk + 1) * self.chunk_size]
-        if last_epoch and not self.exhausted:
-            self.exhausted = True
-            if self.on_exhausted is not None:
-                self.on_exhausted()
+            self.claimed_through = self.budget.spent + chunk + 1
+            start = (chunk % self.num_chunks) * self.chunk_size  # wraps only when the data has < 1 batch per worker
+            yield from order[start : start + self.chunk_size]
+            chunk = workers + int(self.store.add(f"{self.key}/epoch{self.epoch}", 1)) - 1
 
+class DynamicWork:
+    """The training loader's shared-counter sampler, and what Lightning derives from the loader's length.
 
-def shared_counter_loader(
-    dataloader: object, trainer: pl.Trainer, store: Any, key: str, world_size: int
-) -> tuple[object, SharedCounterSampler | None, int | None]:
-    """The training loader with a :class:`SharedCounterSampler` in place of its sampler.
+    Lightning counts ``max_steps`` and ``limit_train_batches`` per worker and cuts each worker's epoch there; with
+    unequal shares that would drop batches a prefetching loader has already claimed, and stop fast workers early.
+    So for the run both move into the sampler: ``max_steps`` becomes one budget of chunks for all workers (kept
+    across reloaded loaders and saved in checkpoints), the limit a number of chunks per epoch, and Lightning's own
+    ``max_steps`` and ``limit_train_batches`` are switched off until :meth:`restore`. The budget's last epoch sets
+    ``max_epochs``, so every worker stops after the same epoch, at its end.
 
-    ``max_steps`` is a per-worker count in Lightning; the same total work (``max_steps`` batches per worker) is
-    spent from one budget instead, so every worker stops at the same epoch end: Lightning's own ``max_steps`` is
-    switched off for the run.
-
-    Returns:
-        The loader, its sampler, and the ``max_steps`` to restore after ``fit`` (None if unchanged); the loader is
-        returned as it is (with a warning) when it has no ``batch_size`` to claim by.
+    Args:
+        world_size: workers of the run.
+        rank: this worker's global rank.
     """
-    if not isinstance(dataloader, DataLoader) or dataloader.batch_size is None:
-        rank_zero_warn(
-            "fedhog: `work_sharing='dynamic'` needs a `DataLoader` with a `batch_size` (not a custom"
-            " `batch_sampler`); this training loader keeps static shards."
-        )
-        return dataloader, None, None
-    limit = trainer.limit_train_batches
-    epoch_loop = trainer.fit_loop.epoch_loop
-    saved_max_steps, total_chunks = None, None
-    if epoch_loop.max_steps > 0:
-        saved_max_steps = epoch_loop.max_steps
-        total_chunks = max(epoch_loop.max_steps - trainer.global_step, 0) * world_size
+
+    def __init__(self, world_size: int, rank: int) -> None:
+        self.world_size = world_size
+        self.rank = rank
+        self.budget = WorkBudget(world_size=world_size)
+        self.sampler: SharedCounterSampler | None = None
+        self._saved: dict[str, Any] | None = None  # the Trainer's settings, given back by `restore`
+        self._limit: int | float = 1.0
+        self._accumulate = 1
+
+    def take_over(self, trainer: pl.Trainer) -> None:
+        """Moves ``max_steps`` and ``limit_train_batches`` from Lightning's per-worker loops into the budget."""
+        if self._saved is not None:
+            return
+        epoch_loop = trainer.fit_loop.epoch_loop
+        self._saved = {
+            "max_steps": epoch_loop.max_steps,
+            "limit_train_batches": trainer.limit_train_batches,
+            "max_epochs": trainer.fit_loop.max_epochs,
+        }
+        self._limit = trainer.limit_train_batches
+        self._accumulate = max(int(trainer.accumulate_grad_batches), 1)
+        if epoch_loop.max_steps >= 0:
+            self.budget.total = epoch_loop.max_steps * self._accumulate * self.world_size
         epoch_loop.max_steps = -1
-    sampler = dataloader.sampler
-    work_sampler = SharedCounterSampler(
-        len(dataloader.dataset),  # type: ignore[arg-type]
-        dataloader.batch_size,
-        store,
-        key=key,
-        seed=int(getattr(sampler, "seed", 0)),
-        shuffle=bool(getattr(sampler, "shuffle", True)),
-        chunks_per_epoch=limit * world_size if isinstance(limit, int) else None,
-        total_chunks=total_chunks,
-        start_epoch=trainer.current_epoch,
-        on_exhausted=lambda: setattr(trainer, "should_stop", True),
-    )
-    return update_dataloader(dataloader, work_sampler, mode=RunningStage.TRAINING), work_sampler, saved_max_steps
+        trainer.limit_train_batches = 1.0
+
+    def restore(self, trainer: pl.Trainer) -> None:
+        """Gives the Trainer its own ``max_steps``, ``limit_train_batches`` and ``max_epochs`` back."""
+        if self._saved is not None:
+            trainer.fit_loop.epoch_loop.max_steps = self._saved["max_steps"]
+            trainer.limit_train_batches = self._saved["limit_train_batches"]
+            trainer.fit_loop.max_epochs = self._saved["max_epochs"]
+        self._saved, self.sampler = None, None
+
+    def loader(self, dataloader: object, trainer: pl.Trainer, store: Any, key: str) -> object:
+        """The training loader with a :class:`SharedCounterSampler` in place of its sampler.
+
+        The loader is returned as it is (with a warning) when it has no ``batch_size`` to claim by.
+        """
+        if not isinstance(dataloader, DataLoader) or dataloader.batch_size is None:
+            rank_zero_warn(
+                "fedhog: `work_sharing='dynamic'` needs a `DataLoader` with a `batch_size` (not a custom"
+                " `batch_sampler`); this training loader keeps static shards."
+            )
+            return dataloader
+        self.take_over(trainer)
+        sampler = dataloader.sampler
+
+        def last_epoch(epoch: int) -> None:
+            trainer.fit_loop.max_epochs = min(trainer.fit_loop.max_epochs, epoch + 1)
+
+        self.sampler = SharedCounterSampler(
+            len(dataloader.dataset),  # type: ignore[arg-type]
+            dataloader.batch_size,
+            store,
+            key=key,
+            rank=self.rank,
+            budget=self.budget,
+            seed=int(getattr(sampler, "seed", 0)),
+            shuffle=bool(getattr(sampler, "shuffle", True)),
+            drop_last=dataloader.drop_last,
+            limit=self._limit,
+            on_last_epoch=last_epoch,
+        )
+        return update_dataloader(dataloader, self.sampler, mode=RunningStage.TRAINING)
+
+    def estimated_stepping_batches(self) -> float | None:
+        """The average worker's optimizer steps in the whole run, as Lightning estimates them with static shards.
+
+        None when no shared-counter sampler is in use (Lightning's own estimate then holds).
+        """
+        if self.sampler is None or self._saved is None:
+            return None
+        max_steps, max_epochs = self._saved["max_steps"], self._saved["max_epochs"]
+        if max_epochs is None or max_epochs == -1:
+            return float("inf") if max_steps == -1 else float(max_steps)
+        per_epoch = math.ceil(self.sampler.chunks_per_epoch / self.world_size / self._accumulate)
+        estimate = per_epoch * max(max_epochs, 1)
+        return float(min(estimate, max_steps) if max_steps != -1 else estimate)
+
+    def progress(self) -> float:
+        """The run's progress in average-worker optimizer steps, as of this worker's latest claim."""
+        if self.sampler is None:
+            return 0.0
+        return self.sampler.claimed_through / (self.world_size * self._accumulate)
 
 
 def check_dynamic_compatible(val_check_interval: object, step_checkpoints: list[str], max_time: bool = False) -> None:

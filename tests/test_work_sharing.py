@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from lightning_fedhog.work_sharing import SharedCounterSampler, check_dynamic_compatible
+from lightning_fedhog.work_sharing import SharedCounterSampler, WorkBudget, check_dynamic_compatible, chunks_per_epoch
 from tests.conftest import run_app, run_in_threads
 
 
 def _samplers(
-    num_workers: int, num_samples: int, chunk_size: int, total_chunks: int | None = None
+    num_workers: int, num_samples: int, chunk_size: int, total_chunks: int | None = None, limit: int | float = 1.0
 ) -> tuple[dist.TCPStore, list[SharedCounterSampler]]:
-    """One sampler per simulated worker, each with its own client of one TCPStore (as in a real run)."""
+    """One sampler per simulated worker, each with its own client of one TCPStore and budget (as in a real run)."""
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     samplers = [
         SharedCounterSampler(
@@ -24,10 +24,12 @@ def _samplers(
             chunk_size,
             dist.TCPStore("127.0.0.1", store.port, is_master=False),
             key="t",
+            rank=rank,
+            budget=WorkBudget(world_size=num_workers, total=total_chunks),
             seed=5,
-            total_chunks=total_chunks,
+            limit=limit,
         )
-        for _ in range(num_workers)
+        for rank in range(num_workers)
     ]
     return store, samplers
 
@@ -66,8 +68,44 @@ def test_the_budget_ends_in_the_same_epoch_on_every_worker() -> None:
     for epoch in range(3):
         seen = _run_epoch(samplers, epoch, delays=[0.0, 0.001])
         counts.append(sum(len(s) for s in seen) // 4)
-        assert all(s.exhausted == (epoch == 2) for s in samplers)
+        assert all(s.budget.begin_epoch(epoch, 10)[1] == (epoch == 2) for s in samplers), "last epoch: the same"
     assert counts == [10, 10, 5]
+
+
+def test_every_worker_gets_a_batch_in_every_epoch_even_when_the_budget_has_fewer_left() -> None:
+    """A worker without a batch would skip the epoch's collectives: the last epoch is rounded up to one each."""
+    _store, samplers = _samplers(3, num_samples=40, chunk_size=4, total_chunks=21)  # 10, 10, then 1 left
+    for epoch in range(3):
+        seen = _run_epoch(samplers, epoch, delays=[0.0, 0.0, 0.05])
+        assert all(seen), f"epoch {epoch}: a worker got no batch"
+        if epoch == 2:
+            assert [len(s) // 4 for s in seen] == [1, 1, 1]
+
+
+def test_tiny_data_sets_wrap_so_every_worker_still_gets_a_batch() -> None:
+    _store, samplers = _samplers(4, num_samples=8, chunk_size=4)  # 2 chunks, 4 workers
+    seen = _run_epoch(samplers, 0, delays=[0.0] * 4)
+    assert [len(s) for s in seen] == [4, 4, 4, 4]
+    assert sorted(set(i for s in seen for i in s)) == list(range(8))
+
+
+def test_limit_train_batches_is_a_per_worker_share_of_one_epoch_wide_count() -> None:
+    assert chunks_per_epoch(100, 3, world_size=4) == 12
+    assert chunks_per_epoch(100, 0.25, world_size=4) == 25
+    assert chunks_per_epoch(100, 0.001, world_size=4) == 1
+    assert chunks_per_epoch(10, 5, world_size=4) == 10
+
+
+def test_a_resumed_budget_counts_the_saved_epoch_only_if_training_goes_on_after_it() -> None:
+    saved = WorkBudget(world_size=2, total=50)
+    saved.begin_epoch(0, 20)
+    state = saved.state_dict()
+    after_the_epoch, mid_epoch = WorkBudget(world_size=2, total=50), WorkBudget(world_size=2, total=50)
+    after_the_epoch.load_state_dict(state)
+    mid_epoch.load_state_dict(state)
+    assert after_the_epoch.begin_epoch(1, 20) == (20, False) and after_the_epoch.spent == 20
+    assert after_the_epoch.begin_epoch(2, 20) == (10, True)
+    assert mid_epoch.begin_epoch(0, 20) == (20, False) and mid_epoch.spent == 0  # the epoch restarts whole
 
 
 def test_settings_that_need_equal_step_counts_are_refused() -> None:
@@ -112,7 +150,9 @@ def test_limit_train_batches_caps_every_worker_without_a_hang(tmp_path: Path) ->
         tmp_path, "--devices", "2", "--work-sharing", "dynamic", "--samples", "640", "--epochs", "2",
         "--limit-train", "6", "--sleep-rank", "1", "--sleep", "0.02",
     )
-    assert [r["global_step"] for r in reports] == [12, 12]
+    # 6 batches per worker and epoch, as with static shards, but shared out dynamically: 12 per epoch in all
+    assert sum(r["global_step"] for r in reports) == 2 * 12
+    assert reports[0]["global_step"] > reports[1]["global_step"], "the fast worker took more of them"
     for epoch in ("0", "1"):
         seen = reports[0]["seen"][epoch] + reports[1]["seen"][epoch]
         assert len(seen) == len(set(seen)) == 2 * 6 * 16, "no sample twice within an epoch"

@@ -53,6 +53,7 @@ class Net(L.LightningModule):
         sigterm_rank: int = -1,
         sigterm_step: int = -1,
         sigterm_group: bool = False,
+        schedule: str = "none",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -68,6 +69,9 @@ class Net(L.LightningModule):
         self.step_times: list[float] = []
         self.seen: dict[int, list[int]] = {}  # epoch -> sample indices this worker trained on
         self.started: dict[str, float] = {}
+        self.estimated: float | None = None  # trainer.estimated_stepping_batches, read in configure_optimizers
+        self.lr_trace: list[float] = []  # the LR of every step this worker took
+        self.hook_sums: dict[str, list[float]] = {}  # what user hooks saw of the model (see ModelProbe)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -111,6 +115,7 @@ class Net(L.LightningModule):
             optimizer.zero_grad()
             self.manual_backward(loss + self.probe[self.global_rank])
             optimizer.step()
+        self.lr_trace.append(self.trainer.optimizers[0].param_groups[0]["lr"])
         self.log("train_loss", loss, sync_dist=True)
         self.log("train_loss_epoch_mean", loss, on_step=False, on_epoch=True, sync_dist=True)
         self.step_times.append(time.monotonic())
@@ -124,8 +129,21 @@ class Net(L.LightningModule):
         self.log("val_loss", nn.functional.cross_entropy(logits, y), sync_dist=True)
         self.log("val_count", torch.tensor(float(len(y))), reduce_fx="sum", sync_dist=True, on_epoch=True)
 
+    def on_validation_start(self) -> None:
+        ModelProbe.record(self, "module.on_validation_start")
+
     def configure_optimizers(self):
         net_params = list(self.net.parameters())
+        if self.hparams.schedule != "none":
+            self.estimated = float(self.trainer.estimated_stepping_batches)
+            optimizer = torch.optim.SGD(net_params + [self.probe], lr=self.hparams.lr)
+            if self.hparams.schedule == "cosine":
+                scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=int(self.estimated))
+            else:
+                scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                    optimizer, max_lr=self.hparams.lr, total_steps=int(self.estimated)
+                )
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         if self.hparams.kind == "adam":
             optimizer = torch.optim.Adam(
                 [{"params": net_params}, {"params": [self.probe], "betas": (0.0, 0.0)}], lr=self.hparams.lr
@@ -135,6 +153,21 @@ class Net(L.LightningModule):
         return torch.optim.SGD(
             [{"params": net_params, "momentum": 0.9}, {"params": [self.probe], "momentum": 0.0}], lr=self.hparams.lr
         )
+
+
+class ModelProbe(L.Callback):
+    """What a user's callback sees of the model where fedhog promises the consensus model (one number per hook)."""
+
+    @staticmethod
+    def record(module: L.LightningModule, hook: str) -> None:
+        total = sum(float(p.detach().double().sum()) for p in module.net.parameters())
+        module.hook_sums.setdefault(hook, []).append(total)
+
+    def on_validation_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.record(module, "callback.on_validation_start")
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.record(module, "callback.on_train_end")
 
 
 class _Stream(torch.utils.data.IterableDataset):
@@ -178,6 +211,11 @@ def main() -> None:
     parser.add_argument("--work-sharing", default="static")
     parser.add_argument("--max-steps", type=int, default=-1)
     parser.add_argument("--limit-train", type=int, default=None)
+    parser.add_argument("--num-workers", type=int, default=0, help="the training DataLoader's num_workers")
+    parser.add_argument("--persistent", action="store_true", help="persistent_workers=True (with --num-workers)")
+    parser.add_argument("--reload", type=int, default=0, help="reload_dataloaders_every_n_epochs")
+    parser.add_argument("--schedule", default="none", choices=["none", "cosine", "onecycle"],
+                        help="an LR schedule per step, sized by trainer.estimated_stepping_batches")
     parser.add_argument("--csv", action="store_true", help="log to a CSVLogger under OUT/logs")
     parser.add_argument("--crash-rank", type=int, default=-1)
     parser.add_argument("--nan-rank", type=int, default=-1, help="corrupt this rank's device copy in epoch 1")
@@ -200,7 +238,7 @@ def main() -> None:
     world_size = args.devices * args.num_nodes * args.workers
     model = Net(
         args.kind, world_size, args.lr, args.sleep_rank, args.sleep, args.crash_rank, args.nan_rank, args.kill_rank,
-        args.kill_step, args.sigterm_rank, args.sigterm_step, args.sigterm_group,
+        args.kill_step, args.sigterm_rank, args.sigterm_step, args.sigterm_group, args.schedule,
     )
     strategy = (
         FedHogStrategy(
@@ -235,7 +273,7 @@ def main() -> None:
         max_time=args.max_time,
         limit_train_batches=args.limit_train,
         precision=args.precision,
-        callbacks=[checkpoint],
+        callbacks=[ModelProbe(), checkpoint],
         logger=L.pytorch.loggers.CSVLogger(args.out / "logs", name="run") if args.csv else False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -243,8 +281,12 @@ def main() -> None:
         log_every_n_steps=1,
         accumulate_grad_batches=args.accumulate,
         use_distributed_sampler=args.data != "uneven",
+        reload_dataloaders_every_n_epochs=args.reload,
     )
-    data = DataLoader(make_data(args.samples, seed=1), batch_size=args.batch, shuffle=True)
+    data = DataLoader(
+        make_data(args.samples, seed=1), batch_size=args.batch, shuffle=True, num_workers=args.num_workers,
+        persistent_workers=args.num_workers > 0 and args.persistent,
+    )
     if args.data == "iterable":
         data = DataLoader(_Stream(make_data(args.samples, seed=1)), batch_size=args.batch)
     elif args.data == "uneven":  # each rank reads its own shard; rank 0's is one batch longer
@@ -272,6 +314,9 @@ def main() -> None:
         "seen": model.seen,
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         "lrs": [group["lr"] for opt in trainer.optimizers for group in opt.param_groups],
+        "estimated": model.estimated,
+        "lr_trace": model.lr_trace,
+        "hook_sums": model.hook_sums,
         "strategy": type(trainer.strategy).__name__,
         "environment": type(trainer.strategy.cluster_environment).__name__,
         "workers_per_device": getattr(trainer.strategy, "workers_per_device", 1),
