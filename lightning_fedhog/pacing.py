@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from torch.optim.lr_scheduler import LRScheduler
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 
 class PacedScheduler:
@@ -69,7 +69,9 @@ def pace_step_schedulers(configs: list[Any], progress: Callable[[], float], tota
     """
     wrapped = 0
     for config in configs:
-        if config.interval == "step" and isinstance(config.scheduler, LRScheduler):
+        scheduler = config.scheduler
+        pace = isinstance(scheduler, LRScheduler) and not isinstance(scheduler, ReduceLROnPlateau)
+        if config.interval == "step" and pace:
             config.scheduler = PacedScheduler(config.scheduler, progress, config.frequency, total)
             wrapped += 1
     return wrapped

@@ -8,6 +8,13 @@ much of the fast workers' time went to waiting, and :func:`idle_report` words it
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
 IDLE_FRACTION = 0.2
 """Report when the fastest worker idled at least this share of the slowest worker's training time."""
 
@@ -39,3 +46,54 @@ def idle_report(busy_seconds: list[float], devices: list[int]) -> str | None:
         f" `FedHogStrategy(work_sharing='dynamic')` lets faster devices take more batches so nobody waits"
         f" (see the straggler notes in docs/configuration.md)."
     )
+
+
+class StragglerWatch:
+    """Measures one worker's training time between consensus points and reports idle devices once (static shards).
+
+    Every rank trained since the last consensus point or none did (leaving one is a collective), so every rank
+    gathers at the next one or none does, and the same gathered figures make the same decision everywhere.
+
+    Args:
+        gather: an all-gather of one Python object over every worker (a collective).
+        device: this worker's device index among the run's devices.
+        devices: devices in the run (nothing to compare with one).
+        report: whether this worker writes the report (rank 0).
+        clock: injected for tests.
+    """
+
+    def __init__(
+        self,
+        gather: Callable[[Any], list[Any]],
+        device: int,
+        devices: int,
+        report: bool,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._gather = gather
+        self._device = device
+        self._devices = devices
+        self._report = report
+        self._clock = clock
+        self._since: float | None = None
+        self.warned = False
+
+    def left_consensus(self) -> None:
+        """Training resumes: the clock of this span starts."""
+        self._since = self._clock()
+
+    def trained(self) -> float | None:
+        """Seconds trained since leaving the last consensus point (taken before waiting at the next one)."""
+        return None if self._since is None else self._clock() - self._since
+
+    def at_consensus(self, trained: float | None) -> None:
+        """Gathers every worker's ``trained`` (a collective, only after a span of training) and reports once."""
+        self._since = None
+        if self.warned or trained is None or self._devices < 2:
+            return
+        busy = self._gather((trained, self._device))
+        report = idle_report([seconds for seconds, _ in busy], [device for _, device in busy])
+        if report is not None:
+            self.warned = True
+            if self._report:  # through logging: advice that a `warnings` filter should not swallow
+                log.warning(report)

@@ -12,7 +12,6 @@ telemetry, checkpoints, work sharing and partial backprop.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
@@ -45,11 +44,10 @@ from lightning_fedhog.faults import FaultWatch, PeerLostError, check_sigterm_loc
 from lightning_fedhog.launcher import FedHogLauncher
 from lightning_fedhog.layout import DeviceLayout, restart_safe_store, store_key
 from lightning_fedhog.liveness import PeerRegistry
-from lightning_fedhog.pacing import pace_step_schedulers, unpace
 from lightning_fedhog.partial import PartialSteps
 from lightning_fedhog.schedule import averaging_period
 from lightning_fedhog.shared_buffer import SharedFlatBuffer, bind_module, hand_back, unbind_module
-from lightning_fedhog.stragglers import idle_report
+from lightning_fedhog.stragglers import StragglerWatch
 from lightning_fedhog.telemetry import Telemetry
 from lightning_fedhog.topology import Topology
 from lightning_fedhog.work_sharing import DynamicWork, WorkSharing
@@ -133,8 +131,7 @@ class FedHogStrategy(DDPStrategy):
         self._generation = 0
         self._warned_local_reduce = False
         self._consensus_first: ConsensusFirst | None = None
-        self._trained_since: float | None = None  # when this worker left the last consensus point (static)
-        self._straggler_warned = False
+        self._stragglers: StragglerWatch | None = None  # with static shards, during fit
         self._partial = (
             PartialSteps(partial_backprop, workers_per_device, partition, rotate_ownership)
             if partial_backprop is not None
@@ -219,15 +216,10 @@ class FedHogStrategy(DDPStrategy):
         trainer.callbacks.insert(0, self._consensus_first)
         if self.config.work_sharing == "dynamic":
             self.work = DynamicWork(self.world_size, self.global_rank)
-            internals.override_estimated_stepping_batches(trainer, self._estimated_stepping_batches)
-
-    def _estimated_stepping_batches(self) -> float | None:
-        """The average worker's steps under dynamic sharing (None: Lightning's own estimate holds)."""
-        if self.work is None:
-            return None
-        if self.work.sampler is None:
-            self._trainer().fit_loop.setup_data()  # as Lightning does when the loader is not set up yet
-        return self.work.estimated_stepping_batches()
+            self.work.attach(trainer)
+        else:
+            devices = self.layout.num_devices * self.num_nodes
+            self._stragglers = StragglerWatch(self._gather, self.layout.device_index, devices, self.is_global_zero)
 
     # ------------------------------------------------------------------------------------------------ set-up
     @override
@@ -243,20 +235,13 @@ class FedHogStrategy(DDPStrategy):
             self._share_parameters()
             internals.replace_sigterm_broadcast(trainer, lambda: check_sigterm_locally(trainer))
             self.setup_optimizers(trainer)
-            self._pace_schedulers()
+            if self.work is not None:
+                self.work.pace(trainer, self.lr_scheduler_configs)
         else:
             internals.sync_module_states(self.model)
         self.setup_precision_plugin()
         if fitting:
             internals.optimizers_to_device(self.optimizers, self.root_device)
-
-    def _pace_schedulers(self) -> None:
-        """Under dynamic sharing, per-step LR schedules follow the run's progress (see :mod:`.pacing`)."""
-        if self.work is None or not any(config.interval == "step" for config in self.lr_scheduler_configs):
-            return
-        total = self._trainer().estimated_stepping_batches
-        if self.work.sampler is not None:  # else the loader is not one dynamic sharing can take over
-            pace_step_schedulers(self.lr_scheduler_configs, self.work.progress, float(total))
 
     def _share_parameters(self) -> None:
         """Moves the module into the device's shared flat buffer and gives every device rank 0's values."""
@@ -326,7 +311,8 @@ class FedHogStrategy(DDPStrategy):
             if self._points.at_consensus:
                 if self._points.leave():
                     self._stop()
-                self._trained_since = time.monotonic()
+                if self._stragglers is not None:
+                    self._stragglers.left_consensus()
             elif self.faults.stop_requested:
                 self.consensus()  # agrees on the stop with every rank, saves a checkpoint there and raises
         self.telemetry.count(batch)
@@ -381,14 +367,14 @@ class FedHogStrategy(DDPStrategy):
         """
         if self._points is None:
             return
-        trained = None if self._trained_since is None else time.monotonic() - self._trained_since
+        trained = self._stragglers.trained() if self._stragglers is not None else None
         stop = self._points.enter()
         if stop is None:
             return
         if stop:
             self._stop()
-        self._trained_since = None
-        self._check_stragglers(trained)
+        if self._stragglers is not None:
+            self._stragglers.at_consensus(trained)
         if self.telemetry.enabled:
             engine = self.engine.take_stats() if self.engine is not None else None
             mine = self.telemetry.take(self.layout.device_index, self._points.parked_seconds, engine)
@@ -396,25 +382,6 @@ class FedHogStrategy(DDPStrategy):
             gathered = self._gather(mine)  # a collective at a consensus point: every rank is here
             if self.is_global_zero:
                 self.telemetry.publish(self._trainer(), gathered)
-
-    def _check_stragglers(self, trained: float | None) -> None:
-        """With static shards, says once (on rank 0) when the workers waited for a slow one at this consensus point.
-
-        ``trained``: the seconds this worker trained between leaving the last consensus point and reaching this one.
-
-        Every rank trained since the last consensus point or none did (leaving one is a collective), so every rank
-        gathers here or none does; the same gathered figures make the same decision everywhere.
-        """
-        if self.config.work_sharing != "static" or self._straggler_warned or trained is None:
-            return
-        if self.layout.num_devices * self.num_nodes < 2:
-            return
-        busy = self._gather((trained, self.layout.device_index))
-        report = idle_report([seconds for seconds, _ in busy], [device for _, device in busy])
-        if report is not None:
-            self._straggler_warned = True
-            if self.is_global_zero:  # through logging: advice that a `warnings` filter should not swallow
-                log.warning(report)
 
     def _stop(self) -> NoReturn:
         """Every rank agreed to stop (SIGTERM): saves a resumable checkpoint of the consensus model and stops.
@@ -484,7 +451,6 @@ class FedHogStrategy(DDPStrategy):
             self.work.budget.load_state_dict(checkpoint[_WORK_KEY])
         return checkpoint
 
-
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         """Restores this worker's own optimizer state when the checkpoint has one for every rank."""
@@ -537,10 +503,8 @@ class FedHogStrategy(DDPStrategy):
             trainer.callbacks.remove(self._consensus_first)
         self._consensus_first = None
         if self.work is not None:
-            self.work.restore(trainer)
-            unpace(self.lr_scheduler_configs)
-            internals.restore_trainer_class(trainer)
-        self.work = None
+            self.work.detach(trainer, self.lr_scheduler_configs)
+        self.work, self._stragglers = None, None
 
     def _release_buffer(self, wait: bool) -> None:
         """Drops the shared vector; on CUDA the leader's memory outlives its followers' use of it (``hand_back``).

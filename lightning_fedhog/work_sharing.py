@@ -27,7 +27,8 @@ from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import DataLoader, Sampler
 
-from lightning_fedhog.internals import update_dataloader
+from lightning_fedhog import internals
+from lightning_fedhog.pacing import pace_step_schedulers, unpace
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -261,7 +262,31 @@ class DynamicWork:
             limit=self._limit,
             on_last_epoch=last_epoch,
         )
-        return update_dataloader(dataloader, self.sampler, mode=RunningStage.TRAINING)
+        return internals.update_dataloader(dataloader, self.sampler, mode=RunningStage.TRAINING)
+
+    def attach(self, trainer: pl.Trainer) -> None:
+        """Makes ``trainer.estimated_stepping_batches`` the average worker's count for this ``fit``."""
+        internals.override_estimated_stepping_batches(trainer, lambda: self.estimate(trainer))
+
+    def estimate(self, trainer: pl.Trainer) -> float | None:
+        """:meth:`estimated_stepping_batches`, setting up the loader first as Lightning does when it is not yet."""
+        if self.sampler is None:
+            trainer.fit_loop.setup_data()
+        return self.estimated_stepping_batches()
+
+    def pace(self, trainer: pl.Trainer, configs: list[Any]) -> None:
+        """Makes the per-step LR schedules in ``configs`` follow the run's progress (:mod:`~.pacing`)."""
+        if not any(config.interval == "step" for config in configs):
+            return
+        total = trainer.estimated_stepping_batches
+        if self.sampler is not None:  # else the loader is not one dynamic sharing can take over
+            pace_step_schedulers(configs, self.progress, float(total))
+
+    def detach(self, trainer: pl.Trainer, configs: list[Any]) -> None:
+        """Gives back everything :meth:`attach`, :meth:`pace` and :meth:`loader` changed, at the end of ``fit``."""
+        self.restore(trainer)
+        unpace(configs)
+        internals.restore_trainer_class(trainer)
 
     def estimated_stepping_batches(self) -> float | None:
         """The average worker's optimizer steps in the whole run, as Lightning estimates them with static shards.

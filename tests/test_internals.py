@@ -125,3 +125,21 @@ def test_torch_internals() -> None:
     parameters, buffers = internals.registered_tensors(nn.BatchNorm1d(2))
     assert set(parameters) == {"weight", "bias"} and "running_mean" in buffers
     assert callable(torch.multiprocessing.reductions.reduce_tensor), "update lightning_fedhog.internals.cuda_ipc_handle"
+
+
+def test_estimated_stepping_batches_can_be_overridden_per_trainer_and_given_back() -> None:
+    assert isinstance(L.Trainer.__dict__.get("estimated_stepping_batches"), property), (
+        "Trainer.estimated_stepping_batches is no longer a property: update"
+        " lightning_fedhog.internals.override_estimated_stepping_batches"
+    )
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, max_epochs=-1, max_steps=7)
+    other = L.Trainer(accelerator="cpu", devices=1, logger=False, max_epochs=-1, max_steps=7)
+    answers: list[float | None] = [42.0, None]
+    internals.override_estimated_stepping_batches(trainer, lambda: answers[0])
+    assert isinstance(trainer, L.Trainer) and type(trainer).__name__ == "Trainer"
+    assert trainer.estimated_stepping_batches == 42
+    answers[0] = answers[1]
+    assert trainer.estimated_stepping_batches == 7, "None: Lightning's own estimate"
+    assert other.estimated_stepping_batches == 7, "other trainers are untouched"
+    internals.restore_trainer_class(trainer)
+    assert type(trainer) is L.Trainer
