@@ -11,9 +11,11 @@ The benchmarks (the issue that asked for them names them P1-P6):
 
 - ``p1_scaling``: samples/s of fedhog with 2 devices x 1 worker and 1 device x 2 workers, DDP, and the physical
   limit: as many single-process runs with no communication as there are processes, at the same time.
-- ``p2_straggler``: one device made 2x slower by the harness (a sleep of its own step time); DDP, post-local
+- ``p2_straggler``: one device made 2x slower by the harness (a fixed sleep of one step's compute); DDP, post-local
   SGD, fedhog with static and with dynamic work sharing.
 - ``p3_thin_link``: a ~10M-parameter model in a network namespace whose loopback is capped at 100 Mbit/s.
+- ``p8_straggler_accuracy``: the MNIST-1D recipe to 0.90 with device 1 about 2x slower (a fixed sleep per batch);
+  DDP, post-local SGD, fedhog with static and with dynamic work sharing.
 - ``p4_time_to_accuracy``: the MNIST-1D recipe to 0.90 test accuracy, fedhog vs DDP vs one process, wall-clock
   from the start of ``fit`` (validation included), and the final accuracy after the same epochs.
 - ``p5_gpu``: ResNet-20 on CIFAR-shaped batches, K=1,2,4 workers sharing one GPU vs one process owning it, at
@@ -27,6 +29,7 @@ import argparse
 import csv
 import dataclasses
 import datetime
+import json
 import shlex
 import statistics
 import subprocess
@@ -40,7 +43,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import consensus, harness
+from benchmarks import consensus, harness, throughput
 
 RESULTS = harness.ROOT / "benchmarks" / "results"
 
@@ -58,16 +61,18 @@ class Scale:
     thin_model: str
     mnist_epochs: int
     mnist_samples: int
+    straggler_epochs: int  # P8: long enough to pass 0.90 with a straggler
     gpu_samples: int  # P5 at batch 256 per worker (batch 64: a quarter), all workers together, per epoch
     gpu_epochs: int
     consensus_elements: int
 
 
 FULL = Scale(name="full", samples=12288, epochs=3, repeats=5, accuracy_repeats=3, thin_samples=4096, thin_model="wide",
-             mnist_epochs=100, mnist_samples=5000, gpu_samples=16384, gpu_epochs=2,
+             mnist_epochs=100, mnist_samples=5000, straggler_epochs=30, gpu_samples=16384, gpu_epochs=2,
              consensus_elements=25_557_032)
 SMOKE = Scale(name="smoke", samples=1024, epochs=1, repeats=1, accuracy_repeats=1, thin_samples=1024, thin_model="mlp",
-              mnist_epochs=2, mnist_samples=1000, gpu_samples=2048, gpu_epochs=1, consensus_elements=1_000_000)
+              mnist_epochs=2, mnist_samples=1000, straggler_epochs=2, gpu_samples=2048, gpu_epochs=1,
+              consensus_elements=1_000_000)
 
 Method = Callable[[Path], dict[str, Any]]
 
@@ -102,18 +107,35 @@ def p1_scaling(scale: Scale) -> dict[str, Any]:
 
 
 def p2_straggler(scale: Scale) -> dict[str, Any]:
-    """P2: the last device sleeps as long as its own step takes (2x slower); who waits for it?"""
-    slow = ["--model", "mlp", *_common(scale, 2), "--slow-rank", "1", "--slow-factor", "2"]
-    fedhog = [*slow, "--strategy", "fedhog", "--workers", "1"]
+    """P2: one device 2x slower by a fixed sleep per step (its compute time, measured once); who waits for it?
+
+    The sleep does not depend on the method, so every method faces the same hindrance; each method also runs
+    without the straggler, and its retention (straggler samples/s over its own straggler-free samples/s) says how
+    much of its speed the slow device costs it.
+    """
+    compute = throughput.calibrate_step("mlp", 64)
+    common = ["--model", "mlp", *_common(scale, 2)]
+    slow = [*common, "--slow-rank", "1", "--slow-seconds", f"{compute:.6f}"]
+    fedhog = ["--strategy", "fedhog", "--workers", "1"]
+    post_local = ["--strategy", "post_local", "--period", "16"]
     methods: dict[str, Method] = {
         "ddp": _throughput([*slow, "--strategy", "ddp"], 2),
-        "post_local_sgd": _throughput([*slow, "--strategy", "post_local", "--period", "16"], 2),
-        "fedhog_static": _throughput([*fedhog, "--work-sharing", "static"], 2),
-        "fedhog_dynamic": _throughput([*fedhog, "--work-sharing", "dynamic"], 2),
+        "post_local_sgd": _throughput([*slow, *post_local], 2),
+        "fedhog_static": _throughput([*slow, *fedhog, "--work-sharing", "static"], 2),
+        "fedhog_dynamic": _throughput([*slow, *fedhog, "--work-sharing", "dynamic"], 2),
+        "ddp_no_straggler": _throughput([*common, "--strategy", "ddp"], 2),
+        "post_local_sgd_no_straggler": _throughput([*common, *post_local], 2),
+        "fedhog_no_straggler": _throughput([*common, *fedhog], 2),
     }
     return {"methods": methods, "baseline": "ddp",
-            "settings": {"model": "mlp (1.6M parameters)", "batch": 64, "slow_rank": 1, "slow_factor": 2.0,
-                         "averaging_period": 16,
+            "retention": {"ddp": "ddp_no_straggler", "post_local_sgd": "post_local_sgd_no_straggler",
+                          "fedhog_static": "fedhog_no_straggler", "fedhog_dynamic": "fedhog_no_straggler"},
+            "settings": {"model": "mlp (1.6M parameters)", "batch": 64, "slow_rank": 1,
+                         "slow_seconds": round(compute, 6),
+                         "slow": "rank 1 sleeps a fixed time per step: one step's compute on one thread, measured"
+                         " once before the runs (2x slower for every method, whatever its communication)",
+                         "averaging_period": 16, "fedhog_dynamic": "work_sharing='dynamic' (the docs' straggler"
+                         " setting)",
                          "post_local_sgd": "torch's post_localSGD_hook from step 1, parameters averaged every 16 steps"
                          " (its hook installed on CPU too; Lightning installs it on CUDA only)"}}
 
@@ -138,14 +160,17 @@ def p3_thin_link(scale: Scale) -> dict[str, Any]:
                          "fedhog": "2 devices x 1 worker, 4 blocks, 2 epochs (one consensus in the window)"}}
 
 
-def _mnist1d(strategy: list[str], processes: int, scale: Scale, data_dir: Path) -> Method:
+def _mnist1d(strategy: list[str], processes: int, scale: Scale, data_dir: Path, epochs: int | None = None) -> Method:
+    """One run of the MNIST-1D recipe; its seed is the repeat's number (the last part of ``out``'s name)."""
+
     def run(out: Path) -> dict[str, Any]:
+        seed = int(out.name.rsplit("-", 1)[-1]) if out.name.rsplit("-", 1)[-1].isdigit() else 0
         command = [
             sys.executable, "-m", "recipes.mnist1d", "fit", *strategy,
-            f"--trainer.max_epochs={scale.mnist_epochs}", "--trainer.enable_progress_bar=false",
+            f"--trainer.max_epochs={epochs or scale.mnist_epochs}", "--trainer.enable_progress_bar=false",
             f"--trainer.default_root_dir={out}", "--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={out}",
             "--trainer.callbacks+=lightning_fedhog.WallClock", f"--data.data_dir={data_dir}",
-            f"--data.num_samples={scale.mnist_samples}",
+            f"--data.num_samples={scale.mnist_samples}", f"--seed_everything={seed}",
         ]
         began = time.perf_counter()
         done = subprocess.run(
@@ -157,6 +182,23 @@ def _mnist1d(strategy: list[str], processes: int, scale: Scale, data_dir: Path) 
                 "process_wall_s": time.perf_counter() - began}
 
     return run
+
+
+def _recipe_step_seconds(scale: Scale, data_dir: Path, workdir: Path) -> float:
+    """The median training step of the MNIST-1D recipe in one process with one thread (as each of 2 workers)."""
+    out = workdir / "calibration"
+    out.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable, "-m", "recipes.mnist1d", "fit", "--trainer.devices=1", "--trainer.strategy=auto",
+        "--trainer.max_epochs=2", "--trainer.enable_progress_bar=false", "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false", f"--trainer.default_root_dir={out}",
+        "--trainer.callbacks+=benchmarks.straggler.StepTimer", f"--trainer.callbacks.path={out / 'step.json'}",
+        f"--data.data_dir={data_dir}", f"--data.num_samples={scale.mnist_samples}",
+    ]
+    done = subprocess.run(command, env=harness.threads_env(2), capture_output=True, text=True, cwd=harness.ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"calibration failed: {shlex.join(command)}\n{done.stderr[-4000:]}")
+    return float(json.loads((out / "step.json").read_text())["median_step_s"])
 
 
 def _accuracy_curve(out: Path, target: float = 0.90) -> dict[str, Any]:
@@ -189,6 +231,57 @@ def p4_time_to_accuracy(scale: Scale, workdir: Path) -> dict[str, Any]:
                          "samples": scale.mnist_samples, "recipe": "python -m recipes.mnist1d fit",
                          "fedhog": "2 devices x 2 workers (the recipe's default)", "fedhog_2x1": "2 devices x 1 worker",
                          "ddp": "2 processes", "single_process": "1 process"}}
+
+
+def p8_straggler_accuracy(scale: Scale, workdir: Path) -> dict[str, Any]:
+    """P8: wall-clock to 0.90 MNIST-1D test accuracy when one of two devices is 2x slower.
+
+    Device 1 sleeps before every batch as long as one process's step takes alone (measured once before the runs),
+    whatever the method: DDP waits for it every step, post-local SGD at every averaging, fedhog with static shards
+    at every epoch end, and fedhog with dynamic work sharing (the docs' straggler setting) lets device 0 take more
+    batches instead.
+    """
+    data = workdir / "mnist1d-data"
+    step = _recipe_step_seconds(scale, data, workdir)
+    slow = ["--trainer.callbacks+=benchmarks.straggler.Straggler", "--trainer.callbacks.slow_ranks=[1]",
+            f"--trainer.callbacks.seconds={step:.6f}"]
+    fedhog = ["--trainer.strategy.workers_per_device=1", *slow]
+    post_local = workdir / "post_local_sgd.yaml"
+    post_local.write_text(POST_LOCAL_YAML)
+    epochs = scale.straggler_epochs
+    methods: dict[str, Method] = {
+        "ddp": _mnist1d(["--trainer.strategy=ddp", *slow], 2, scale, data, epochs),
+        "post_local_sgd": _mnist1d([f"--config={post_local}", *slow], 2, scale, data, epochs),
+        "fedhog_static": _mnist1d(fedhog, 2, scale, data, epochs),
+        "fedhog_dynamic": _mnist1d([*fedhog, "--trainer.strategy.work_sharing=dynamic"], 2, scale, data, epochs),
+    }
+    return {"methods": methods, "baseline": "ddp", "kind": "accuracy",
+            "settings": {"target_accuracy": 0.90, "epochs": epochs, "batch_per_process": 32,
+                         "samples": scale.mnist_samples, "recipe": "python -m recipes.mnist1d fit",
+                         "slow_rank": 1, "slow_seconds": round(step, 6),
+                         "slow": "rank 1 sleeps before every batch as long as one process's training step takes alone"
+                         " (measured once before the runs): about 2x slower, the same for every method",
+                         "fedhog_static": "2 devices x 1 worker, static shards",
+                         "fedhog_dynamic": "2 devices x 1 worker, work_sharing='dynamic' (the docs' straggler setting)",
+                         "post_local_sgd": "torch's post_localSGD_hook from step 1, parameters averaged every 16 steps",
+                         "seeds": "repeat i uses seed_everything=i"}}
+
+
+POST_LOCAL_YAML = """\
+trainer:
+  strategy:
+    class_path: benchmarks.throughput.PostLocalSGDOnCPU
+    init_args:
+      model_averaging_period: 16
+      ddp_comm_state:
+        class_path: torch.distributed.algorithms.ddp_comm_hooks.post_localSGD_hook.PostLocalSGDState
+        init_args:
+          process_group: null
+          subgroup: null
+          start_localSGD_iter: 1
+          post_local_gradient_allreduce: false
+      ddp_comm_hook: torch.distributed.algorithms.ddp_comm_hooks.post_localSGD_hook.post_localSGD_hook
+"""
 
 
 def p5_gpu(scale: Scale) -> dict[str, Any]:
@@ -236,13 +329,16 @@ BENCHMARKS = {
     "p4_time_to_accuracy": ("P4 MNIST-1D time to 0.90", p4_time_to_accuracy),
     "p5_gpu": ("P5 one GPU", p5_gpu),
     "p6_overhead": ("P6 averaging overhead", p6_overhead),
+    "p8_straggler_accuracy": ("P8 MNIST-1D time to 0.90 with one device 2x slower", p8_straggler_accuracy),
 }
+ACCURACY = ("p4_time_to_accuracy", "p8_straggler_accuracy")
 SMOKE_METHODS = {
     # the variants left out run the same code as a kept method, with other settings
     # (fedhog's throughput path runs in p2, p3 and p6; P4's 2 x 2 recipe differs from its 2 x 1 only in settings)
     "p1_scaling": ("physical_limit", "ddp"),
     "p2_straggler": ("ddp", "post_local_sgd", "fedhog_dynamic"),
     "p4_time_to_accuracy": ("ddp", "fedhog_2x1"),
+    "p8_straggler_accuracy": ("post_local_sgd", "fedhog_dynamic"),
     "p5_gpu": ("one_process_b256", "fedhog_k2_b256"),
 }
 TARGETS = {
@@ -250,6 +346,7 @@ TARGETS = {
     "p2_straggler": "fedhog >= 1.4x DDP",
     "p3_thin_link": "fedhog >= 2x DDP",
     "p4_time_to_accuracy": "fedhog <= 0.8x DDP's time, final accuracy within 1 point",
+    "p8_straggler_accuracy": "fedhog with the straggler setting <= 0.75x DDP's time to 0.90",
     "p5_gpu": "fedhog K=4 >= 1.3x one process on ResNet-20",
 }
 
@@ -259,7 +356,7 @@ def _ratios(
 ) -> dict[str, float]:
     """Each method over its baseline (``baselines[method]`` where given, else ``baseline``) and the limit."""
     ratios: dict[str, float] = {}
-    if name == "p4_time_to_accuracy":
+    if name in ACCURACY:
         base = results[baseline]
         for method, r in results.items():
             if method == baseline:
@@ -301,11 +398,11 @@ def _summarize_accuracy(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def run_benchmark(name: str, scale: Scale, workdir: Path, log: Callable[[str], None]) -> dict[str, Any]:
     """Runs one benchmark's methods interleaved and returns its report (not yet written)."""
     title, define = BENCHMARKS[name]
-    spec = define(scale, workdir) if name == "p4_time_to_accuracy" else define(scale)
+    spec = define(scale, workdir) if name in ACCURACY else define(scale)
     report: dict[str, Any] = {"benchmark": name, "title": title, "date": datetime.date.today().isoformat(),
                               "invocation": shlex.join(["python", "-m", "benchmarks", *sys.argv[1:]]),
                               "machine": harness.machine(), "scale": scale.name,
-                              "repeats": scale.accuracy_repeats if name == "p4_time_to_accuracy" else scale.repeats}
+                              "repeats": scale.accuracy_repeats if name in ACCURACY else scale.repeats}
     if "skipped" in spec:
         log(f"{name}: {spec['skipped']}")
         return {**report, "skipped": spec["skipped"]}
@@ -337,7 +434,10 @@ def run_benchmark(name: str, scale: Scale, workdir: Path, log: Callable[[str], N
         "limit": spec.get("limit"),
         "results": results,
         "once": once,
-        "ratios": _ratios(name, results, spec["baseline"], spec.get("limit"), spec.get("baselines", {})),
+        "ratios": {**_ratios(name, results, spec["baseline"], spec.get("limit"), spec.get("baselines", {})),
+                   **{f"{method}_retention": results[method]["samples_per_s"] / results[alone]["samples_per_s"]
+                      for method, alone in spec.get("retention", {}).items()
+                      if method in results and alone in results}},
         "benchmark_wall_s": time.perf_counter() - began,
         "note": "medians over interleaved repeats; throughput = samples/s of all workers from warm-up to the"
         " last worker's last step (idle time behind stragglers and consensus points included)",

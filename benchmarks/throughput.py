@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -77,14 +78,41 @@ class PostLocalSGDOnCPU(DDPStrategy):
         )
 
 
-class Timed(L.LightningModule):
-    """Records a wall-clock time per step; ``slow_rank`` sleeps ``(slow_factor - 1)`` times its own step time."""
+def calibrate_step(model: str, batch: int, steps: int = 20) -> float:
+    """Median seconds of one training step's compute (forward, backward, SGD) on one thread, as each of 2 workers runs.
 
-    def __init__(self, model: str, lr: float, slow_rank: int, slow_factor: float) -> None:
+    A straggler that sleeps this long per step is 2x slower whatever the method's communication costs, so every
+    method faces the same hindrance (a sleep proportional to a method's own step time would punish a method whose
+    steps include communication, e.g. DDP's all-reduce, more).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        net = make_model(model)
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+        x, y = torch.randn(batch, 3, 32, 32) / 32, torch.randint(0, 10, (batch,))
+        seconds = []
+        for step in range(steps + 5):  # 5 warm-up steps
+            began = time.perf_counter()
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+            optimizer.step()
+            if step >= 5:
+                seconds.append(time.perf_counter() - began)
+        return statistics.median(seconds)
+    finally:
+        torch.set_num_threads(threads)
+
+
+class Timed(L.LightningModule):
+    """Records a wall-clock time per step; ``slow_rank`` sleeps ``slow_seconds`` per step, or ``(slow_factor - 1)``
+    times its own step time."""
+
+    def __init__(self, model: str, lr: float, slow_rank: int, slow_factor: float, slow_seconds: float = 0.0) -> None:
         super().__init__()
         self.net = make_model(model)
         self.lr = lr
-        self.slow_rank, self.slow_factor = slow_rank, slow_factor
+        self.slow_rank, self.slow_factor, self.slow_seconds = slow_rank, slow_factor, slow_seconds
         self.times: list[float] = []
         self._step_time = 0.0
         self._slept = 0.0
@@ -95,7 +123,10 @@ class Timed(L.LightningModule):
             own = now - self.times[-1] - self._slept
             self._step_time = own if self._step_time == 0 else 0.9 * self._step_time + 0.1 * own
         self._slept = 0.0
-        if self.global_rank == self.slow_rank and self._step_time > 0:
+        if self.global_rank == self.slow_rank and self.slow_seconds > 0:
+            self._slept = self.slow_seconds
+            time.sleep(self._slept)
+        elif self.global_rank == self.slow_rank and self._step_time > 0:
             self._slept = (self.slow_factor - 1) * self._step_time
             time.sleep(self._slept)
         self.times.append(time.time())
@@ -122,6 +153,7 @@ def main() -> None:
     parser.add_argument("--work-sharing", default="static", choices=["static", "dynamic"])
     parser.add_argument("--slow-rank", type=int, default=-1)
     parser.add_argument("--slow-factor", type=float, default=1.0)
+    parser.add_argument("--slow-seconds", type=float, default=0.0, help="a fixed sleep per step of --slow-rank")
     parser.add_argument("--csv", action="store_true", help="log to a CSVLogger under OUT/logs (fedhog's figures)")
     args = parser.parse_args()
 
@@ -134,7 +166,8 @@ def main() -> None:
     )
     # inputs of norm ~1.7 (not ~55): plain SGD on random labels stays finite at this learning rate
     data = TensorDataset(torch.randn(args.samples, 3, 32, 32) / 32, torch.randint(0, 10, (args.samples,)))
-    module = Timed(args.model, lr=0.01, slow_rank=args.slow_rank, slow_factor=args.slow_factor)
+    module = Timed(args.model, lr=0.01, slow_rank=args.slow_rank, slow_factor=args.slow_factor,
+                   slow_seconds=args.slow_seconds)
     trainer.fit(module, DataLoader(data, batch_size=args.batch, shuffle=True))
     if torch.cuda.is_available() and args.accelerator == "gpu":
         torch.cuda.synchronize()  # the queued kernels are part of the run

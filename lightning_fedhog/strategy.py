@@ -20,24 +20,21 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.utilities.seed import reset_seed
-from lightning.fabric.utilities.types import ReduceOp
 from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies.ddp import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_fedhog import internals
 from lightning_fedhog.blocks import BlockRule, Partition
 from lightning_fedhog.callbacks import ConsensusFirst
-from lightning_fedhog.checkpoints import add_every_workers_optimizer_state, own_optimizer_states, save_stop_checkpoint
+from lightning_fedhog.checkpoints import PerWorkerCheckpoints, save_stop_checkpoint
 from lightning_fedhog.checks import check_equal_batches, checked_layout
 from lightning_fedhog.config import PRESETS, AveragingMode, FedHogConfig
 from lightning_fedhog.consensus import AllWorkers, ConsensusPoints
+from lightning_fedhog.device_copy import release, share_parameters
 from lightning_fedhog.device_sync import AveragingBackend, leader_backend, settle
 from lightning_fedhog.engine import AveragingEngine
 from lightning_fedhog.faults import FaultWatch, PeerLostError, check_sigterm_locally, install_stop_handler
@@ -46,7 +43,7 @@ from lightning_fedhog.layout import DeviceLayout, restart_safe_store, store_key
 from lightning_fedhog.liveness import PeerRegistry
 from lightning_fedhog.partial import PartialSteps
 from lightning_fedhog.schedule import averaging_period
-from lightning_fedhog.shared_buffer import SharedFlatBuffer, bind_module, hand_back, unbind_module
+from lightning_fedhog.shared_buffer import SharedFlatBuffer, unbind_module
 from lightning_fedhog.stragglers import StragglerWatch
 from lightning_fedhog.telemetry import Telemetry
 from lightning_fedhog.topology import Topology
@@ -63,11 +60,8 @@ _STARTUP_TIMEOUT = timedelta(minutes=5)
 _WORK_KEY = "fedhog_work"
 """The checkpoint entry of the dynamic work-sharing budget (chunks spent, epoch)."""
 
-_RELEASE_SECONDS = 15.0
-"""The longest a device leader waits at the end of ``fit`` for its workers to let go of the shared vector."""
 
-
-class FedHogStrategy(DDPStrategy):
+class FedHogStrategy(PerWorkerCheckpoints):
     """Hogwild! workers per device on one shared parameter copy, with non-blocking averaging between devices.
 
     ``Trainer(strategy=FedHogStrategy(...), devices=N, num_nodes=M)`` runs ``M * N * workers_per_device`` worker
@@ -219,7 +213,9 @@ class FedHogStrategy(DDPStrategy):
             self.work.attach(trainer)
         else:
             devices = self.layout.num_devices * self.num_nodes
-            self._stragglers = StragglerWatch(self._gather, self.layout.device_index, devices, self.is_global_zero)
+            self._stragglers = StragglerWatch(
+                self.gather_object, self.layout.device_index, devices, report=self.is_global_zero
+            )
 
     # ------------------------------------------------------------------------------------------------ set-up
     @override
@@ -244,26 +240,17 @@ class FedHogStrategy(DDPStrategy):
             internals.optimizers_to_device(self.optimizers, self.root_device)
 
     def _share_parameters(self) -> None:
-        """Moves the module into the device's shared flat buffer and gives every device rank 0's values."""
+        """Moves the module into the device's shared flat buffer, gives every device rank 0's values, meets peers."""
         module = self._module()
         layout = checked_layout(self.config, module)  # again here: `configure_model` may have built the layers
         place = self.layout
         store = internals.default_store()
-        self.buffer = SharedFlatBuffer.open(
-            layout=layout, device=self.root_device, store=store, key=self._key(f"device{place.device_index}"),
-            slot=place.slot, num_workers=self.workers_per_device, timeout=self.config.timeout,
+        copy = share_parameters(
+            module, layout, place, self.root_device, self.parallel_devices or [], store,
+            self._key(f"device{place.device_index}"), self.config.timeout, self.config.averaging_backend,
         )
-        bind_module(module, self.buffer.flat, layout, copy_values=place.is_leader)
-        if place.num_devices > 1:
-            # a new group is a collective over the default group: every rank creates it, only leaders use it
-            self.leader_backend = leader_backend(self.config.averaging_backend, self.parallel_devices or [])
-            self._leader_group = dist.new_group(
-                place.leader_ranks, timeout=self.config.timeout, backend=self.leader_backend
-            )
-            if place.is_leader:
-                dist.broadcast(self.buffer.flat, src=0, group=self._leader_group)
-        # the leader's copy and the broadcast are only queued on CUDA: done before any follower reads the buffer
-        settle(self.root_device)
+        self.buffer, self._leader_group = copy.buffer, copy.leader_group
+        self.leader_backend = copy.leader_backend or self.leader_backend
         peers = PeerRegistry(
             store, self._key("liveness"), PeerRegistry.this_process(self.global_rank, place.device_index, place.slot),
             self.world_size,
@@ -299,7 +286,7 @@ class FedHogStrategy(DDPStrategy):
         if self.buffer is not None and self.faults is not None:
             self.telemetry.start()
             if self.config.work_sharing == "static":  # one collective, once per fit
-                check_equal_batches(self._gather(trainer.num_training_batches))
+                check_equal_batches(self.gather_object(trainer.num_training_batches))
             install_stop_handler(self.faults, internals.user_sigterm_handler(trainer))
         if self._partial is not None:
             self._partial.start(self._module())
@@ -379,7 +366,7 @@ class FedHogStrategy(DDPStrategy):
             engine = self.engine.take_stats() if self.engine is not None else None
             mine = self.telemetry.take(self.layout.device_index, self._points.parked_seconds, engine)
             self._points.parked_seconds = 0.0
-            gathered = self._gather(mine)  # a collective at a consensus point: every rank is here
+            gathered = self.gather_object(mine)  # a collective at a consensus point: every rank is here
             if self.is_global_zero:
                 self.telemetry.publish(self._trainer(), gathered)
 
@@ -392,72 +379,22 @@ class FedHogStrategy(DDPStrategy):
         save_stop_checkpoint(self._trainer(), self.broadcast)
         raise SIGTERMException()
 
-    def _gather(self, value: Any) -> list[Any]:
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, value)
-        return gathered
-
-    # --------------------------------------------------------------------------------------- reductions
-    @override
-    def reduce(self, tensor: Tensor, group: Any | None = None, reduce_op: ReduceOp | str | None = "mean") -> Tensor:
-        """All-reduces ``tensor``, except inside a training batch, where the worker's own value is returned.
-
-        A per-step ``self.log(..., sync_dist=True)`` would put every worker in lock-step, waiting for the slowest
-        each step. Values logged per step are therefore the worker's own; values accumulated per epoch are still
-        reduced over all workers when the epoch ends, outside the batch.
-        """
-        trainer = internals.attached_trainer(self.lightning_module)
-        if isinstance(tensor, Tensor) and self.buffer is not None and trainer and internals.in_training_batch(trainer):
-            if not self._warned_local_reduce:
-                self._warned_local_reduce = True
-                rank_zero_warn(
-                    "fedhog: a value logged with `sync_dist=True` inside a training batch is reported for each worker"
-                    " on its own, because syncing it every step would stall all workers. Epoch-level values"
-                    " (`on_epoch=True`) are still reduced over all workers at the end of the epoch."
-                )
-            return tensor
-        return super().reduce(tensor, group=group, reduce_op=reduce_op)
-
-    @override
-    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
-        # decisions (early stopping, ...) must agree on all ranks: always reduce them for real
-        total = internals.sync_ddp_if_available(
-            torch.tensor(int(decision), device=self.root_device), None, reduce_op=ReduceOp.SUM  # type: ignore[arg-type]
-        )
-        return bool(total == self.world_size) if all else bool(total)
-
     # -------------------------------------------------------------------------------------------- checkpoints
     @override
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        self.consensus()
-        return super().lightning_module_state_dict()
+    def _workers_independent(self) -> bool:
+        return self.buffer is not None
 
     @override
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], filepath: internals.PathLike, storage_options: Any | None = None
-    ) -> None:
-        """Adds every worker's optimizer state to the checkpoint (all ranks call this), then lets rank 0 write it."""
-        if self.world_size > 1 and dist.is_initialized():
-            add_every_workers_optimizer_state(checkpoint, self.world_size, self._gather)
-        if self.work is not None and self.work.sampler is not None:
-            checkpoint[_WORK_KEY] = self.work.budget.state_dict()  # the same on every rank
-        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+    def extra_checkpoint_state(self) -> dict[str, Any]:
+        """Under dynamic sharing, what the run's ``max_steps`` budget has spent (the same on every rank)."""
+        if self.work is None or self.work.sampler is None:
+            return {}
+        return {_WORK_KEY: self.work.budget.state_dict()}
 
     @override
-    def load_checkpoint(self, checkpoint_path: internals.PathLike, weights_only: bool | None = None) -> dict[str, Any]:
-        """Loads a checkpoint; under dynamic sharing the run's ``max_steps`` budget goes on from what it had spent."""
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+    def load_extra_checkpoint_state(self, checkpoint: Mapping[str, Any]) -> None:
         if self.work is not None and _WORK_KEY in checkpoint:
             self.work.budget.load_state_dict(checkpoint[_WORK_KEY])
-        return checkpoint
-
-    @override
-    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        """Restores this worker's own optimizer state when the checkpoint has one for every rank."""
-        states = own_optimizer_states(checkpoint, self.world_size, self.global_rank)
-        for optimizer, state in zip(self.optimizers, states, strict=True):
-            optimizer.load_state_dict(state)
-            internals.optimizer_to_device(optimizer, self.root_device)
 
     # ----------------------------------------------------------------------------------------------- teardown
     @override
@@ -507,17 +444,10 @@ class FedHogStrategy(DDPStrategy):
         self.work, self._stragglers = None, None
 
     def _release_buffer(self, wait: bool) -> None:
-        """Drops the shared vector; on CUDA the leader's memory outlives its followers' use of it (``hand_back``).
-
-        On CPU the mapping of ``/dev/shm`` lives until the last process that holds it lets go: nothing to wait for.
-        """
         self.buffer = None
-        if not wait or self.workers_per_device == 1 or self.root_device.type != "cuda" or not dist.is_initialized():
-            return
-        settle(self.root_device)
-        key = self._key(f"device{self.layout.device_index}/released")
-        wait_seconds = min(self.config.timeout.total_seconds(), _RELEASE_SECONDS)
-        hand_back(internals.default_store(), key, self.layout.slot, self.workers_per_device, wait_seconds)
+        if wait:
+            key = self._key(f"device{self.layout.device_index}/released")
+            release(self.root_device, self.layout, internals.default_store(), key, self.config.timeout)
 
     def _module(self) -> pl.LightningModule:
         module = self.lightning_module

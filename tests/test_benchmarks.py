@@ -18,7 +18,7 @@ import pytest
 
 from benchmarks import report
 from benchmarks.harness import aggregate
-from benchmarks.suite import BENCHMARKS, RESULTS, SMOKE_METHODS
+from benchmarks.suite import ACCURACY, BENCHMARKS, RESULTS, SMOKE_METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,7 +60,7 @@ def test_smoke_mode_runs_every_benchmark_and_its_methods(smoke: Path) -> None:
             assert sorted(result["results"]) == sorted(SMOKE_METHODS[name])
         for method, figures in result["results"].items():
             assert figures["command"], method
-            if name == "p4_time_to_accuracy":
+            if name in ACCURACY:
                 assert 0.0 < figures["final_accuracy"] <= 1.0, (method, figures)
                 assert len(figures["curve"]) == 2, "one (seconds, accuracy) point per epoch"
             else:
