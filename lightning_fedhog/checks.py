@@ -129,3 +129,23 @@ def check_equal_batches(counts: list[Any]) -> None:
         " `Trainer(limit_train_batches=N)` with an int N that every worker's stream reaches, or"
         " `work_sharing='dynamic'`."
     )
+
+
+def check_accelerator(accelerator: object) -> None:
+    """fedhog runs its workers on CPU or CUDA devices only."""
+    from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
+
+    if accelerator is not None and not isinstance(accelerator, (CPUAccelerator, CUDAAccelerator)):
+        raise ValueError(
+            f"fedhog supports `accelerator='cpu'` and `accelerator='gpu'` (CUDA), not {type(accelerator).__name__}."
+            " HINT: use `strategy='ddp'` on this accelerator."
+        )
+
+
+def refuse_sync_batchnorm(layer_sync: object) -> None:
+    """``sync_batchnorm`` would all-reduce inside every forward pass: every worker in lock-step."""
+    if layer_sync is not None:
+        raise ValueError(
+            "`Trainer(sync_batchnorm=True)` is not supported by fedhog: it would synchronise every forward pass."
+            " HINT: drop `sync_batchnorm`; fedhog averages BatchNorm running statistics with the parameters."
+        )

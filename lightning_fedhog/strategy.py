@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.utilities.seed import reset_seed
-from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -31,7 +30,7 @@ from lightning_fedhog import internals
 from lightning_fedhog.blocks import BlockRule, Partition
 from lightning_fedhog.callbacks import ConsensusFirst
 from lightning_fedhog.checkpoints import PerWorkerCheckpoints, save_stop_checkpoint
-from lightning_fedhog.checks import check_equal_batches, checked_layout
+from lightning_fedhog.checks import check_accelerator, check_equal_batches, checked_layout, refuse_sync_batchnorm
 from lightning_fedhog.config import PRESETS, AveragingMode, FedHogConfig
 from lightning_fedhog.consensus import AllWorkers, ConsensusPoints
 from lightning_fedhog.device_copy import release, share_parameters
@@ -123,7 +122,6 @@ class FedHogStrategy(PerWorkerCheckpoints):
         self._points: ConsensusPoints | None = None
         self._leader_group: Any = None
         self._generation = 0
-        self._warned_local_reduce = False
         self._consensus_first: ConsensusFirst | None = None
         self._stragglers: StragglerWatch | None = None  # with static shards, during fit
         self._partial = (
@@ -165,19 +163,11 @@ class FedHogStrategy(PerWorkerCheckpoints):
 
     @_layer_sync.setter
     def _layer_sync(self, layer_sync: Any) -> None:
-        if layer_sync is not None:
-            raise ValueError(
-                "`Trainer(sync_batchnorm=True)` is not supported by fedhog: it would synchronise every forward pass."
-                " HINT: drop `sync_batchnorm`; fedhog averages BatchNorm running statistics with the parameters."
-            )
+        refuse_sync_batchnorm(layer_sync)
 
     @override
     def _configure_launcher(self) -> None:
-        if self.accelerator is not None and not isinstance(self.accelerator, (CPUAccelerator, CUDAAccelerator)):
-            raise ValueError(
-                f"fedhog supports `accelerator='cpu'` and `accelerator='gpu'` (CUDA), not"
-                f" {type(self.accelerator).__name__}. HINT: use `strategy='ddp'` on this accelerator."
-            )
+        check_accelerator(self.accelerator)
         if self.cluster_environment is None:
             raise RuntimeError("fedhog: the Trainer did not set a cluster environment.")
         # refused here, at `Trainer(...)`, before any worker exists
@@ -445,7 +435,7 @@ class FedHogStrategy(PerWorkerCheckpoints):
 
     def _release_buffer(self, wait: bool) -> None:
         self.buffer = None
-        if wait:
+        if wait and dist.is_initialized():  # the store is the default group's
             key = self._key(f"device{self.layout.device_index}/released")
             release(self.root_device, self.layout, internals.default_store(), key, self.config.timeout)
 
