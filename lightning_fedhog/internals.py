@@ -25,6 +25,8 @@ The list (what, and why no public API does it):
 - ``Trainer.estimated_stepping_batches``: a read-only property computed from per-worker counts; under dynamic
   work sharing the Trainer's class is swapped for a subclass whose property gives the average worker's count
   (for ``fit`` only, undone at teardown).
+- ``trainer.fit_loop.epoch_progress`` and a checkpoint's ``loops`` entry: the epoch a training loader starts in
+  (what Lightning passes to ``set_epoch``), needed before Lightning calls ``set_epoch``.
 - ``LightningModule._trainer``: whether a module is attached, without the error ``module.trainer`` raises.
 - ``_SubprocessScriptLauncher._call_children_scripts`` and ``procs``: starting and watching the workers.
 - ``trainer._logger_connector._first_loop_iter``: whether a training batch is in progress (``sync_dist`` inside a
@@ -201,3 +203,16 @@ def restore_trainer_class(trainer: pl.Trainer) -> None:
     base = type(trainer).__dict__.get(_BASE_CLASS)
     if base is not None:
         trainer.__class__ = base
+
+
+def epochs_done(trainer: pl.Trainer) -> int:
+    """The epoch number Lightning gives the training sampler's ``set_epoch`` at the start of the next epoch."""
+    return int(trainer.fit_loop.epoch_progress.current.processed)
+
+
+def checkpoint_epochs_done(checkpoint: Any) -> int | None:
+    """:func:`epochs_done` as a checkpoint records it (the epoch a resumed run starts in), None if absent."""
+    try:
+        return int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+    except (KeyError, TypeError):
+        return None

@@ -47,8 +47,11 @@ class PacedScheduler:
         return math.floor(steps / self._frequency)
 
     def step(self, *args: Any, **kwargs: Any) -> None:
-        while self.scheduler.last_epoch < self.target():
+        if args or kwargs:  # an explicit `step(epoch)` (or a metric) sets its own pace: passed on as it is
             self.scheduler.step(*args, **kwargs)
+            return
+        while self.scheduler.last_epoch < self.target():
+            self.scheduler.step()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.scheduler, name)

@@ -278,6 +278,8 @@ class FedHogStrategy(PerWorkerCheckpoints):
             if self.config.work_sharing == "static":  # one collective, once per fit
                 check_equal_batches(self.gather_object(trainer.num_training_batches))
             install_stop_handler(self.faults, internals.user_sigterm_handler(trainer))
+            if self._stragglers is not None:  # without a sanity check, training starts here
+                self._stragglers.left_consensus()
         if self._partial is not None:
             self._partial.start(self._module())
 
@@ -293,6 +295,8 @@ class FedHogStrategy(PerWorkerCheckpoints):
             elif self.faults.stop_requested:
                 self.consensus()  # agrees on the stop with every rank, saves a checkpoint there and raises
         self.telemetry.count(batch)
+        if self.work is not None:
+            self.work.on_train_batch()
         if self.engine is not None and self.faults is not None:
             self.faults.run_engine_command(self.engine.raise_if_failed, "average with the other devices")
             self.engine.period = self._period(self._trainer().current_epoch)
@@ -383,8 +387,13 @@ class FedHogStrategy(PerWorkerCheckpoints):
 
     @override
     def load_extra_checkpoint_state(self, checkpoint: Mapping[str, Any]) -> None:
-        if self.work is not None and _WORK_KEY in checkpoint:
+        if self.work is None:
+            return
+        self.work.resume_epoch = internals.checkpoint_epochs_done(checkpoint)
+        if _WORK_KEY in checkpoint:
             self.work.budget.load_state_dict(checkpoint[_WORK_KEY])
+        else:  # saved without dynamic sharing: the budget goes on from the checkpoint's step
+            self.work.resume_steps = int(checkpoint.get("global_step", 0))
 
     # ----------------------------------------------------------------------------------------------- teardown
     @override

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from lightning_fedhog import internals
 from lightning_fedhog.pacing import pace_step_schedulers, unpace
@@ -75,10 +75,22 @@ class WorkBudget:
         """Chunks of the budget not yet handed out at the start of the current epoch (None: no budget)."""
         return None if self.total is None else max(self.total - self.spent, 0)
 
-    def begin_epoch(self, epoch: int, available: int) -> tuple[int, bool]:
-        """The number of chunks of ``epoch`` (``available`` at most, unless rounded up) and whether it is the last.
+    def peek(self, epoch: int, available: int) -> int:
+        """The size :meth:`begin_epoch` gives ``epoch``, without counting the epoch as begun.
 
-        Idempotent for the same epoch, so loaders that iterate twice (a reload) see the same size.
+        The sampler asks before training starts: Lightning iterates a loader once when it sets it up, and after an
+        epoch-end checkpoint it runs one pass that trains nothing; only an epoch that trains is counted.
+        """
+        state = (self.spent, self.epoch, self.current, self.resumed_epoch, self.resumed_current)
+        try:
+            return self.begin_epoch(epoch, available)[0]
+        finally:
+            self.spent, self.epoch, self.current, self.resumed_epoch, self.resumed_current = state
+
+    def begin_epoch(self, epoch: int, available: int) -> tuple[int, bool]:
+        """Counts ``epoch`` as begun (when it trains its first batch): its size, and whether it is the budget's last.
+
+        Idempotent for the same epoch. The size is ``available`` at most, unless rounded up to one chunk per worker.
         """
         if epoch != self.epoch:
             if self.resumed_epoch is not None:
@@ -122,7 +134,9 @@ class SharedCounterSampler(Sampler[int]):
         shuffle: permute the samples every epoch (otherwise in order).
         drop_last: leave out the last, incomplete chunk.
         limit: ``limit_train_batches`` (per worker, as Lightning defines it).
-        on_last_epoch: called with the epoch in which the budget runs out, when it begins, on every worker.
+        on_last_epoch: called with the epoch in which the budget runs out, when it trains its first batch, on every
+            worker (every worker trains at least one batch of every epoch that trains).
+        epoch: the epoch the loader starts in (``set_epoch`` may come after the first pass has begun).
     """
 
     def __init__(
@@ -139,6 +153,7 @@ class SharedCounterSampler(Sampler[int]):
         drop_last: bool = False,
         limit: int | float = 1.0,
         on_last_epoch: Callable[[int], None] | None = None,
+        epoch: int = 0,
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -153,7 +168,9 @@ class SharedCounterSampler(Sampler[int]):
         self.num_chunks = max(num_samples // chunk_size if drop_last else math.ceil(num_samples / chunk_size), 1)
         self.chunks_per_epoch = chunks_per_epoch(self.num_chunks, limit, self.budget.world_size)
         self.on_last_epoch = on_last_epoch
-        self.epoch = 0
+        # Lightning iterates a length-less loader once when it sets it up (to know the epoch's last batch), before
+        # `set_epoch`: the epoch the run is at must be known from the start, or that first pass would be epoch 0's
+        self.epoch = epoch
         self.claimed: list[int] = []  # chunks this worker got in the current epoch
         self.claimed_through = 0  # the run's chunks handed out up to this worker's latest claim (its progress)
 
@@ -168,11 +185,15 @@ class SharedCounterSampler(Sampler[int]):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return torch.randperm(self.num_samples, generator=generator).tolist()
 
-    def __iter__(self) -> Iterator[int]:
-        order = self.order()
-        limit, last = self.budget.begin_epoch(self.epoch, self.chunks_per_epoch)
+    def begin_epoch(self) -> None:
+        """This worker trains its first batch of the pass: the epoch counts (the same on every worker)."""
+        _, last = self.budget.begin_epoch(self.epoch, self.chunks_per_epoch)
         if last and self.on_last_epoch is not None:
             self.on_last_epoch(self.epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.order()
+        limit = self.budget.peek(self.epoch, self.chunks_per_epoch)
         self.claimed = []
         workers = self.budget.world_size
         chunk = self.rank  # reserved: every worker trains at least one batch per epoch
@@ -204,6 +225,8 @@ class DynamicWork:
         self.budget = WorkBudget(world_size=world_size)
         self.sampler: SharedCounterSampler | None = None
         self._saved: dict[str, Any] | None = None  # the Trainer's settings, given back by `restore`
+        self.resume_epoch: int | None = None  # the epoch a checkpoint resumes at (known before Lightning restores)
+        self.resume_steps: int | None = None  # a checkpoint's global step, when it holds no budget of its own
         self._limit: int | float = 1.0
         self._accumulate = 1
 
@@ -221,6 +244,9 @@ class DynamicWork:
         self._accumulate = max(int(trainer.accumulate_grad_batches), 1)
         if epoch_loop.max_steps >= 0:
             self.budget.total = epoch_loop.max_steps * self._accumulate * self.world_size
+        if self.budget.resumed_epoch is None:  # no budget saved: what this Trainer (or checkpoint) already stepped
+            steps = self.resume_steps if self.resume_steps is not None else trainer.global_step
+            self.budget.spent = steps * self._accumulate * self.world_size
         epoch_loop.max_steps = -1
         trainer.limit_train_batches = 1.0
 
@@ -237,17 +263,27 @@ class DynamicWork:
 
         The loader is returned as it is (with a warning) when it has no ``batch_size`` to claim by.
         """
-        if not isinstance(dataloader, DataLoader) or dataloader.batch_size is None:
+        if (
+            not isinstance(dataloader, DataLoader)
+            or dataloader.batch_size is None
+            or isinstance(dataloader.dataset, IterableDataset)
+        ):
             rank_zero_warn(
-                "fedhog: `work_sharing='dynamic'` needs a `DataLoader` with a `batch_size` (not a custom"
-                " `batch_sampler`); this training loader keeps static shards."
+                "fedhog: `work_sharing='dynamic'` needs a `DataLoader` over a map-style data set with a `batch_size`"
+                " (not an `IterableDataset`, not a custom `batch_sampler`); this training loader keeps static shards."
             )
             return dataloader
         self.take_over(trainer)
         sampler = dataloader.sampler
 
-        def last_epoch(epoch: int) -> None:
-            trainer.fit_loop.max_epochs = min(trainer.fit_loop.max_epochs, epoch + 1)
+        def last_epoch(_: int) -> None:  # Lightning's numbering, which a pass that trains nothing may have moved
+            limit, last = trainer.fit_loop.max_epochs, trainer.current_epoch + 1
+            trainer.fit_loop.max_epochs = last if limit is None or limit < 0 else min(limit, last)
+
+        if self.resume_epoch is not None and trainer.current_epoch == 0:
+            epoch = self.resume_epoch  # Lightning has not restored its loops yet
+        else:
+            epoch = internals.epochs_done(trainer)
 
         self.sampler = SharedCounterSampler(
             len(dataloader.dataset),  # type: ignore[arg-type]
@@ -261,6 +297,7 @@ class DynamicWork:
             drop_last=dataloader.drop_last,
             limit=self._limit,
             on_last_epoch=last_epoch,
+            epoch=epoch,
         )
         return internals.update_dataloader(dataloader, self.sampler, mode=RunningStage.TRAINING)
 
@@ -301,6 +338,11 @@ class DynamicWork:
         per_epoch = math.ceil(self.sampler.chunks_per_epoch / self.world_size / self._accumulate)
         estimate = per_epoch * max(max_epochs, 1)
         return float(min(estimate, max_steps) if max_steps != -1 else estimate)
+
+    def on_train_batch(self) -> None:
+        """Called before every training batch: the first of a pass counts its epoch in the budget."""
+        if self.sampler is not None:
+            self.sampler.begin_epoch()
 
     def progress(self) -> float:
         """The run's progress in average-worker optimizer steps, as of this worker's latest claim."""

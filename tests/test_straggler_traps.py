@@ -77,6 +77,15 @@ def test_schedules_sized_by_estimated_stepping_batches_span_the_run(tmp_path: Pa
         assert trace[-1] < 0.25 * max(trace), f"rank {report['rank']}: the schedule did not reach its end: {trace}"
 
 
+def test_max_steps_alone_ends_the_run(tmp_path: Path) -> None:
+    """`max_steps` without `max_epochs` (Lightning then allows endless epochs): the budget still ends the run."""
+    reports = run_app(
+        tmp_path, "--devices", "2", *DYNAMIC, "--samples", "320", "--epochs", "-1", "--max-steps", "15", *SLOW_RANK_1,
+    )
+    assert sum(r["global_step"] for r in reports) == 2 * 15
+    assert {r["current_epoch"] for r in reports} == {2}
+
+
 def test_the_max_steps_budget_survives_reloaded_loaders(tmp_path: Path) -> None:
     reports = run_app(
         tmp_path, "--devices", "2", *DYNAMIC, "--samples", "320", "--epochs", "5", "--max-steps", "15",

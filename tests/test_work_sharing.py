@@ -37,6 +37,7 @@ def _samplers(
 def _run_epoch(samplers: list[SharedCounterSampler], epoch: int, delays: list[float]) -> list[list[int]]:
     for sampler in samplers:
         sampler.set_epoch(epoch)
+        sampler.begin_epoch()  # what the strategy does at the first training batch of an epoch
 
     def consume(rank: int) -> list[int]:
         indices = []
