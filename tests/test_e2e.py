@@ -32,6 +32,9 @@ def _steps_per_rank(samples: int, batch: int, world_size: int) -> int:
     return math.ceil(math.ceil(samples / world_size) / batch)
 
 
+# K=2 workers write the probe tensor lock-free (Hogwild!): when two writes collide, one is lost, as the method
+# allows; rare, but under a loaded machine the exact count can then miss a step. A rerun tells that from a bug.
+@pytest.mark.flaky(reruns=2)
 @pytest.mark.parametrize(("workers", "kind"), [(1, "minimal"), (2, "bn")])
 def test_unchanged_module_trains_to_one_consensus_model(tmp_path: Path, workers: int, kind: str) -> None:
     world_size = 2 * workers
