@@ -202,9 +202,8 @@ class FedHogStrategy(PerWorkerCheckpoints):
             self.work = DynamicWork(self.world_size, self.global_rank)
             self.work.attach(trainer)
         else:
-            devices = self.layout.num_devices * self.num_nodes
-            self._stragglers = StragglerWatch(
-                self.gather_object, self.layout.device_index, devices, report=self.is_global_zero
+            self._stragglers = StragglerWatch(  # `num_devices` counts every node's devices
+                self.gather_object, self.layout.device_index, self.layout.num_devices, report=self.is_global_zero
             )
 
     # ------------------------------------------------------------------------------------------------ set-up

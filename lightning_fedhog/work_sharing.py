@@ -75,34 +75,39 @@ class WorkBudget:
         """Chunks of the budget not yet handed out at the start of the current epoch (None: no budget)."""
         return None if self.total is None else max(self.total - self.spent, 0)
 
+    def _plan(self, epoch: int, available: int) -> tuple[int, int]:
+        """``(spent, size)`` once ``epoch`` has begun: the chunks spent before it, and its own number of chunks.
+
+        The size is ``available`` at most, unless rounded up to one chunk per worker.
+        """
+        if epoch == self.epoch:
+            return self.spent, self.current
+        spent = self.spent
+        if self.resumed_epoch is not None:
+            if epoch > self.resumed_epoch:
+                spent += self.resumed_current
+        elif self.epoch >= 0 and epoch > self.epoch:
+            spent += self.current
+        left = None if self.total is None else max(self.total - spent, 0)
+        size = available if left is None else min(available, left)
+        return spent, max(size, self.world_size) if size > 0 else 0
+
     def peek(self, epoch: int, available: int) -> int:
         """The size :meth:`begin_epoch` gives ``epoch``, without counting the epoch as begun.
 
         The sampler asks before training starts: Lightning iterates a loader once when it sets it up, and after an
         epoch-end checkpoint it runs one pass that trains nothing; only an epoch that trains is counted.
         """
-        state = (self.spent, self.epoch, self.current, self.resumed_epoch, self.resumed_current)
-        try:
-            return self.begin_epoch(epoch, available)[0]
-        finally:
-            self.spent, self.epoch, self.current, self.resumed_epoch, self.resumed_current = state
+        return self._plan(epoch, available)[1]
 
     def begin_epoch(self, epoch: int, available: int) -> tuple[int, bool]:
         """Counts ``epoch`` as begun (when it trains its first batch): its size, and whether it is the budget's last.
 
-        Idempotent for the same epoch. The size is ``available`` at most, unless rounded up to one chunk per worker.
+        Idempotent for the same epoch.
         """
         if epoch != self.epoch:
-            if self.resumed_epoch is not None:
-                if epoch > self.resumed_epoch:
-                    self.spent += self.resumed_current
-                self.resumed_epoch = None
-            elif self.epoch >= 0 and epoch > self.epoch:
-                self.spent += self.current
-            self.epoch = epoch
-            left = self.left()
-            size = available if left is None else min(available, left)
-            self.current = max(size, self.world_size) if size > 0 else 0
+            self.spent, self.current = self._plan(epoch, available)
+            self.epoch, self.resumed_epoch = epoch, None
         left = self.left()
         return self.current, left is not None and left <= self.current
 
@@ -134,8 +139,8 @@ class SharedCounterSampler(Sampler[int]):
         shuffle: permute the samples every epoch (otherwise in order).
         drop_last: leave out the last, incomplete chunk.
         limit: ``limit_train_batches`` (per worker, as Lightning defines it).
-        on_last_epoch: called with the epoch in which the budget runs out, when it trains its first batch, on every
-            worker (every worker trains at least one batch of every epoch that trains).
+        on_last_epoch: called when the epoch in which the budget runs out trains its first batch, on every worker
+            (every worker trains at least one batch of every epoch that trains).
         epoch: the epoch the loader starts in (``set_epoch`` may come after the first pass has begun).
     """
 
@@ -152,7 +157,7 @@ class SharedCounterSampler(Sampler[int]):
         shuffle: bool = True,
         drop_last: bool = False,
         limit: int | float = 1.0,
-        on_last_epoch: Callable[[int], None] | None = None,
+        on_last_epoch: Callable[[], None] | None = None,
         epoch: int = 0,
     ) -> None:
         if chunk_size < 1:
@@ -171,7 +176,6 @@ class SharedCounterSampler(Sampler[int]):
         # Lightning iterates a length-less loader once when it sets it up (to know the epoch's last batch), before
         # `set_epoch`: the epoch the run is at must be known from the start, or that first pass would be epoch 0's
         self.epoch = epoch
-        self.claimed: list[int] = []  # chunks this worker got in the current epoch
         self.claimed_through = 0  # the run's chunks handed out up to this worker's latest claim (its progress)
 
     def set_epoch(self, epoch: int) -> None:
@@ -189,16 +193,14 @@ class SharedCounterSampler(Sampler[int]):
         """This worker trains its first batch of the pass: the epoch counts (the same on every worker)."""
         _, last = self.budget.begin_epoch(self.epoch, self.chunks_per_epoch)
         if last and self.on_last_epoch is not None:
-            self.on_last_epoch(self.epoch)
+            self.on_last_epoch()
 
     def __iter__(self) -> Iterator[int]:
         order = self.order()
         limit = self.budget.peek(self.epoch, self.chunks_per_epoch)
-        self.claimed = []
         workers = self.budget.world_size
         chunk = self.rank  # reserved: every worker trains at least one batch per epoch
         while chunk < limit:
-            self.claimed.append(chunk)
             self.claimed_through = self.budget.spent + chunk + 1
             start = (chunk % self.num_chunks) * self.chunk_size  # wraps only when the data has < 1 batch per worker
             yield from order[start : start + self.chunk_size]
@@ -276,7 +278,7 @@ class DynamicWork:
         self.take_over(trainer)
         sampler = dataloader.sampler
 
-        def last_epoch(_: int) -> None:  # Lightning's numbering, which a pass that trains nothing may have moved
+        def last_epoch() -> None:  # in Lightning's numbering, which a pass that trains nothing may have moved
             limit, last = trainer.fit_loop.max_epochs, trainer.current_epoch + 1
             trainer.fit_loop.max_epochs = last if limit is None or limit < 0 else min(limit, last)
 
