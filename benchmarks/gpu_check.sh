@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: fedhog's CUDA tests, then benchmark P5 (K workers sharing one GPU, and the cost of a consensus).
 #
-#   bash benchmarks/gpu_check.sh            # about 6-7 minutes on one H100; needs one CUDA GPU
+#   bash benchmarks/gpu_check.sh            # about 5 minutes on one H100; needs one CUDA GPU
 #
 # Writes benchmarks/results/p5_gpu.json (RESULTS=DIR to write elsewhere) and logs to LOGS (default: a temp dir).
 # P5 runs one repeat of each of its 8 launches here (REPEATS=N for more; each launch takes ~25 s on an H100, most of
@@ -25,8 +25,8 @@ lightning.__version__, "gpus", torch.cuda.device_count())' || exit 1
 "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA device: nothing to check")' || exit 1
 
 # each test launches 1-4 processes that spend most of their ~35 s starting (imports, CUDA contexts): run all 8 at once
-# where pytest-xdist is installed, so the longest (resume: two launches, ~65 s) sets the pace. On one H100 with 4 at a
-# time the tests took 144 s; the GPU has room for the ~22 processes' contexts.
+# where pytest-xdist is installed, so the longest (resume: two launches, ~65 s) sets the pace. On one H100, 8 at a time
+# took 101 s (4 at a time: 144 s); the GPU has room for the ~22 processes' contexts.
 parallel=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n 8")
 echo "== GPU tests (limit 150 s) ${parallel:-one at a time}"
 began=$SECONDS

@@ -7,13 +7,15 @@
 Each benchmark writes ``<name>.json`` (medians, every repeat, ratios, the exact commands, settings, machine);
 ``python -m benchmarks.report`` then draws the PNGs and regenerates the README's results section.
 
-The benchmarks (the issue that asked for them names them P1-P6):
+The benchmarks:
 
 - ``p1_scaling``: samples/s of fedhog with 2 devices x 1 worker and 1 device x 2 workers, DDP, and the physical
   limit: as many single-process runs with no communication as there are processes, at the same time.
 - ``p2_straggler``: one device made 2x slower by the harness (a fixed sleep of one step's compute); DDP, post-local
   SGD, fedhog with static and with dynamic work sharing.
 - ``p3_thin_link``: a ~10M-parameter model in a network namespace whose loopback is capped at 100 Mbit/s.
+- ``p7_thin_link_accuracy``: the MNIST-1D recipe with a wider CNN to 0.85 on a 100 and a 20 Mbit/s link (a private
+  network namespace), DDP, post-local SGD and fedhog, and fedhog with no rate limit.
 - ``p8_straggler_accuracy``: the MNIST-1D recipe to 0.90 with device 1 about 2x slower (a fixed sleep per batch);
   DDP, post-local SGD, fedhog with static and with dynamic work sharing.
 - ``p4_time_to_accuracy``: the MNIST-1D recipe to 0.90 test accuracy, fedhog vs DDP vs one process, wall-clock
@@ -26,13 +28,9 @@ The benchmarks (the issue that asked for them names them P1-P6):
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import datetime
-import json
 import shlex
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +42,7 @@ from typing import Any
 import torch
 
 from benchmarks import consensus, harness, throughput
+from benchmarks.accuracy import p4_time_to_accuracy, p7_thin_link_accuracy, p8_straggler_accuracy, summarize
 
 RESULTS = harness.ROOT / "benchmarks" / "results"
 
@@ -62,17 +61,18 @@ class Scale:
     mnist_epochs: int
     mnist_samples: int
     straggler_epochs: int  # P8: long enough to pass 0.90 with a straggler
+    thin_accuracy_epochs: int  # P7: long enough for every method to pass 0.85 on a 20 Mbit/s link
     gpu_samples: int  # P5 at batch 256 per worker (batch 64: a quarter), all workers together, per epoch
     gpu_epochs: int
     consensus_elements: int
 
 
 FULL = Scale(name="full", samples=12288, epochs=3, repeats=5, accuracy_repeats=3, thin_samples=4096, thin_model="wide",
-             mnist_epochs=100, mnist_samples=5000, straggler_epochs=30, gpu_samples=16384, gpu_epochs=2,
-             consensus_elements=25_557_032)
+             mnist_epochs=100, mnist_samples=5000, straggler_epochs=30, thin_accuracy_epochs=5, gpu_samples=16384,
+             gpu_epochs=2, consensus_elements=25_557_032)
 SMOKE = Scale(name="smoke", samples=1024, epochs=1, repeats=1, accuracy_repeats=1, thin_samples=1024, thin_model="mlp",
-              mnist_epochs=2, mnist_samples=1000, straggler_epochs=2, gpu_samples=2048, gpu_epochs=1,
-              consensus_elements=1_000_000)
+              mnist_epochs=2, mnist_samples=1000, straggler_epochs=2, thin_accuracy_epochs=2, gpu_samples=2048,
+              gpu_epochs=1, consensus_elements=1_000_000)
 
 Method = Callable[[Path], dict[str, Any]]
 
@@ -160,128 +160,6 @@ def p3_thin_link(scale: Scale) -> dict[str, Any]:
                          "fedhog": "2 devices x 1 worker, 4 blocks, 2 epochs (one consensus in the window)"}}
 
 
-def _mnist1d(strategy: list[str], processes: int, scale: Scale, data_dir: Path, epochs: int | None = None) -> Method:
-    """One run of the MNIST-1D recipe; its seed is the repeat's number (the last part of ``out``'s name)."""
-
-    def run(out: Path) -> dict[str, Any]:
-        seed = int(out.name.rsplit("-", 1)[-1]) if out.name.rsplit("-", 1)[-1].isdigit() else 0
-        command = [
-            sys.executable, "-m", "recipes.mnist1d", "fit", *strategy,
-            f"--trainer.max_epochs={epochs or scale.mnist_epochs}", "--trainer.enable_progress_bar=false",
-            f"--trainer.default_root_dir={out}", "--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={out}",
-            "--trainer.callbacks+=lightning_fedhog.WallClock", f"--data.data_dir={data_dir}",
-            f"--data.num_samples={scale.mnist_samples}", f"--seed_everything={seed}",
-        ]
-        began = time.perf_counter()
-        status, errors = harness.run_ranks(command, processes, harness.threads_env(processes))
-        if status != 0:
-            raise RuntimeError(f"MNIST-1D run failed ({status}): {shlex.join(command)}\n{errors[-4000:]}")
-        return {**_accuracy_curve(out), "command": shlex.join(command),
-                "process_wall_s": time.perf_counter() - began}
-
-    return run
-
-
-def _recipe_step_seconds(scale: Scale, data_dir: Path, workdir: Path) -> float:
-    """The median training step of the MNIST-1D recipe in one process with one thread (as each of 2 workers)."""
-    out = workdir / "calibration"
-    out.mkdir(parents=True, exist_ok=True)
-    command = [
-        sys.executable, "-m", "recipes.mnist1d", "fit", "--trainer.devices=1", "--trainer.strategy=auto",
-        "--trainer.max_epochs=2", "--trainer.enable_progress_bar=false", "--trainer.logger=false",
-        "--trainer.enable_checkpointing=false", f"--trainer.default_root_dir={out}",
-        "--trainer.callbacks+=benchmarks.straggler.StepTimer", f"--trainer.callbacks.path={out / 'step.json'}",
-        f"--data.data_dir={data_dir}", f"--data.num_samples={scale.mnist_samples}",
-    ]
-    done = subprocess.run(command, env=harness.threads_env(2), capture_output=True, text=True, cwd=harness.ROOT)
-    if done.returncode != 0:
-        raise RuntimeError(f"calibration failed: {shlex.join(command)}\n{done.stderr[-4000:]}")
-    return float(json.loads((out / "step.json").read_text())["median_step_s"])
-
-
-def _accuracy_curve(out: Path, target: float = 0.90) -> dict[str, Any]:
-    """Per-epoch (wall-clock seconds, test accuracy) from a run's CSV log.
-
-    Validation runs at the end of each epoch, before ``WallClock`` logs the epoch's time (one step later, so
-    steps do not match): the n-th accuracy pairs with the n-th time, which includes that validation.
-    """
-    with next(out.glob("**/metrics.csv")).open() as handle:
-        rows = list(csv.DictReader(handle))
-    clock = [float(row["wall_time_s"]) for row in rows if row.get("wall_time_s")]
-    accuracy = [float(row["val_acc"]) for row in rows if row.get("val_acc")]
-    curve = list(zip(clock, accuracy, strict=False))
-    reached = next((seconds for seconds, accuracy in curve if accuracy >= target), None)
-    return {"curve": curve, "seconds_to_target": reached, "final_accuracy": curve[-1][1] if curve else None,
-            "train_s": curve[-1][0] if curve else None}
-
-
-def p4_time_to_accuracy(scale: Scale, workdir: Path) -> dict[str, Any]:
-    """P4: wall-clock to 0.90 MNIST-1D test accuracy (consensus model), and accuracy after equal epochs."""
-    data = workdir / "mnist1d-data"
-    methods: dict[str, Method] = {
-        "single_process": _mnist1d(["--trainer.devices=1", "--trainer.strategy=auto"], 1, scale, data),
-        "ddp": _mnist1d(["--trainer.strategy=ddp"], 2, scale, data),
-        "fedhog": _mnist1d([], 4, scale, data),  # the recipe's default: 2 devices x 2 workers
-        "fedhog_2x1": _mnist1d(["--trainer.strategy.workers_per_device=1"], 2, scale, data),  # DDP's 2 processes
-    }
-    return {"methods": methods, "baseline": "ddp", "kind": "accuracy",
-            "settings": {"target_accuracy": 0.90, "epochs": scale.mnist_epochs, "batch_per_process": 32,
-                         "samples": scale.mnist_samples, "recipe": "python -m recipes.mnist1d fit",
-                         "fedhog": "2 devices x 2 workers (the recipe's default)", "fedhog_2x1": "2 devices x 1 worker",
-                         "ddp": "2 processes", "single_process": "1 process"}}
-
-
-def p8_straggler_accuracy(scale: Scale, workdir: Path) -> dict[str, Any]:
-    """P8: wall-clock to 0.90 MNIST-1D test accuracy when one of two devices is 2x slower.
-
-    Device 1 sleeps before every batch as long as one process's step takes alone (measured once before the runs),
-    whatever the method: DDP waits for it every step, post-local SGD at every averaging, fedhog with static shards
-    at every epoch end, and fedhog with dynamic work sharing (the docs' straggler setting) lets device 0 take more
-    batches instead.
-    """
-    data = workdir / "mnist1d-data"
-    step = _recipe_step_seconds(scale, data, workdir)
-    slow = ["--trainer.callbacks+=benchmarks.straggler.Straggler", "--trainer.callbacks.slow_ranks=[1]",
-            f"--trainer.callbacks.seconds={step:.6f}"]
-    fedhog = ["--trainer.strategy.workers_per_device=1", *slow]
-    post_local = workdir / "post_local_sgd.yaml"
-    post_local.write_text(POST_LOCAL_YAML)
-    epochs = scale.straggler_epochs
-    methods: dict[str, Method] = {
-        "ddp": _mnist1d(["--trainer.strategy=ddp", *slow], 2, scale, data, epochs),
-        "post_local_sgd": _mnist1d([f"--config={post_local}", *slow], 2, scale, data, epochs),
-        "fedhog_static": _mnist1d(fedhog, 2, scale, data, epochs),
-        "fedhog_dynamic": _mnist1d([*fedhog, "--trainer.strategy.work_sharing=dynamic"], 2, scale, data, epochs),
-    }
-    return {"methods": methods, "baseline": "ddp", "kind": "accuracy",
-            "settings": {"target_accuracy": 0.90, "epochs": epochs, "batch_per_process": 32,
-                         "samples": scale.mnist_samples, "recipe": "python -m recipes.mnist1d fit",
-                         "slow_rank": 1, "slow_seconds": round(step, 6),
-                         "slow": "rank 1 sleeps before every batch as long as one process's training step takes alone"
-                         " (measured once before the runs): about 2x slower, the same for every method",
-                         "fedhog_static": "2 devices x 1 worker, static shards",
-                         "fedhog_dynamic": "2 devices x 1 worker, work_sharing='dynamic' (the docs' straggler setting)",
-                         "post_local_sgd": "torch's post_localSGD_hook from step 1, parameters averaged every 16 steps",
-                         "seeds": "repeat i uses seed_everything=i"}}
-
-
-POST_LOCAL_YAML = """\
-trainer:
-  strategy:
-    class_path: benchmarks.throughput.PostLocalSGDOnCPU
-    init_args:
-      model_averaging_period: 16
-      ddp_comm_state:
-        class_path: torch.distributed.algorithms.ddp_comm_hooks.post_localSGD_hook.PostLocalSGDState
-        init_args:
-          process_group: null
-          subgroup: null
-          start_localSGD_iter: 1
-          post_local_gradient_allreduce: false
-      ddp_comm_hook: torch.distributed.algorithms.ddp_comm_hooks.post_localSGD_hook.post_localSGD_hook
-"""
-
-
 def p5_gpu(scale: Scale) -> dict[str, Any]:
     """P5: K Hogwild! workers sharing one GPU vs one process owning it, and the cost of a consensus point."""
     if not torch.cuda.is_available():
@@ -327,15 +205,17 @@ BENCHMARKS = {
     "p4_time_to_accuracy": ("P4 MNIST-1D time to 0.90", p4_time_to_accuracy),
     "p5_gpu": ("P5 one GPU", p5_gpu),
     "p6_overhead": ("P6 averaging overhead", p6_overhead),
+    "p7_thin_link_accuracy": ("P7 MNIST-1D time to 0.85 on a 100 and a 20 Mbit/s link", p7_thin_link_accuracy),
     "p8_straggler_accuracy": ("P8 MNIST-1D time to 0.90 with one device 2x slower", p8_straggler_accuracy),
 }
-ACCURACY = ("p4_time_to_accuracy", "p8_straggler_accuracy")
+ACCURACY = ("p4_time_to_accuracy", "p7_thin_link_accuracy", "p8_straggler_accuracy")
 SMOKE_METHODS = {
     # the variants left out run the same code as a kept method, with other settings
     # (fedhog's throughput path runs in p2, p3 and p6; P4's 2 x 2 recipe differs from its 2 x 1 only in settings)
     "p1_scaling": ("physical_limit", "ddp"),
     "p2_straggler": ("ddp", "post_local_sgd", "fedhog_dynamic"),
     "p4_time_to_accuracy": ("ddp", "fedhog_2x1"),
+    "p7_thin_link_accuracy": ("ddp_100mbit", "fedhog_20mbit"),
     "p8_straggler_accuracy": ("ddp", "post_local_sgd", "fedhog_dynamic"),
     "p5_gpu": ("one_process_b256", "fedhog_k2_b256"),
 }
@@ -344,6 +224,8 @@ TARGETS = {
     "p2_straggler": "fedhog >= 1.4x DDP",
     "p3_thin_link": "fedhog >= 2x DDP",
     "p4_time_to_accuracy": "fedhog <= 0.8x DDP's time, final accuracy within 1 point",
+    "p7_thin_link_accuracy": "fedhog <= 0.5x DDP's time at 100 Mbit/s, and within 2x of its own time on an unlimited"
+    " link",
     "p8_straggler_accuracy": "fedhog with the straggler setting <= 0.75x DDP's time to 0.90",
     "p5_gpu": "fedhog K=4 >= 1.3x one process on ResNet-20",
 }
@@ -355,14 +237,15 @@ def _ratios(
     """Each method over its baseline (``baselines[method]`` where given, else ``baseline``) and the limit."""
     ratios: dict[str, float] = {}
     if name in ACCURACY:
-        base = results[baseline]
         for method, r in results.items():
-            if method == baseline:
-                continue
-            if r.get("seconds_to_target") and base.get("seconds_to_target"):
-                ratios[f"{method}_time_over_{baseline}"] = r["seconds_to_target"] / base["seconds_to_target"]
-            if r.get("final_accuracy") is not None and base.get("final_accuracy") is not None:
-                ratios[f"{method}_accuracy_minus_{baseline}"] = r["final_accuracy"] - base["final_accuracy"]
+            for own in (baselines.get(method, baseline), limit):
+                base = results.get(own or "")
+                if base is None or method == own:
+                    continue
+                if r.get("seconds_to_target") and base.get("seconds_to_target"):
+                    ratios[f"{method}_time_over_{own}"] = r["seconds_to_target"] / base["seconds_to_target"]
+                if own != limit and r.get("final_accuracy") is not None and base.get("final_accuracy") is not None:
+                    ratios[f"{method}_accuracy_minus_{own}"] = r["final_accuracy"] - base["final_accuracy"]
         return ratios
     for method, r in results.items():
         own = baselines.get(method, baseline)
@@ -377,20 +260,6 @@ def _ratios(
         on, off = results["averaging_on"], results["averaging_off"]
         ratios["step_time_on_over_off"] = on["step_s"] / off["step_s"]
     return ratios
-
-
-def _summarize_accuracy(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    reached = [r["seconds_to_target"] for r in runs if r["seconds_to_target"] is not None]
-    return {
-        "seconds_to_target": statistics.median(reached) if len(reached) == len(runs) else None,
-        "all_seconds_to_target": [r["seconds_to_target"] for r in runs],
-        "final_accuracy": statistics.median(r["final_accuracy"] for r in runs),
-        "all_final_accuracy": [r["final_accuracy"] for r in runs],
-        "train_s": statistics.median(r["train_s"] for r in runs),
-        "process_wall_s": statistics.median(r["process_wall_s"] for r in runs),
-        "curve": runs[len(runs) // 2]["curve"],  # one run's curve, for the plot
-        "command": runs[0]["command"],
-    }
 
 
 def run_benchmark(name: str, scale: Scale, workdir: Path, log: Callable[[str], None]) -> dict[str, Any]:
@@ -416,7 +285,7 @@ def run_benchmark(name: str, scale: Scale, workdir: Path, log: Callable[[str], N
                 last = runs[method][-1]
                 log(f"  {method} #{repeat + 1}: {last['seconds_to_target']} s to target,"
                     f" final {last['final_accuracy']}")
-        results = {m: _summarize_accuracy(rs) for m, rs in runs.items()}
+        results = {m: summarize(rs) for m, rs in runs.items()}
     else:
         results = harness.interleave(spec["methods"], scale.repeats, workdir / name, log)
     once = {}

@@ -12,6 +12,7 @@ from typing import Literal, get_args
 
 from lightning_fedhog.blocks import BLOCK_RULES, PARTITIONS, BlockRule, Partition
 from lightning_fedhog.device_sync import AVERAGING_BACKENDS, AveragingBackend
+from lightning_fedhog.schedule import averaging_period
 from lightning_fedhog.topology import TOPOLOGIES, Topology
 from lightning_fedhog.work_sharing import WorkSharing
 
@@ -164,6 +165,10 @@ class FedHogConfig:
                 f"`timeout` must be a positive `datetime.timedelta`, got {self.timeout!r}."
                 " HINT: e.g. `timeout=timedelta(minutes=10)`."
             )
+
+    def period_at(self, epoch: int) -> int:
+        """The averaging period in ``epoch`` (:func:`~lightning_fedhog.schedule.averaging_period`)."""
+        return averaging_period(epoch, period=self.averaging_period, warmup_epochs=self.averaging_warmup_epochs)
 
     def validate_model(self, numel: int, num_parameter_tensors: int) -> None:
         """Checks the settings that depend on the model's size.

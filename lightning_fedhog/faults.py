@@ -72,6 +72,7 @@ class FaultWatch:
         self.peers = peers
         self.signal: int | None = None  # SIGTERM received here (or announced by a peer): stop at a consensus point
         self.failed = False  # this rank failed: peers quote its reason, and the end of `fit` waits for nobody
+        self.rank = rank
         self._rank, self._world_size, self._timeout = rank, world_size, timeout
         self._stop_key = stop_key
         self._meetings = meetings

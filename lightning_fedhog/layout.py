@@ -15,6 +15,11 @@ from typing import Any
 import torch.distributed as dist
 from lightning.fabric.plugins import ClusterEnvironment
 
+from lightning_fedhog import internals
+
+STARTUP_TIMEOUT = timedelta(minutes=5)
+"""The least time the processes get to start and meet, whatever `timeout` (that one bounds collectives)."""
+
 
 @dataclass(frozen=True)
 class DeviceLayout:
@@ -93,3 +98,15 @@ def restart_safe_store(environment: ClusterEnvironment, timeout: timedelta) -> d
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     client = dist.TCPStore(address, port, is_master=False, timeout=timeout)
     return {"store": dist.PrefixStore(f"fedhog/attempt{attempt}", client)}
+
+
+def join_default_group(environment: ClusterEnvironment, timeout: timedelta) -> None:
+    """Joins the run's default process group: gloo on every accelerator (NCCL allows one rank per GPU, and the K
+    workers of a device share one); its collectives fail after ``timeout``.
+
+    Start-up (imports, every process reaching the rendezvous) may take longer than the failure-detection timeout,
+    so the rendezvous gets at least :data:`STARTUP_TIMEOUT`.
+    """
+    startup = max(timeout, STARTUP_TIMEOUT)
+    internals.init_dist_connection(environment, "gloo", timeout=startup, **restart_safe_store(environment, startup))
+    internals.set_default_timeout(timeout)

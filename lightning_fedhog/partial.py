@@ -103,16 +103,14 @@ class PartialSteps:
         if self.partition == "compute":
             self._positions, self._remove_hooks = record_positions(module)
 
-    def after_step(self) -> None:
-        if self._remove_hooks is not None:  # the first forward measured the positions
-            self._remove_hooks()
-            self._remove_hooks = None
-
     @contextmanager
     def step(self, module: nn.Module, epoch: int, worker_steps: int, slot: int) -> Iterator[None]:
         """Runs a training step: a partial one (only this worker's block requires gradients) when it is one."""
         if self._remove_hooks is not None or epoch < self.start_epoch or worker_steps % 2 == 0:
             yield
+            if self._remove_hooks is not None:  # the first forward pass measured the positions
+                self._remove_hooks()
+                self._remove_hooks = None
             return
         if self._blocks is None:  # computed once per fit: the parameters do not change during it
             self._parameters = list(module.parameters())

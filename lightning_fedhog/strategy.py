@@ -11,6 +11,7 @@ telemetry, checkpoints, work sharing and partial backprop.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from datetime import timedelta
@@ -32,16 +33,14 @@ from lightning_fedhog.callbacks import ConsensusFirst
 from lightning_fedhog.checkpoints import PerWorkerCheckpoints, save_stop_checkpoint
 from lightning_fedhog.checks import check_accelerator, check_equal_batches, checked_layout, refuse_sync_batchnorm
 from lightning_fedhog.config import PRESETS, AveragingMode, FedHogConfig
-from lightning_fedhog.consensus import AllWorkers, ConsensusPoints
+from lightning_fedhog.coordination import Coordination, meet_peers
 from lightning_fedhog.device_copy import release, share_parameters
 from lightning_fedhog.device_sync import AveragingBackend, leader_backend, settle
 from lightning_fedhog.engine import AveragingEngine
-from lightning_fedhog.faults import FaultWatch, PeerLostError, check_sigterm_locally, install_stop_handler
+from lightning_fedhog.faults import check_sigterm_locally, install_stop_handler
 from lightning_fedhog.launcher import FedHogLauncher
-from lightning_fedhog.layout import DeviceLayout, restart_safe_store, store_key
-from lightning_fedhog.liveness import PeerRegistry
+from lightning_fedhog.layout import DeviceLayout, join_default_group, store_key
 from lightning_fedhog.partial import PartialSteps
-from lightning_fedhog.schedule import averaging_period
 from lightning_fedhog.shared_buffer import SharedFlatBuffer, unbind_module
 from lightning_fedhog.stragglers import StragglerWatch
 from lightning_fedhog.telemetry import Telemetry
@@ -52,12 +51,6 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 log = logging.getLogger(__name__)
-
-_STARTUP_TIMEOUT = timedelta(minutes=5)
-"""The least time the processes get to start and meet, whatever `timeout` (that one bounds collectives)."""
-
-_WORK_KEY = "fedhog_work"
-"""The checkpoint entry of the dynamic work-sharing budget (chunks spent, epoch)."""
 
 
 class FedHogStrategy(PerWorkerCheckpoints):
@@ -101,13 +94,8 @@ class FedHogStrategy(PerWorkerCheckpoints):
         checkpoint_io: CheckpointIO | None = None,
         precision_plugin: Precision | None = None,
     ) -> None:
-        self.config = FedHogConfig(
-            workers_per_device=workers_per_device, averaging=averaging, averaging_period=averaging_period,
-            averaging_warmup_epochs=averaging_warmup_epochs, num_blocks=num_blocks, timeout=timeout,
-            topology=topology, block_rule=block_rule, seed=seed, partial_backprop=partial_backprop,
-            partition=partition, rotate_ownership=rotate_ownership, work_sharing=work_sharing, nonfinite=nonfinite,
-            averaging_backend=averaging_backend,
-        )
+        given = locals()  # the knobs are FedHogConfig's fields, in the same order (a test keeps them identical)
+        self.config = FedHogConfig(**{field.name: given[field.name] for field in dataclasses.fields(FedHogConfig)})
         super().__init__(
             accelerator=accelerator, parallel_devices=parallel_devices, cluster_environment=cluster_environment,
             checkpoint_io=checkpoint_io, precision_plugin=precision_plugin, process_group_backend="gloo",
@@ -118,8 +106,7 @@ class FedHogStrategy(PerWorkerCheckpoints):
         self.leader_backend: str | None = None  # "nccl" or "gloo", known once the Trainer set the devices
         self.work: DynamicWork | None = None  # with work_sharing="dynamic", during fit
         self.telemetry = Telemetry()
-        self.faults: FaultWatch | None = None
-        self._points: ConsensusPoints | None = None
+        self.coordination: Coordination | None = None  # the meetings with every worker, during fit
         self._leader_group: Any = None
         self._generation = 0
         self._consensus_first: ConsensusFirst | None = None
@@ -176,17 +163,11 @@ class FedHogStrategy(PerWorkerCheckpoints):
 
     @override
     def setup_distributed(self) -> None:
-        # gloo for the default group on every accelerator: NCCL allows one rank per GPU, and K workers share one.
         reset_seed()
         self.set_world_ranks()
         if self.cluster_environment is None:
             raise RuntimeError("fedhog: the Trainer did not set a cluster environment.")
-        # start-up (imports, rendezvous of every process) may take longer than the failure-detection `timeout`
-        startup = max(self._timeout or self.config.timeout, _STARTUP_TIMEOUT)
-        internals.init_dist_connection(
-            self.cluster_environment, "gloo", timeout=startup, **restart_safe_store(self.cluster_environment, startup)
-        )
-        internals.set_default_timeout(self.config.timeout)  # collectives fail after `timeout` again
+        join_default_group(self.cluster_environment, self.config.timeout)
 
     @override
     def setup_environment(self) -> None:
@@ -240,65 +221,46 @@ class FedHogStrategy(PerWorkerCheckpoints):
         )
         self.buffer, self._leader_group = copy.buffer, copy.leader_group
         self.leader_backend = copy.leader_backend or self.leader_backend
-        peers = PeerRegistry(
-            store, self._key("liveness"), PeerRegistry.this_process(self.global_rank, place.device_index, place.slot),
-            self.world_size,
+        peers, faults, points = meet_peers(
+            store, self._key, rank=self.global_rank, device=place.device_index, slot=place.slot,
+            world_size=self.world_size, timeout=self.config.timeout, engine=lambda: self.engine,
+            settle=lambda: settle(self.root_device),
         )
-        peers.announce()
-        self.faults = FaultWatch(
-            peers, rank=self.global_rank, world_size=self.world_size, timeout=self.config.timeout,
-            stop_key=self._key("stop"), meetings=lambda: self._points.meetings if self._points is not None else 0,
-        )
-        self._points = ConsensusPoints(
-            AllWorkers(), self.faults, engine=lambda: self.engine, settle=lambda: settle(self.root_device),
-            arrive=peers.arrive,
+        self.coordination = Coordination(
+            points, faults, self.telemetry, gather=self.gather_object, stop=self._stop, engine=lambda: self.engine,
+            publish=self._publish if self.is_global_zero else None,
+            stragglers=self._stragglers, device=place.device_index,
         )
         self.barrier("fedhog-shared")
         peers.load()
         log.debug("fedhog: rank %d shares %d elements on %s", self.global_rank, layout.numel, self.root_device)
 
     # ---------------------------------------------------------------------------------------- training hooks
-    def _period(self, epoch: int) -> int:
-        return averaging_period(
-            epoch, period=self.config.averaging_period, warmup_epochs=self.config.averaging_warmup_epochs
-        )
-
     @override
     def on_train_start(self) -> None:
         trainer = self._trainer()
         if self.buffer is not None and self._leader_group is not None and self.layout.is_leader:
             self.engine = AveragingEngine.configured(
                 self.config, self.buffer.flat, self.buffer.device_steps, self._leader_group, self.layout.leader_ranks,
-                period=self._period(trainer.current_epoch),
+                period=self.config.period_at(trainer.current_epoch),
             )
             self.engine.start()
-        if self.buffer is not None and self.faults is not None:
-            self.telemetry.start()
+        if self.buffer is not None and self.coordination is not None:
             if self.config.work_sharing == "static":  # one collective, once per fit
                 check_equal_batches(self.gather_object(trainer.num_training_batches))
-            install_stop_handler(self.faults, internals.user_sigterm_handler(trainer))
-            if self._stragglers is not None:  # without a sanity check, training starts here
-                self._stragglers.left_consensus()
+            install_stop_handler(self.coordination.faults, internals.user_sigterm_handler(trainer))
+            self.coordination.training_starts()
         if self._partial is not None:
             self._partial.start(self._module())
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if self._points is not None and self.faults is not None:
-            self.faults.watch()
-            if self._points.at_consensus:
-                if self._points.leave():
-                    self._stop()
-                if self._stragglers is not None:
-                    self._stragglers.left_consensus()
-            elif self.faults.stop_requested:
-                self.consensus()  # agrees on the stop with every rank, saves a checkpoint there and raises
-        self.telemetry.count(batch)
+        if self.coordination is not None:
+            self.coordination.before_batch(batch)
         if self.work is not None:
             self.work.on_train_batch()
-        if self.engine is not None and self.faults is not None:
-            self.faults.run_engine_command(self.engine.raise_if_failed, "average with the other devices")
-            self.engine.period = self._period(self._trainer().current_epoch)
+        if self.engine is not None:
+            self.engine.period = self.config.period_at(self._trainer().current_epoch)
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -307,9 +269,7 @@ class FedHogStrategy(PerWorkerCheckpoints):
             return super().training_step(*args, **kwargs)
         worker_steps = int(self.buffer.steps[self.layout.slot])
         with self._partial.step(self._module(), self._trainer().current_epoch, worker_steps, self.layout.slot):
-            output = super().training_step(*args, **kwargs)
-        self._partial.after_step()
-        return output
+            return super().training_step(*args, **kwargs)
 
     @override
     def optimizer_step(
@@ -342,26 +302,14 @@ class FedHogStrategy(PerWorkerCheckpoints):
     def consensus(self) -> None:
         """Makes every device hold the exact average of all devices' copies, with every worker parked.
 
-        A collective over all workers (:class:`~lightning_fedhog.consensus.ConsensusPoints`); Lightning calls it at
-        the same points on every rank: validation start, checkpoint save, end of fit.
+        A collective over all workers (:class:`~lightning_fedhog.coordination.Coordination`); Lightning calls it
+        at the same points on every rank: validation start, checkpoint save, end of fit.
         """
-        if self._points is None:
-            return
-        trained = self._stragglers.trained() if self._stragglers is not None else None
-        stop = self._points.enter()
-        if stop is None:
-            return
-        if stop:
-            self._stop()
-        if self._stragglers is not None:
-            self._stragglers.at_consensus(trained)
-        if self.telemetry.enabled:
-            engine = self.engine.take_stats() if self.engine is not None else None
-            mine = self.telemetry.take(self.layout.device_index, self._points.parked_seconds, engine)
-            self._points.parked_seconds = 0.0
-            gathered = self.gather_object(mine)  # a collective at a consensus point: every rank is here
-            if self.is_global_zero:
-                self.telemetry.publish(self._trainer(), gathered)
+        if self.coordination is not None:
+            self.coordination.consensus()
+
+    def _publish(self, gathered: list[Any]) -> None:
+        self.telemetry.publish(self._trainer(), gathered)
 
     def _stop(self) -> NoReturn:
         """Every rank agreed to stop (SIGTERM): saves a resumable checkpoint of the consensus model and stops.
@@ -380,37 +328,26 @@ class FedHogStrategy(PerWorkerCheckpoints):
     @override
     def extra_checkpoint_state(self) -> dict[str, Any]:
         """Under dynamic sharing, what the run's ``max_steps`` budget has spent (the same on every rank)."""
-        if self.work is None or self.work.sampler is None:
-            return {}
-        return {_WORK_KEY: self.work.budget.state_dict()}
+        return self.work.checkpoint_state() if self.work is not None else {}
 
     @override
     def load_extra_checkpoint_state(self, checkpoint: Mapping[str, Any]) -> None:
-        if self.work is None:
-            return
-        self.work.resume_epoch = internals.checkpoint_epochs_done(checkpoint)
-        if _WORK_KEY in checkpoint:
-            self.work.budget.load_state_dict(checkpoint[_WORK_KEY])
-        else:  # saved without dynamic sharing: the budget goes on from the checkpoint's step
-            self.work.resume_steps = int(checkpoint.get("global_step", 0))
+        if self.work is not None:
+            self.work.resume_from(checkpoint)
 
     # ----------------------------------------------------------------------------------------------- teardown
     @override
     def on_exception(self, exception: BaseException) -> None:
         if self.engine is not None:
             self.engine.stop()
-        if self.faults is not None and not isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
-            diagnosis = self.faults.on_failure(exception, caused_by_peer=isinstance(exception, PeerLostError))
-            if diagnosis:
-                log.error("fedhog: rank %d: %s", self.global_rank, diagnosis)
+        if self.coordination is not None:
+            self.coordination.failed(exception)
         super().on_exception(exception)
 
     @override
     def teardown(self) -> None:
-        failed = self.faults is not None and self.faults.failed
-        if self.faults is not None:
-            self.faults.on_exit()
-        self.faults, self._points = None, None
+        failed = self.coordination.finish() if self.coordination is not None else False
+        self.coordination = None
         clean = True  # destroying a group that a blocked thread still uses could hang
         if self.engine is not None:
             clean = self.engine.stop()
@@ -423,23 +360,18 @@ class FedHogStrategy(PerWorkerCheckpoints):
             if trainer is not None:
                 internals.restore_sigterm_broadcast(trainer)
             self._release_buffer(wait=not failed)
-        if trainer is not None:
-            self._give_back_trainer(trainer)
+        if trainer is not None:  # give back what `fit` changed on the Trainer: callbacks, limits, schedulers, class
+            if self._consensus_first in trainer.callbacks:
+                trainer.callbacks.remove(self._consensus_first)
+            if self.work is not None:
+                self.work.detach(trainer, self.lr_scheduler_configs)
+        self.work, self._stragglers, self._consensus_first = None, None, None
         if self._partial is not None:
             self._partial.clear()
         if self._leader_group is not None and clean:
             dist.destroy_process_group(self._leader_group)
         self._leader_group = None
         super().teardown()
-
-    def _give_back_trainer(self, trainer: pl.Trainer) -> None:
-        """Undoes what ``fit`` changed on the Trainer: its callbacks, loop limits, schedulers and class."""
-        if self._consensus_first is not None and self._consensus_first in trainer.callbacks:
-            trainer.callbacks.remove(self._consensus_first)
-        self._consensus_first = None
-        if self.work is not None:
-            self.work.detach(trainer, self.lr_scheduler_configs)
-        self.work, self._stragglers = None, None
 
     def _release_buffer(self, wait: bool) -> None:
         self.buffer = None

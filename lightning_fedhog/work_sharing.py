@@ -18,7 +18,7 @@ Lightning per worker (so batches a prefetching loader claimed are never dropped)
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -34,6 +34,9 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 WorkSharing = Literal["static", "dynamic"]
+
+CHECKPOINT_KEY = "fedhog_work"
+"""The checkpoint entry of the dynamic work-sharing budget (chunks spent, epoch)."""
 
 
 def chunks_per_epoch(num_chunks: int, limit: int | float, world_size: int) -> int:
@@ -340,6 +343,18 @@ class DynamicWork:
         per_epoch = math.ceil(self.sampler.chunks_per_epoch / self.world_size / self._accumulate)
         estimate = per_epoch * max(max_epochs, 1)
         return float(min(estimate, max_steps) if max_steps != -1 else estimate)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What the run's ``max_steps`` budget has spent (the same on every rank), once the sampler exists."""
+        return {} if self.sampler is None else {CHECKPOINT_KEY: self.budget.state_dict()}
+
+    def resume_from(self, checkpoint: Mapping[str, Any]) -> None:
+        """Picks up a checkpoint's epoch and budget (or, saved without dynamic sharing, its global step)."""
+        self.resume_epoch = internals.checkpoint_epochs_done(checkpoint)
+        if CHECKPOINT_KEY in checkpoint:
+            self.budget.load_state_dict(checkpoint[CHECKPOINT_KEY])
+        else:  # the budget goes on from the checkpoint's step
+            self.resume_steps = int(checkpoint.get("global_step", 0))
 
     def on_train_batch(self) -> None:
         """Called before every training batch: the first of a pass counts its epoch in the budget."""

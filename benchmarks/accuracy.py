@@ -1,0 +1,269 @@
+"""Time-to-accuracy benchmarks: the MNIST-1D recipe trained by each method, timed to a test accuracy.
+
+Every run is ``python -m recipes.mnist1d fit`` with a CSV logger and :class:`~lightning_fedhog.WallClock`: the
+consensus model's test accuracy after every epoch against wall-clock seconds since training started (validation
+included). Repeat ``i`` of a method uses ``seed_everything=i``, so the methods of one repeat start from the same
+weights and see the same data order.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from benchmarks import harness
+
+if TYPE_CHECKING:
+    from benchmarks.suite import Scale
+
+Method = Callable[[Path], dict[str, Any]]
+
+POST_LOCAL_YAML = """\
+trainer:
+  strategy:
+    class_path: benchmarks.throughput.PostLocalSGDOnCPU
+    init_args:
+      model_averaging_period: 16
+      ddp_comm_state:
+        class_path: torch.distributed.algorithms.ddp_comm_hooks.post_localSGD_hook.PostLocalSGDState
+        init_args:
+          process_group: null
+          subgroup: null
+          start_localSGD_iter: 1
+          post_local_gradient_allreduce: false
+      ddp_comm_hook: torch.distributed.algorithms.ddp_comm_hooks.post_localSGD_hook.post_localSGD_hook
+"""
+
+
+def mnist1d(
+    strategy: Sequence[str],
+    processes: int,
+    scale: Scale,
+    data_dir: Path,
+    epochs: int | None = None,
+    *,
+    target: float = 0.90,
+    prefix: Sequence[str] = (),
+) -> Method:
+    """One run of the MNIST-1D recipe; its seed is the repeat's number (the last part of ``out``'s name).
+
+    Args:
+        strategy: the recipe's command-line settings that make the method (strategy, model, callbacks).
+        processes: processes of the launch (one share of the cores each).
+        prefix: a command prefix, e.g. the thin-link namespace; every rank then starts inside it.
+    """
+
+    def run(out: Path) -> dict[str, Any]:
+        seed = int(out.name.rsplit("-", 1)[-1]) if out.name.rsplit("-", 1)[-1].isdigit() else 0
+        command = [
+            sys.executable, "-m", "recipes.mnist1d", "fit", *strategy,
+            f"--trainer.max_epochs={epochs or scale.mnist_epochs}", "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={out}", "--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={out}",
+            "--trainer.callbacks+=lightning_fedhog.WallClock", f"--data.data_dir={data_dir}",
+            f"--data.num_samples={scale.mnist_samples}", f"--seed_everything={seed}",
+        ]
+        began = time.perf_counter()
+        if prefix:  # one namespace for all ranks: a runner inside it starts them
+            command = [*prefix, sys.executable, "-m", "benchmarks.ranks", str(processes), *command]
+            done = subprocess.run(command, env=harness.threads_env(processes), capture_output=True, text=True,
+                                  cwd=harness.ROOT)
+            status, errors = done.returncode, done.stderr
+        else:
+            status, errors = harness.run_ranks(command, processes, harness.threads_env(processes))
+        if status != 0:
+            raise RuntimeError(f"MNIST-1D run failed ({status}): {shlex.join(command)}\n{errors[-4000:]}")
+        return {**accuracy_curve(out, target), "command": shlex.join(command),
+                "process_wall_s": time.perf_counter() - began}
+
+    return run
+
+
+def accuracy_curve(out: Path, target: float = 0.90) -> dict[str, Any]:
+    """Per-epoch (wall-clock seconds, test accuracy) from a run's CSV log, and fedhog's own figures if it logged any.
+
+    Validation runs at the end of each epoch, before ``WallClock`` logs the epoch's time (one step later, so
+    steps do not match): the n-th accuracy pairs with the n-th time, which includes that validation.
+    """
+    with next(out.glob("**/metrics.csv")).open() as handle:
+        rows = list(csv.DictReader(handle))
+    clock = [float(row["wall_time_s"]) for row in rows if row.get("wall_time_s")]
+    accuracy = [float(row["val_acc"]) for row in rows if row.get("val_acc")]
+    curve = list(zip(clock, accuracy, strict=False))
+    reached = next((seconds for seconds, accuracy in curve if accuracy >= target), None)
+    epochs = next((epoch for epoch, (_, accuracy) in enumerate(curve, 1) if accuracy >= target), None)
+    result = {"curve": curve, "seconds_to_target": reached, "epochs_to_target": epochs,
+              "final_accuracy": curve[-1][1] if curve else None, "train_s": curve[-1][0] if curve else None}
+    figures = fedhog_figures(rows)
+    return {**result, "fedhog": figures} if figures else result
+
+
+def fedhog_figures(rows: list[dict[str, str]], batch: int = 32) -> dict[str, float]:
+    """What fedhog's averaging did during a run, from the figures it logged at each consensus point.
+
+    ``effective_period`` is the device steps between two exchanges of the same element: what the configured
+    ``averaging_period`` becomes when rounds take longer than the steps between them (one round exchanges one
+    block; this recipe averages the whole vector, one block). ``consensus_s`` sums the time workers waited at
+    consensus points; ``round_busy`` is the share of time a leader spent in background rounds (overlapped with the
+    workers' steps).
+    """
+    logged = [row for row in rows if row.get("fedhog/rounds_per_s")]
+    if not logged:
+        return {}
+
+    def mean(key: str) -> float:
+        return statistics.mean(float(row[key]) for row in logged if row.get(key))
+
+    devices = sorted({key for key in logged[0] if key.startswith("fedhog/device") and key.endswith("/samples_per_s")})
+    device_steps = statistics.mean(float(row[key]) / batch for row in logged for key in devices if row.get(key))
+    rounds = mean("fedhog/rounds_per_s")
+    return {
+        "rounds_per_s": rounds,
+        "bytes_per_s": mean("fedhog/bytes_per_s"),
+        "seconds_per_round": mean("fedhog/seconds_per_round"),
+        "round_busy": rounds * mean("fedhog/seconds_per_round"),
+        "effective_period": device_steps / rounds if rounds else float("inf"),
+        "consensus_distance": mean("fedhog/consensus_distance"),
+        "consensus_s": sum(float(row["fedhog/parked_s"]) for row in logged),
+        "samples_per_s": mean("fedhog/samples_per_s"),
+    }
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over one method's seeds, with every seed's figures and one curve to plot."""
+    reached = [r["seconds_to_target"] for r in runs if r["seconds_to_target"] is not None]
+    epochs = [r.get("epochs_to_target") for r in runs]
+    summary = {
+        "seconds_to_target": statistics.median(reached) if len(reached) == len(runs) else None,
+        "all_seconds_to_target": [r["seconds_to_target"] for r in runs],
+        "all_epochs_to_target": epochs,
+        "final_accuracy": statistics.median(r["final_accuracy"] for r in runs),
+        "all_final_accuracy": [r["final_accuracy"] for r in runs],
+        "train_s": statistics.median(r["train_s"] for r in runs),
+        "process_wall_s": statistics.median(r["process_wall_s"] for r in runs),
+        "curve": runs[len(runs) // 2]["curve"],  # one run's curve, for the plot
+        "command": runs[0]["command"],
+    }
+    if all(r.get("fedhog") for r in runs):
+        keys = runs[0]["fedhog"]
+        summary["fedhog"] = {key: statistics.median(r["fedhog"][key] for r in runs) for key in keys}
+    return summary
+
+
+def recipe_step_seconds(scale: Scale, data_dir: Path, workdir: Path) -> float:
+    """The median training step of the MNIST-1D recipe in one process with one thread (as each of 2 workers)."""
+    out = workdir / "calibration"
+    out.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable, "-m", "recipes.mnist1d", "fit", "--trainer.devices=1", "--trainer.strategy=auto",
+        "--trainer.max_epochs=2", "--trainer.enable_progress_bar=false", "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false", f"--trainer.default_root_dir={out}",
+        "--trainer.callbacks+=benchmarks.straggler.StepTimer", f"--trainer.callbacks.path={out / 'step.json'}",
+        f"--data.data_dir={data_dir}", f"--data.num_samples={scale.mnist_samples}",
+    ]
+    done = subprocess.run(command, env=harness.threads_env(2), capture_output=True, text=True, cwd=harness.ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"calibration failed: {shlex.join(command)}\n{done.stderr[-4000:]}")
+    return float(json.loads((out / "step.json").read_text())["median_step_s"])
+
+
+def p4_time_to_accuracy(scale: Scale, workdir: Path) -> dict[str, Any]:
+    """P4: wall-clock to 0.90 MNIST-1D test accuracy (consensus model), and accuracy after equal epochs."""
+    data = workdir / "mnist1d-data"
+    methods: dict[str, Method] = {
+        "single_process": mnist1d(["--trainer.devices=1", "--trainer.strategy=auto"], 1, scale, data),
+        "ddp": mnist1d(["--trainer.strategy=ddp"], 2, scale, data),
+        "fedhog": mnist1d([], 4, scale, data),  # the recipe's default: 2 devices x 2 workers
+        "fedhog_2x1": mnist1d(["--trainer.strategy.workers_per_device=1"], 2, scale, data),  # DDP's 2 processes
+    }
+    return {"methods": methods, "baseline": "ddp", "kind": "accuracy",
+            "settings": {"target_accuracy": 0.90, "epochs": scale.mnist_epochs, "batch_per_process": 32,
+                         "samples": scale.mnist_samples, "recipe": "python -m recipes.mnist1d fit",
+                         "fedhog": "2 devices x 2 workers (the recipe's default)", "fedhog_2x1": "2 devices x 1 worker",
+                         "ddp": "2 processes", "single_process": "1 process"}}
+
+
+def p7_thin_link_accuracy(scale: Scale, workdir: Path) -> dict[str, Any]:
+    """P7: wall-clock to 0.85 MNIST-1D test accuracy when the devices share a 100 or a 20 Mbit/s link.
+
+    A wider CNN (128 channels, 105,738 parameters, 423 kB in fp32) makes DDP's per-step gradient all-reduce
+    link-bound; post-local SGD averages the parameters every 16 steps; fedhog (2 devices x 1 worker, the defaults:
+    whole-vector all-reduce every 16 device steps in the background) never waits for the link between consensus
+    points. fedhog also runs with no rate limit: the time a thin-link run can approach.
+    """
+    data = workdir / "mnist1d-data"
+    links = {"100mbit": harness.thin_link_prefix("100mbit"), "20mbit": harness.thin_link_prefix("20mbit")}
+    if any(prefix is None for prefix in links.values()):
+        return {"skipped": harness.thin_link_unavailable()}
+    post_local = workdir / "post_local_sgd.yaml"
+    post_local.write_text(POST_LOCAL_YAML)
+    wide = [f"--model.channels={P7_CHANNELS}"]
+    fedhog = [*wide, "--trainer.strategy.workers_per_device=1"]
+    epochs = scale.thin_accuracy_epochs
+    methods: dict[str, Method] = {}
+    baselines: dict[str, str] = {}
+    for link, prefix in links.items():
+        common = {"target": P7_TARGET, "prefix": prefix or ()}
+        methods[f"ddp_{link}"] = mnist1d([*wide, "--trainer.strategy=ddp"], 2, scale, data, epochs, **common)
+        methods[f"post_local_sgd_{link}"] = mnist1d(
+            [*wide, f"--config={post_local}"], 2, scale, data, epochs, **common
+        )
+        methods[f"fedhog_{link}"] = mnist1d(fedhog, 2, scale, data, epochs, **common)
+        baselines.update({f"{m}_{link}": f"ddp_{link}" for m in ("ddp", "post_local_sgd", "fedhog")})
+    methods["fedhog_unlimited"] = mnist1d(fedhog, 2, scale, data, epochs, target=P7_TARGET)
+    return {"methods": methods, "baseline": "ddp_100mbit", "baselines": baselines, "limit": "fedhog_unlimited",
+            "kind": "accuracy",
+            "settings": {"target_accuracy": P7_TARGET, "epochs": epochs, "batch_per_process": 32,
+                         "samples": scale.mnist_samples, "model": f"ConvNet1D, channels={P7_CHANNELS} (105,738"
+                         " parameters)", "recipe": "python -m recipes.mnist1d fit --model.channels=128",
+                         "link": "loopback of a private netns, tc tbf at the named rate (all ranks' traffic shares"
+                         " it)", "fedhog": "2 devices x 1 worker, averaging_period=16, num_blocks=1 (defaults)",
+                         "post_local_sgd": "torch's post_localSGD_hook from step 1, parameters averaged every 16 steps",
+                         "ddp": "2 processes", "seeds": "repeat i uses seed_everything=i",
+                         "granularity": "accuracy is measured at every epoch end: a time to target is the end of the"
+                         " first epoch whose validation reached it"}}
+
+
+P7_CHANNELS = 128
+P7_TARGET = 0.85
+
+
+def p8_straggler_accuracy(scale: Scale, workdir: Path) -> dict[str, Any]:
+    """P8: wall-clock to 0.90 MNIST-1D test accuracy when one of two devices is 2x slower.
+
+    Device 1 sleeps before every batch as long as one process's step takes alone (measured once before the runs),
+    whatever the method: DDP waits for it every step, post-local SGD at every averaging, fedhog with static shards
+    at every epoch end, and fedhog with dynamic work sharing (the docs' straggler setting) lets device 0 take more
+    batches instead.
+    """
+    data = workdir / "mnist1d-data"
+    step = recipe_step_seconds(scale, data, workdir)
+    slow = ["--trainer.callbacks+=benchmarks.straggler.Straggler", "--trainer.callbacks.slow_ranks=[1]",
+            f"--trainer.callbacks.seconds={step:.6f}"]
+    fedhog = ["--trainer.strategy.workers_per_device=1", *slow]
+    post_local = workdir / "post_local_sgd.yaml"
+    post_local.write_text(POST_LOCAL_YAML)
+    epochs = scale.straggler_epochs
+    methods: dict[str, Method] = {
+        "ddp": mnist1d(["--trainer.strategy=ddp", *slow], 2, scale, data, epochs),
+        "post_local_sgd": mnist1d([f"--config={post_local}", *slow], 2, scale, data, epochs),
+        "fedhog_static": mnist1d(fedhog, 2, scale, data, epochs),
+        "fedhog_dynamic": mnist1d([*fedhog, "--trainer.strategy.work_sharing=dynamic"], 2, scale, data, epochs),
+    }
+    return {"methods": methods, "baseline": "ddp", "kind": "accuracy",
+            "settings": {"target_accuracy": 0.90, "epochs": epochs, "batch_per_process": 32,
+                         "samples": scale.mnist_samples, "recipe": "python -m recipes.mnist1d fit",
+                         "slow_rank": 1, "slow_seconds": round(step, 6),
+                         "slow": "rank 1 sleeps before every batch as long as one process's training step takes alone"
+                         " (measured once before the runs): about 2x slower, the same for every method",
+                         "fedhog_static": "2 devices x 1 worker, static shards",
+                         "fedhog_dynamic": "2 devices x 1 worker, work_sharing='dynamic' (the docs' straggler setting)",
+                         "post_local_sgd": "torch's post_localSGD_hook from step 1, parameters averaged every 16 steps",
+                         "seeds": "repeat i uses seed_everything=i"}}

@@ -1,0 +1,175 @@
+"""The order of a worker's meetings with the others (consensus, stop, stragglers, telemetry), with fakes."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any, NoReturn
+
+import pytest
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from lightning_fedhog.consensus import ConsensusPoints
+from lightning_fedhog.coordination import Coordination
+from lightning_fedhog.faults import FaultWatch, PeerLostError
+from lightning_fedhog.stragglers import StragglerWatch
+from lightning_fedhog.telemetry import Telemetry
+from tests.test_consensus import Calls, FakeCollectives, FakePeers
+
+
+class StoppedError(Exception):
+    """What the fake stop raises, so a test sees that the run ended there."""
+
+
+class FakeEngine:
+    def __init__(self, calls: Calls, error: BaseException | None = None) -> None:
+        self.calls, self.error, self.parked = calls, error, False
+
+    def pause(self) -> None:
+        self.calls.append("engine.pause")
+        self.parked = True
+
+    def full_average(self) -> None:
+        self.calls.append("engine.full_average")
+
+    def resume(self) -> None:
+        self.calls.append("engine.resume")
+        self.parked = False
+
+    def raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def take_stats(self) -> dict[str, float]:
+        self.calls.append("engine.take_stats")
+        return {"rounds": 1.0}
+
+
+def _coordination(
+    calls: Calls,
+    *,
+    anyone_stops: bool = False,
+    stragglers: bool = True,
+    publish: bool = True,
+    engine: FakeEngine | None = None,
+) -> Coordination:
+    clock = iter(float(t) for t in range(1000))
+    faults = FaultWatch(
+        FakePeers(), rank=0, world_size=2, timeout=timedelta(seconds=60), stop_key="stop", meetings=lambda: 0
+    )
+    points = ConsensusPoints(
+        FakeCollectives(calls, anyone_stops=anyone_stops), faults, engine=lambda: engine,
+        settle=lambda: calls.append("settle"), arrive=lambda n: None,
+    )
+
+    def gather(what: Any) -> list[Any]:
+        calls.append(("gather", "stragglers" if isinstance(what, tuple) else "telemetry"))
+        return [what, what]
+
+    def stop() -> NoReturn:
+        calls.append("stop")
+        raise StoppedError
+
+    watch = StragglerWatch(gather, device=0, devices=2, report=True, clock=lambda: next(clock)) if stragglers else None
+    return Coordination(
+        points, faults, Telemetry(clock=lambda: next(clock)), gather=gather, stop=stop, engine=lambda: engine,
+        publish=(lambda gathered: calls.append(("publish", len(gathered)))) if publish else None,
+        stragglers=watch, device=0,
+    )
+
+
+def test_a_consensus_point_averages_then_gathers_stragglers_then_telemetry() -> None:
+    calls = Calls()
+    engine = FakeEngine(calls)
+    coordination = _coordination(calls, engine=engine)
+    coordination.training_starts()
+    coordination.consensus()
+    assert calls == [
+        "settle", "engine.pause", "agree", "engine.full_average", "barrier",
+        ("gather", "stragglers"), "engine.take_stats", ("gather", "telemetry"), ("publish", 2),
+    ]
+
+
+def test_the_second_point_in_a_row_costs_nothing_and_leaving_resumes_the_engine() -> None:
+    calls = Calls()
+    engine = FakeEngine(calls)
+    coordination = _coordination(calls, engine=engine)
+    coordination.training_starts()
+    coordination.consensus()
+    calls.clear()
+    coordination.consensus()  # validation, then a checkpoint: still parked
+    assert calls == []
+    coordination.before_batch(batch=[1, 2, 3])
+    assert calls == ["agree", "engine.resume"]
+    assert not coordination.points.at_consensus
+
+
+def test_before_training_a_point_gathers_nothing() -> None:
+    """The sanity check's validation: no rank trained, no rank has telemetry, so no rank gathers."""
+    calls = Calls()
+    coordination = _coordination(calls)
+    coordination.consensus()
+    assert ("gather", "stragglers") not in calls
+    assert ("gather", "telemetry") not in calls
+
+
+def test_rank_zero_publishes_and_the_others_only_gather() -> None:
+    calls = Calls()
+    coordination = _coordination(calls, publish=False, stragglers=False)
+    coordination.training_starts()
+    coordination.consensus()
+    assert ("gather", "telemetry") in calls
+    assert not any(isinstance(call, tuple) and call[0] == "publish" for call in calls)
+
+
+def test_a_stop_agreed_at_a_point_stops_before_any_other_collective() -> None:
+    calls = Calls()
+    coordination = _coordination(calls, anyone_stops=True)
+    coordination.training_starts()
+    with pytest.raises(StoppedError):
+        coordination.consensus()
+    assert calls[-1] == "stop"
+    assert not any(isinstance(call, tuple) for call in calls)  # no gather: peers stop at the same place
+
+
+def test_a_stop_agreed_when_leaving_a_point_stops_every_rank_there() -> None:
+    calls = Calls()
+    coordination = _coordination(calls)
+    coordination.training_starts()
+    coordination.consensus()
+    coordination.points._collectives.anyone_stops = True  # a peer got SIGTERM while everyone was parked
+    calls.clear()
+    with pytest.raises(StoppedError):
+        coordination.before_batch(batch=[1])
+    assert calls == ["agree", "stop"]
+
+
+def test_a_signal_between_points_makes_a_consensus_point_at_the_next_batch() -> None:
+    calls = Calls()
+    coordination = _coordination(calls)
+    coordination.training_starts()
+    coordination.faults.request_stop()
+    with pytest.raises(StoppedError):
+        coordination.before_batch(batch=[1])
+    assert calls[:3] == ["settle", "agree", "barrier"] and calls[-1] == "stop"
+
+
+def test_a_failed_engine_thread_is_raised_in_the_training_loop() -> None:
+    calls = Calls()
+    coordination = _coordination(calls, engine=FakeEngine(calls, error=RuntimeError("gloo connection reset")))
+    with pytest.raises(PeerLostError, match="average with the other devices"):
+        coordination.before_batch(batch=[1])
+
+
+def test_a_stop_is_not_recorded_as_a_failure_but_an_error_is() -> None:
+    calls = Calls()
+    coordination = _coordination(calls)
+    coordination.failed(SIGTERMException())
+    coordination.failed(KeyboardInterrupt())
+    assert coordination.faults.peers.marks == []
+    coordination.failed(ValueError("bad batch"))
+    assert coordination.faults.peers.marks == ["failed"]
+    assert coordination.finish() is True  # failed: the end of fit waits for nobody
+    assert coordination.faults.peers.marks == ["failed"]
+    clean = _coordination(Calls())
+    assert clean.finish() is False
+    assert clean.faults.peers.marks == ["exited"]
