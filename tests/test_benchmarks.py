@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import report
+from benchmarks.accuracy import median_reached
 from benchmarks.harness import aggregate
 from benchmarks.suite import ACCURACY, BENCHMARKS, RESULTS, SMOKE_METHODS
 
@@ -29,6 +30,12 @@ def test_aggregate_counts_idle_time_behind_a_straggler() -> None:
     slow = {"batch": 10, "times": [0, 2.5, 5, 7.5, 10]}
     # window from the last warm-up step (t=2.5 with skip=1) to the last step of anyone (t=10)
     assert aggregate([fast, slow], skip=1) == pytest.approx((2 * 10 + 3 * 10) / 7.5)
+
+
+def test_a_seed_that_never_reached_the_target_counts_as_the_slowest() -> None:
+    assert median_reached([5.0, None, 3.0]) == 5.0  # two of three reached it: the median seed took 5 s
+    assert median_reached([None, None, 3.0]) is None  # the median seed never reached it
+    assert median_reached([4.0, 2.0]) == 3.0
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +51,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("smoke")
 @pytest.mark.timeout(900)  # the smoke run is this test's set-up: about 4 minutes on 2 cores, more when they are shared
 def test_smoke_mode_runs_every_benchmark_and_its_methods(smoke: Path) -> None:
     assert sorted(path.stem for path in smoke.glob("*.json")) == sorted(BENCHMARKS)
@@ -73,6 +81,7 @@ def test_smoke_mode_runs_every_benchmark_and_its_methods(smoke: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("smoke")
 @pytest.mark.timeout(900)
 def test_report_draws_every_plot_and_writes_the_readme_section(smoke: Path, tmp_path: Path) -> None:
     readme = tmp_path / "README.md"
