@@ -19,10 +19,8 @@ demo: setup
 lint: setup
 	$(PY) -m ruff check lightning_fedhog recipes tests benchmarks
 
-# two at a time (one per core) with pytest-xdist, then alone the few tests that bound a time or race on purpose
 test: lint
-	$(PY) -m pytest -n 2 --dist loadgroup -m "not serial"
-	$(PY) -m pytest -m serial
+	$(PY) -m pytest
 
 clean:
 	rm -rf $(VENV) runs data .pytest_cache

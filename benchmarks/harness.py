@@ -169,9 +169,10 @@ def launch(
         prefix: a command prefix, e.g. the thin-link namespace.
         program: the script to run.
     """
-    command = [*prefix, sys.executable, str(program), "--out", str(out), *args]
+    command = [sys.executable, str(program), "--out", str(out), *args]
     began = time.perf_counter()
-    if prefix:  # one network namespace per invocation: the ranks must be started inside it, by Lightning
+    if prefix:  # one network namespace for all ranks: a runner inside it starts them
+        command = [*prefix, sys.executable, "-m", "benchmarks.ranks", str(processes), *command]
         done = subprocess.run(command, env=threads_env(processes), capture_output=True, text=True, cwd=ROOT)
         status, errors = done.returncode, done.stderr
     else:

@@ -49,25 +49,6 @@ def _hygiene() -> Iterator[None]:
     assert not stray, f"threads left running: {stray}"
 
 
-_SHM_AT_START: set[str] = set()
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    global _SHM_AT_START
-    _SHM_AT_START = shm_files()
-
-
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Under pytest-xdist the per-test check above cannot tell whose files are whose; the whole run still must
-    leave none (checked once, by the process that started the workers, after they have all finished)."""
-    if hasattr(session.config, "workerinput"):
-        return
-    leaked = shm_files() - _SHM_AT_START
-    if leaked:
-        session.config.get_terminal_writer().line(f"shared-memory files left behind by the run: {leaked}", red=True)
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -51,7 +51,6 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("smoke")
 @pytest.mark.timeout(900)  # the smoke run is this test's set-up: about 4 minutes on 2 cores, more when they are shared
 def test_smoke_mode_runs_every_benchmark_and_its_methods(smoke: Path) -> None:
     assert sorted(path.stem for path in smoke.glob("*.json")) == sorted(BENCHMARKS)
@@ -64,9 +63,11 @@ def test_smoke_mode_runs_every_benchmark_and_its_methods(smoke: Path) -> None:
             assert name in ("p5_gpu", "p3_thin_link", "p7_thin_link_100mbit", "p7_thin_link_20mbit")
             assert result["skipped"].startswith("skipped: ")
             continue
-        assert result["settings"] and result["baseline"] in result["results"]
+        assert result["settings"]
         if name in SMOKE_METHODS:
             assert sorted(result["results"]) == sorted(SMOKE_METHODS[name])
+        else:
+            assert result["baseline"] in result["results"]
         for method, figures in result["results"].items():
             assert figures["command"], method
             if name in ACCURACY:
@@ -75,13 +76,13 @@ def test_smoke_mode_runs_every_benchmark_and_its_methods(smoke: Path) -> None:
             else:
                 assert figures["samples_per_s"] > 0 and figures["step_s"] > 0, (method, figures)
                 assert all(steps >= 4 for run in figures["steps_per_rank"] for steps in run), (method, figures)
-        assert result["ratios"], name
+        if result["baseline"] in result["results"] and len(result["results"]) > 1:
+            assert result["ratios"], name
     overhead = json.loads((smoke / "p6_overhead.json").read_text())
     assert overhead["results"]["averaging_on"]["fedhog"]["rounds_per_s"] > 0  # fedhog's own figures were read
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("smoke")
 @pytest.mark.timeout(900)
 def test_report_draws_every_plot_and_writes_the_readme_section(smoke: Path, tmp_path: Path) -> None:
     readme = tmp_path / "README.md"

@@ -34,7 +34,6 @@ def _steps_per_rank(samples: int, batch: int, world_size: int) -> int:
 
 # K=2 workers write the probe tensor lock-free (Hogwild!): when two writes collide, one is lost, as the method
 # allows; rare, but under a loaded machine the exact count can then miss a step. A rerun tells that from a bug.
-@pytest.mark.serial
 @pytest.mark.flaky(reruns=2)
 @pytest.mark.parametrize(("workers", "kind"), [(1, "minimal"), (2, "bn")])
 def test_unchanged_module_trains_to_one_consensus_model(tmp_path: Path, workers: int, kind: str) -> None:
@@ -104,7 +103,6 @@ def _steps_done_by(times: list[float], moment: float) -> int:
     return sum(t <= moment for t in times)
 
 
-@pytest.mark.serial
 @pytest.mark.parametrize("strategy", ["fedhog_single_worker", "ddp"])
 def test_a_slow_worker_does_not_slow_the_others_within_an_epoch(tmp_path: Path, strategy: str) -> None:
     # rank 1 sleeps 60 ms per step; rank 0 has no reason to wait for it until the epoch ends

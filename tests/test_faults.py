@@ -37,7 +37,6 @@ def _assert_intact(path: Path, epoch: int | None = None) -> dict:
 
 
 # 256 samples, batch 16: 4 steps per epoch and worker with 4 workers, 8 with 2; the kill comes in epoch 1
-@pytest.mark.serial
 @pytest.mark.parametrize(
     ("devices", "workers", "rank", "named"),
     [(2, 2, 1, "rank 1 (device 0 worker 1"), (2, 1, 1, "rank 1 (device 1 leader")],
@@ -61,7 +60,6 @@ def test_a_killed_peer_is_named_and_the_last_checkpoint_kept(
     _assert_nothing_left(tmp_path)
 
 
-@pytest.mark.serial
 def test_a_stuck_peer_is_named_after_timeout_and_ended(tmp_path: Path) -> None:
     # rank 1 sleeps 30 s in its first step: alive but stuck. Rank 0 waits `timeout` at the epoch's consensus point,
     # fails naming rank 1, and the launcher ends rank 1 after a grace of min(`timeout`, 10 s).
@@ -87,7 +85,6 @@ def test_nan_in_one_device_stops_the_run_without_spreading_and_keeps_the_checkpo
         _assert_intact(tmp_path / "ckpt" / name, epoch=0)
 
 
-@pytest.mark.serial
 def test_sigterm_to_every_process_saves_a_checkpoint_that_resumes(tmp_path: Path) -> None:
     # as SLURM preempts: SIGTERM to every process at once, here from rank 1 in its step 10 (epoch 1)
     first = tmp_path / "first"
@@ -109,7 +106,6 @@ def test_sigterm_to_every_process_saves_a_checkpoint_that_resumes(tmp_path: Path
     assert _assert_intact(resumed / "ckpt" / "last.ckpt", epoch=2)["global_step"] == 3 * 8
 
 
-@pytest.mark.serial
 def test_sigterm_to_one_worker_stops_every_worker(tmp_path: Path) -> None:
     # only rank 3 (a worker of device 1, not the launching process) is signalled; it relays the stop
     outcome = _run(

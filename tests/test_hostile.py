@@ -73,7 +73,6 @@ def _probe_is_the_exact_mean(out: Path, world_size: int, steps: int) -> None:
 
 # K=2 workers write the probe tensor lock-free (Hogwild!): when two writes collide, one is lost, as the method
 # allows; rare, but under a loaded machine the exact count can then miss a step. A rerun tells that from a bug.
-@pytest.mark.serial
 @pytest.mark.flaky(reruns=2)
 def test_manual_optimization_trains_to_one_consensus_model(tmp_path: Path) -> None:
     reports = run_app(tmp_path, "--devices", "2", "--workers", "2", "--kind", "manual", "--epochs", "2")
@@ -85,7 +84,6 @@ def test_manual_optimization_trains_to_one_consensus_model(tmp_path: Path) -> No
 
 # K=2 workers write the probe tensor lock-free (Hogwild!): when two writes collide, one is lost, as the method
 # allows; rare, but under a loaded machine the exact count can then miss a step. A rerun tells that from a bug.
-@pytest.mark.serial
 @pytest.mark.flaky(reruns=2)
 def test_gradient_accumulation_steps_every_second_batch(tmp_path: Path) -> None:
     reports = run_app(tmp_path, "--devices", "2", "--workers", "2", "--accumulate", "2", "--epochs", "2")

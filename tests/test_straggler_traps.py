@@ -117,7 +117,6 @@ def test_user_hooks_see_the_consensus_model(tmp_path: Path, sharing: str) -> Non
         assert seen[0] == seen[1], f"{hook}: the ranks saw different models: {seen}"
 
 
-@pytest.mark.serial
 def test_a_slow_device_with_static_shards_is_reported_once_with_the_fix(tmp_path: Path) -> None:
     outcome = run_outcome(
         tmp_path, "--devices", "2", "--samples", "480", "--epochs", "3", "--sleep-rank", "1", "--sleep", "0.06",

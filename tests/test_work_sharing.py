@@ -117,7 +117,6 @@ def test_settings_that_need_equal_step_counts_are_refused() -> None:
         check_dynamic_compatible(1.0, ["ModelCheckpoint(every_n_train_steps=5)"])
 
 
-@pytest.mark.serial
 def test_a_2x_slower_device_does_less_and_nobody_waits_at_the_epoch_end(tmp_path: Path) -> None:
     reports = run_app(
         tmp_path, "--devices", "2", "--work-sharing", "dynamic", "--samples", "960", "--epochs", "2",
