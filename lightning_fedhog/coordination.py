@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lightning_fedhog.strategy")  # where users already look for fedhog's diagnoses
 
+
 class WatchedEngine(Protocol):
     """What a worker asks of its device's averaging engine besides parking it: failures and figures."""
 
@@ -53,7 +54,7 @@ class Coordination:
         telemetry: this worker's figures, gathered at each consensus point once training started.
         gather: an all-gather of one Python object over every worker (a collective).
         stop: saves the stop checkpoint and ends ``fit``; called on every rank when the ranks agreed to stop.
-        engine: this worker's averaging engine (device leaders with peers), else None.
+        engine: returns this worker's averaging engine (device leaders with peers), else None.
         publish: rank 0 logs the gathered telemetry through the Trainer's loggers; None on other ranks.
         stragglers: with static shards, measures idle devices between consensus points; None otherwise.
         device: this worker's device index among the run's devices (telemetry groups by it).
@@ -83,8 +84,11 @@ class Coordination:
         self._device = device
 
     def training_starts(self) -> None:
-        """Figures and the straggler clock start (without a sanity check, the first span starts here)."""
+        """The figures start (at ``on_train_start``, before anything there waits for the other ranks)."""
         self.telemetry.start()
+
+    def first_span_starts(self) -> None:
+        """The straggler clock starts, once set-up is done (without a sanity check, the first span starts here)."""
         if self.stragglers is not None:
             self.stragglers.left_consensus()
 
@@ -130,7 +134,6 @@ class Coordination:
             gathered = self._gather(mine)  # a collective at a consensus point: every rank is here
             if self._publish is not None:
                 self._publish(gathered)
-
 
     def failed(self, error: BaseException) -> None:
         """``fit`` failed on this rank: records why (peers quote it when their collectives break) and logs it.

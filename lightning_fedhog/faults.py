@@ -73,7 +73,7 @@ class FaultWatch:
         self.signal: int | None = None  # SIGTERM received here (or announced by a peer): stop at a consensus point
         self.failed = False  # this rank failed: peers quote its reason, and the end of `fit` waits for nobody
         self.rank = rank
-        self._rank, self._world_size, self._timeout = rank, world_size, timeout
+        self._world_size, self._timeout = world_size, timeout
         self._stop_key = stop_key
         self._meetings = meetings
         self._clock, self._sleep = clock, sleep
@@ -99,10 +99,10 @@ class FaultWatch:
             return
         self._next_look = now + min(LIVENESS_INTERVAL, self._timeout.total_seconds() / 4)
         if self.peers.dead_local_peers():
-            raise PeerLostError(f"fedhog: rank {self._rank} stops: {self.peers.diagnose()}. {AFTER_FAILURE}")
+            raise PeerLostError(f"fedhog: rank {self.rank} stops: {self.peers.diagnose()}. {AFTER_FAILURE}")
         with contextlib.suppress(Exception):  # an unreachable store is caught by the next collective
             if self.signal is not None and not self._announced:
-                self.peers.store.set(self._stop_key, str(self._rank))
+                self.peers.store.set(self._stop_key, str(self.rank))
                 self._announced = True
             elif self.signal is None and self.peers.store.check([self._stop_key]):
                 self.signal = signal.SIGTERM  # another rank (maybe on another host) was asked to stop
@@ -123,7 +123,7 @@ class FaultWatch:
                 self._sleep(0.05)
         diagnosis = self.peers.diagnose(self._meetings()) if self.peers is not None else "no peer registry yet"
         return PeerLostError(
-            f"fedhog: rank {self._rank} could not {what}: another worker of the {self._world_size} is gone or did not"
+            f"fedhog: rank {self.rank} could not {what}: another worker of the {self._world_size} is gone or did not"
             f" arrive within `timeout={self._timeout}`: {diagnosis}. {AFTER_FAILURE} ({error})"
         )
 

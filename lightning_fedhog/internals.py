@@ -11,7 +11,7 @@ The list (what, and why no public API does it):
   ``_sync_module_states``, ``_update_dataloader``, ``_set_num_threads_if_needed``, ``_SubprocessScriptLauncher``,
   ``_StrategyRegistry``, ``_PATH``: the helpers Lightning's own ``DDPStrategy`` and launcher are made of; fedhog
   reuses them instead of copying them.
-- ``DDPStrategy._configure_launcher``, ``_layer_sync``, ``_timeout``, ``_launcher``: the override points and state
+- ``DDPStrategy._configure_launcher``, ``_layer_sync``, ``_launcher``: the override points and state
   of a strategy subclass (every Lightning strategy sets its launcher this way).
 - ``DDPStrategy.setup`` and ``_SubprocessScriptLauncher.launch``: fedhog's versions follow their bodies; the canary
   compares a fingerprint of Lightning's source, so a change upstream is reviewed, not inherited blindly.

@@ -122,5 +122,9 @@ class PartialSteps:
             yield
 
     def clear(self) -> None:
-        """The end of ``fit``: a later one may bring another model."""
+        """The end of ``fit``: a later one may bring another model (a fit that ended before its first step still
+        has the measuring hooks on the module: they go too)."""
+        if self._remove_hooks is not None:
+            self._remove_hooks()
+            self._remove_hooks = None
         self._blocks, self._parameters = None, []

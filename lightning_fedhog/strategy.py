@@ -5,8 +5,8 @@ mix their copies in the background by block-wise, in-place averaging (LAP-SGD, C
 Alistarh, "Federated SGD with local asynchrony", ICDCS 2024). Every worker is a full Lightning rank with its own
 loop, data shard and optimizer; this class is the glue between Lightning's hooks and the parts that do the work:
 the shared buffer (:mod:`~lightning_fedhog.shared_buffer`), the averaging engine (:mod:`~lightning_fedhog.engine`),
-consensus points (:mod:`~lightning_fedhog.consensus`), failure handling (:mod:`~lightning_fedhog.faults`),
-telemetry, checkpoints, work sharing and partial backprop.
+the meetings with the other workers (:mod:`~lightning_fedhog.coordination`: consensus points, the agreed stop,
+failures, telemetry), checkpoints, work sharing and partial backprop.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from datetime import timedelta
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 import torch
@@ -226,9 +227,10 @@ class FedHogStrategy(PerWorkerCheckpoints):
             world_size=self.world_size, timeout=self.config.timeout, engine=lambda: self.engine,
             settle=lambda: settle(self.root_device),
         )
+        self.telemetry = Telemetry()  # this fit's figures only
         self.coordination = Coordination(
             points, faults, self.telemetry, gather=self.gather_object, stop=self._stop, engine=lambda: self.engine,
-            publish=self._publish if self.is_global_zero else None,
+            publish=partial(self.telemetry.publish, self._trainer()) if self.is_global_zero else None,
             stragglers=self._stragglers, device=place.device_index,
         )
         self.barrier("fedhog-shared")
@@ -246,10 +248,11 @@ class FedHogStrategy(PerWorkerCheckpoints):
             )
             self.engine.start()
         if self.buffer is not None and self.coordination is not None:
+            self.coordination.training_starts()
             if self.config.work_sharing == "static":  # one collective, once per fit
                 check_equal_batches(self.gather_object(trainer.num_training_batches))
             install_stop_handler(self.coordination.faults, internals.user_sigterm_handler(trainer))
-            self.coordination.training_starts()
+            self.coordination.first_span_starts()
         if self._partial is not None:
             self._partial.start(self._module())
 
@@ -307,9 +310,6 @@ class FedHogStrategy(PerWorkerCheckpoints):
         """
         if self.coordination is not None:
             self.coordination.consensus()
-
-    def _publish(self, gathered: list[Any]) -> None:
-        self.telemetry.publish(self._trainer(), gathered)
 
     def _stop(self) -> NoReturn:
         """Every rank agreed to stop (SIGTERM): saves a resumable checkpoint of the consensus model and stops.

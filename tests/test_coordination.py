@@ -82,6 +82,7 @@ def test_a_consensus_point_averages_then_gathers_stragglers_then_telemetry() -> 
     engine = FakeEngine(calls)
     coordination = _coordination(calls, engine=engine)
     coordination.training_starts()
+    coordination.first_span_starts()
     coordination.consensus()
     assert calls == [
         "settle", "engine.pause", "agree", "engine.full_average", "barrier",
@@ -94,6 +95,7 @@ def test_the_second_point_in_a_row_costs_nothing_and_leaving_resumes_the_engine(
     engine = FakeEngine(calls)
     coordination = _coordination(calls, engine=engine)
     coordination.training_starts()
+    coordination.first_span_starts()
     coordination.consensus()
     calls.clear()
     coordination.consensus()  # validation, then a checkpoint: still parked
@@ -116,6 +118,7 @@ def test_rank_zero_publishes_and_the_others_only_gather() -> None:
     calls = Calls()
     coordination = _coordination(calls, publish=False, stragglers=False)
     coordination.training_starts()
+    coordination.first_span_starts()
     coordination.consensus()
     assert ("gather", "telemetry") in calls
     assert not any(isinstance(call, tuple) and call[0] == "publish" for call in calls)
@@ -125,6 +128,7 @@ def test_a_stop_agreed_at_a_point_stops_before_any_other_collective() -> None:
     calls = Calls()
     coordination = _coordination(calls, anyone_stops=True)
     coordination.training_starts()
+    coordination.first_span_starts()
     with pytest.raises(StoppedError):
         coordination.consensus()
     assert calls[-1] == "stop"
@@ -135,6 +139,7 @@ def test_a_stop_agreed_when_leaving_a_point_stops_every_rank_there() -> None:
     calls = Calls()
     coordination = _coordination(calls)
     coordination.training_starts()
+    coordination.first_span_starts()
     coordination.consensus()
     coordination.points._collectives.anyone_stops = True  # a peer got SIGTERM while everyone was parked
     calls.clear()
@@ -147,6 +152,7 @@ def test_a_signal_between_points_makes_a_consensus_point_at_the_next_batch() -> 
     calls = Calls()
     coordination = _coordination(calls)
     coordination.training_starts()
+    coordination.first_span_starts()
     coordination.faults.request_stop()
     with pytest.raises(StoppedError):
         coordination.before_batch(batch=[1])

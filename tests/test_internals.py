@@ -104,7 +104,7 @@ def test_model_checkpoint_internals() -> None:
 
 
 def test_strategy_and_launcher_override_points() -> None:
-    for name in ("_configure_launcher", "_layer_sync", "_timeout", "_launcher"):
+    for name in ("_configure_launcher", "_layer_sync", "_launcher"):
         _has(DDPStrategy(), name, internals.attached_trainer)
     _has(_SubprocessScriptLauncher, "_call_children_scripts", internals.set_num_threads_if_needed)
     module = L.LightningModule()

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from lightning_fedhog.blocks import partition_tensors, tensor_costs
-from lightning_fedhog.partial import gradients_only_for, record_positions
+from lightning_fedhog.partial import PartialSteps, gradients_only_for, record_positions
 
 
 def _cnn() -> nn.Module:
@@ -71,3 +71,20 @@ def test_positions_measure_where_each_weight_is_applied() -> None:
     assert costs[0] == 8 * 3 * 3 * 3 * 64
     model(torch.randn(2, 3, 8, 8))
     assert len(positions) == len(per_tensor), "hooks must be gone after remove()"
+
+
+def _hooks(module: nn.Module) -> int:
+    return sum(len(layer._forward_hooks) for layer in module.modules())
+
+
+def test_the_measuring_hooks_go_after_the_first_step_or_at_the_end_of_a_fit_that_took_none() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    steps = PartialSteps(start_epoch=0, workers=2, partition="compute", rotate=False)
+    steps.start(model)
+    assert _hooks(model) > 0
+    steps.clear()  # the fit ended before its first training step
+    assert _hooks(model) == 0
+    steps.start(model)
+    with steps.step(model, epoch=0, worker_steps=1, slot=0):
+        model(torch.ones(3, 4))  # the first forward pass measures, then the hooks go
+    assert _hooks(model) == 0
