@@ -59,7 +59,6 @@ class Scale:
 
     name: str
     samples: int  # per launch and epoch, all processes together
-    scaling_samples: int  # P1: 4x the others, so that each measured window lasts ~10 s rather than ~3 s
     epochs: int
     repeats: int
     accuracy_repeats: int  # P4's runs are ~1 min each: fewer of them
@@ -74,12 +73,10 @@ class Scale:
     consensus_elements: int
 
 
-FULL = Scale(name="full", samples=12288, scaling_samples=49152, epochs=3, repeats=5, accuracy_repeats=3,
-             thin_samples=4096, thin_model="wide",
+FULL = Scale(name="full", samples=12288, epochs=3, repeats=5, accuracy_repeats=3, thin_samples=4096, thin_model="wide",
              mnist_epochs=100, mnist_samples=5000, straggler_epochs=30, thin_accuracy_epochs=5, gpu_samples=16384,
              gpu_epochs=2, consensus_elements=25_557_032)
-SMOKE = Scale(name="smoke", samples=1024, scaling_samples=1024, epochs=1, repeats=1, accuracy_repeats=1,
-              thin_samples=1024, thin_model="mlp",
+SMOKE = Scale(name="smoke", samples=1024, epochs=1, repeats=1, accuracy_repeats=1, thin_samples=1024, thin_model="mlp",
               mnist_epochs=2, mnist_samples=1000, straggler_epochs=2, thin_accuracy_epochs=2, gpu_samples=2048,
               gpu_epochs=1, consensus_elements=1_000_000)
 
@@ -97,22 +94,21 @@ def _throughput(args: list[str], processes: int, prefix: list[str] | None = None
 
 def p1_scaling(scale: Scale) -> dict[str, Any]:
     """P1: does fedhog use the machine as well as independent processes would?"""
-    mlp, n = ["--model", "mlp"], scale.scaling_samples
+    mlp = ["--model", "mlp"]
     methods: dict[str, Method] = {
         "physical_limit": lambda out: harness.launch_independent(
-            [*mlp, *_common(scale, 1, samples=n // 2)], out, copies=2
+            [*mlp, *_common(scale, 1, samples=scale.samples // 2)], out, copies=2
         ),
-        "ddp": _throughput([*mlp, *_common(scale, 2, n), "--strategy", "ddp"], 2),
-        "fedhog_2x1": _throughput([*mlp, *_common(scale, 2, n), "--strategy", "fedhog", "--workers", "1"], 2),
-        "fedhog_1x2": _throughput([*mlp, *_common(scale, 1, n), "--strategy", "fedhog", "--workers", "2"], 2),
+        "ddp": _throughput([*mlp, *_common(scale, 2), "--strategy", "ddp"], 2),
+        "fedhog_2x1": _throughput([*mlp, *_common(scale, 2), "--strategy", "fedhog", "--workers", "1"], 2),
+        "fedhog_1x2": _throughput([*mlp, *_common(scale, 1), "--strategy", "fedhog", "--workers", "2"], 2),
         # the same 2 x 1 run exchanging a quarter of the vector per round: a quarter of the averaging traffic
         "fedhog_2x1_4blocks": _throughput(
-            [*mlp, *_common(scale, 2, n), "--strategy", "fedhog", "--workers", "1", "--blocks", "4"], 2
+            [*mlp, *_common(scale, 2), "--strategy", "fedhog", "--workers", "1", "--blocks", "4"], 2
         ),
     }
     return {"methods": methods, "baseline": "ddp", "limit": "physical_limit",
             "settings": {"model": "mlp (1.6M parameters)", "batch": 64, "processes": 2,
-                         "samples": f"{n:,} per epoch, all processes together, {scale.epochs} epochs",
                          "fedhog": "defaults: averaging_period=16, num_blocks=1, static work sharing"}}
 
 
