@@ -13,6 +13,7 @@ from lightning_fedhog.coordination import Coordination
 from lightning_fedhog.faults import FaultWatch, PeerLostError
 from lightning_fedhog.stragglers import StragglerWatch
 from lightning_fedhog.telemetry import Telemetry
+from tests import test_consensus as consensus_fakes
 from tests.test_consensus import Calls, FakeCollectives, FakePeers
 
 
@@ -20,24 +21,16 @@ class StoppedError(Exception):
     """What the fake stop raises, so a test sees that the run ended there."""
 
 
-class FakeEngine:
-    def __init__(self, calls: Calls, error: BaseException | None = None) -> None:
-        self.calls, self.error, self.parked = calls, error, False
+class FakeEngine(consensus_fakes.FakeEngine):
+    """The consensus tests' engine, plus what a worker asks of it between points: its thread's failure, figures."""
 
-    def pause(self) -> None:
-        self.calls.append("engine.pause")
-        self.parked = True
-
-    def full_average(self) -> None:
-        self.calls.append("engine.full_average")
-
-    def resume(self) -> None:
-        self.calls.append("engine.resume")
-        self.parked = False
+    def __init__(self, calls: Calls, thread_error: BaseException | None = None) -> None:
+        super().__init__(calls)
+        self.thread_error = thread_error
 
     def raise_if_failed(self) -> None:
-        if self.error is not None:
-            raise self.error
+        if self.thread_error is not None:
+            raise self.thread_error
 
     def take_stats(self) -> dict[str, float]:
         self.calls.append("engine.take_stats")
@@ -51,7 +44,10 @@ def _coordination(
     stragglers: bool = True,
     publish: bool = True,
     engine: FakeEngine | None = None,
+    training: bool = False,
 ) -> Coordination:
+    """A worker's coordination with fakes around it; ``training``: past ``on_train_start`` (figures and the
+    straggler clock started)."""
     clock = iter(float(t) for t in range(1000))
     faults = FaultWatch(
         FakePeers(), rank=0, world_size=2, timeout=timedelta(seconds=60), stop_key="stop", meetings=lambda: 0
@@ -70,19 +66,21 @@ def _coordination(
         raise StoppedError
 
     watch = StragglerWatch(gather, device=0, devices=2, report=True, clock=lambda: next(clock)) if stragglers else None
-    return Coordination(
+    coordination = Coordination(
         points, faults, Telemetry(clock=lambda: next(clock)), gather=gather, stop=stop, engine=lambda: engine,
         publish=(lambda gathered: calls.append(("publish", len(gathered)))) if publish else None,
         stragglers=watch, device=0,
     )
+    if training:
+        coordination.training_starts()
+        coordination.first_span_starts()
+    return coordination
 
 
 def test_a_consensus_point_averages_then_gathers_stragglers_then_telemetry() -> None:
     calls = Calls()
     engine = FakeEngine(calls)
-    coordination = _coordination(calls, engine=engine)
-    coordination.training_starts()
-    coordination.first_span_starts()
+    coordination = _coordination(calls, engine=engine, training=True)
     coordination.consensus()
     assert calls == [
         "settle", "engine.pause", "agree", "engine.full_average", "barrier",
@@ -93,9 +91,7 @@ def test_a_consensus_point_averages_then_gathers_stragglers_then_telemetry() -> 
 def test_the_second_point_in_a_row_costs_nothing_and_leaving_resumes_the_engine() -> None:
     calls = Calls()
     engine = FakeEngine(calls)
-    coordination = _coordination(calls, engine=engine)
-    coordination.training_starts()
-    coordination.first_span_starts()
+    coordination = _coordination(calls, engine=engine, training=True)
     coordination.consensus()
     calls.clear()
     coordination.consensus()  # validation, then a checkpoint: still parked
@@ -116,9 +112,7 @@ def test_before_training_a_point_gathers_nothing() -> None:
 
 def test_rank_zero_publishes_and_the_others_only_gather() -> None:
     calls = Calls()
-    coordination = _coordination(calls, publish=False, stragglers=False)
-    coordination.training_starts()
-    coordination.first_span_starts()
+    coordination = _coordination(calls, publish=False, stragglers=False, training=True)
     coordination.consensus()
     assert ("gather", "telemetry") in calls
     assert not any(isinstance(call, tuple) and call[0] == "publish" for call in calls)
@@ -126,9 +120,7 @@ def test_rank_zero_publishes_and_the_others_only_gather() -> None:
 
 def test_a_stop_agreed_at_a_point_stops_before_any_other_collective() -> None:
     calls = Calls()
-    coordination = _coordination(calls, anyone_stops=True)
-    coordination.training_starts()
-    coordination.first_span_starts()
+    coordination = _coordination(calls, anyone_stops=True, training=True)
     with pytest.raises(StoppedError):
         coordination.consensus()
     assert calls[-1] == "stop"
@@ -137,9 +129,7 @@ def test_a_stop_agreed_at_a_point_stops_before_any_other_collective() -> None:
 
 def test_a_stop_agreed_when_leaving_a_point_stops_every_rank_there() -> None:
     calls = Calls()
-    coordination = _coordination(calls)
-    coordination.training_starts()
-    coordination.first_span_starts()
+    coordination = _coordination(calls, training=True)
     coordination.consensus()
     coordination.points._collectives.anyone_stops = True  # a peer got SIGTERM while everyone was parked
     calls.clear()
@@ -150,9 +140,7 @@ def test_a_stop_agreed_when_leaving_a_point_stops_every_rank_there() -> None:
 
 def test_a_signal_between_points_makes_a_consensus_point_at_the_next_batch() -> None:
     calls = Calls()
-    coordination = _coordination(calls)
-    coordination.training_starts()
-    coordination.first_span_starts()
+    coordination = _coordination(calls, training=True)
     coordination.faults.request_stop()
     with pytest.raises(StoppedError):
         coordination.before_batch(batch=[1])
@@ -161,7 +149,7 @@ def test_a_signal_between_points_makes_a_consensus_point_at_the_next_batch() -> 
 
 def test_a_failed_engine_thread_is_raised_in_the_training_loop() -> None:
     calls = Calls()
-    coordination = _coordination(calls, engine=FakeEngine(calls, error=RuntimeError("gloo connection reset")))
+    coordination = _coordination(calls, engine=FakeEngine(calls, thread_error=RuntimeError("gloo connection reset")))
     with pytest.raises(PeerLostError, match="average with the other devices"):
         coordination.before_batch(batch=[1])
 
