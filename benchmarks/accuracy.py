@@ -72,13 +72,8 @@ def mnist1d(
             f"--data.num_samples={scale.mnist_samples}", f"--seed_everything={seed}",
         ]
         began = time.perf_counter()
-        if prefix:  # one namespace for all ranks: a runner inside it starts them
-            command = [*prefix, sys.executable, "-m", "benchmarks.ranks", str(processes), *command]
-            done = subprocess.run(command, env=harness.threads_env(processes), capture_output=True, text=True,
-                                  cwd=harness.ROOT)
-            status, errors = done.returncode, done.stderr
-        else:
-            status, errors = harness.run_ranks(command, processes, harness.threads_env(processes))
+        status, errors = harness.run_ranks(command, processes, harness.threads_env(processes), prefix=prefix)
+        command = harness.ranks_command(command, processes, prefix)  # as reported: what ran, in which namespace
         if status != 0:
             raise RuntimeError(f"MNIST-1D run failed ({status}): {shlex.join(command)}\n{errors[-4000:]}")
         return {**accuracy_curve(out, target), "command": shlex.join(command),

@@ -93,14 +93,21 @@ def threads_env(processes: int) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONWARNINGS": "ignore"}
 
 
-def run_ranks(command: Sequence[str], processes: int, env: dict[str, str], timeout: float = 1800) -> tuple[int, str]:
+def run_ranks(
+    command: Sequence[str], processes: int, env: dict[str, str], timeout: float = 1800, prefix: Sequence[str] = ()
+) -> tuple[int, str]:
     """Runs every rank of one launch at once, as torchrun does, and returns (status, the ranks' stderr).
 
     Lightning's own launcher starts the other ranks only once rank 0 has imported everything and reached ``fit``,
     so a launch pays the ~10 s import of Lightning twice in a row; started together (with the environment
     Lightning's launcher gives its children) the ranks import side by side. The first rank to fail ends the others.
-    With one process the command simply runs.
+    With one process the command simply runs. With a ``prefix`` (a network namespace), all ranks must share what
+    it sets up, so ``python -m benchmarks.ranks`` runs inside it and starts them there.
     """
+    if prefix:  # the runner inside applies its own time limit (the default), where it can end the ranks it started
+        done = subprocess.run(ranks_command(command, processes, prefix), env=env, capture_output=True, text=True,
+                              cwd=ROOT)
+        return done.returncode, done.stderr
     env = {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "NODE_RANK": "0",
            "WORLD_SIZE": str(processes)}
     with tempfile.TemporaryDirectory(prefix="fedhog-ranks-") as tmp:
@@ -125,6 +132,13 @@ def run_ranks(command: Sequence[str], processes: int, env: dict[str, str], timeo
             process.wait()
         status = status or next((process.returncode for process in running if process.returncode != 0), 0)
         return status, "\n".join(log.read_text()[-4000:] for log in logs)
+
+
+def ranks_command(command: Sequence[str], processes: int, prefix: Sequence[str] = ()) -> list[str]:
+    """The command line :func:`run_ranks` runs: ``command`` itself, or the namespace's runner of all its ranks."""
+    if not prefix:
+        return list(command)
+    return [*prefix, sys.executable, "-m", "benchmarks.ranks", str(processes), *command]
 
 
 def free_port() -> int:
@@ -171,12 +185,8 @@ def launch(
     """
     command = [sys.executable, str(program), "--out", str(out), *args]
     began = time.perf_counter()
-    if prefix:  # one network namespace for all ranks: a runner inside it starts them
-        command = [*prefix, sys.executable, "-m", "benchmarks.ranks", str(processes), *command]
-        done = subprocess.run(command, env=threads_env(processes), capture_output=True, text=True, cwd=ROOT)
-        status, errors = done.returncode, done.stderr
-    else:
-        status, errors = run_ranks(command, processes, threads_env(processes))
+    status, errors = run_ranks(command, processes, threads_env(processes), prefix=prefix)
+    command = ranks_command(command, processes, prefix)  # as reported: what ran, in which namespace
     if status != 0:
         raise RuntimeError(f"benchmark launch failed ({status}): {shlex.join(command)}\n{errors[-4000:]}")
     ranks = [json.loads(path.read_text()) for path in sorted(out.glob("rank*.json"))]

@@ -108,9 +108,7 @@ class PartialSteps:
         """Runs a training step: a partial one (only this worker's block requires gradients) when it is one."""
         if self._remove_hooks is not None or epoch < self.start_epoch or worker_steps % 2 == 0:
             yield
-            if self._remove_hooks is not None:  # the first forward pass measured the positions
-                self._remove_hooks()
-                self._remove_hooks = None
+            self._stop_measuring()  # the first forward pass measured the positions
             return
         if self._blocks is None:  # computed once per fit: the parameters do not change during it
             self._parameters = list(module.parameters())
@@ -124,7 +122,10 @@ class PartialSteps:
     def clear(self) -> None:
         """The end of ``fit``: a later one may bring another model (a fit that ended before its first step still
         has the measuring hooks on the module: they go too)."""
+        self._stop_measuring()
+        self._blocks, self._parameters = None, []
+
+    def _stop_measuring(self) -> None:
         if self._remove_hooks is not None:
             self._remove_hooks()
             self._remove_hooks = None
-        self._blocks, self._parameters = None, []
