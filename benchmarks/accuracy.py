@@ -129,6 +129,7 @@ def fedhog_figures(rows: list[dict[str, str]], batch: int = 32) -> dict[str, flo
         "consensus_distance": mean("fedhog/consensus_distance"),
         "consensus_s": sum(float(row["fedhog/parked_s"]) for row in logged),
         "samples_per_s": mean("fedhog/samples_per_s"),
+        **({"period": mean("fedhog/period")} if any(row.get("fedhog/period") for row in logged) else {}),
     }
 
 
@@ -244,6 +245,50 @@ def p7_thin_link_20mbit(scale: Scale, workdir: Path) -> dict[str, Any]:
 
 P7_CHANNELS = 128
 P7_TARGET = 0.85
+
+
+def p9_mixing_per_byte(scale: Scale, workdir: Path) -> dict[str, Any]:
+    """P9: P7's 20 Mbit/s run with each of fedhog's link options on and off, in one run.
+
+    fedhog as in P7 (fp32 rounds every 16 device steps), then with compressed rounds (bf16, int8), with the
+    self-paced period (``averaging_period="auto"``), and with both; DDP on the same link, and fedhog with its
+    defaults and no rate limit (the time a thin-link run can approach).
+    """
+    data = workdir / "mnist1d-data"
+    prefix = harness.thin_link_prefix("20mbit")
+    if prefix is None:
+        return {"skipped": harness.thin_link_unavailable()}
+    wide = [f"--model.channels={P7_CHANNELS}"]
+    fedhog = [*wide, "--trainer.strategy.workers_per_device=1"]
+    auto = "--trainer.strategy.averaging_period=auto"
+    epochs = scale.thin_accuracy_epochs
+    thin = {"target": P7_TARGET, "prefix": prefix}
+
+    def on_link(*options: str) -> Method:
+        return mnist1d([*fedhog, *options], 2, scale, data, epochs, **thin)
+
+    methods: dict[str, Method] = {
+        "ddp": mnist1d([*wide, "--trainer.strategy=ddp"], 2, scale, data, epochs, **thin),
+        "fedhog": on_link(),
+        "fedhog_bf16": on_link("--trainer.strategy.compression=bf16"),
+        "fedhog_int8": on_link("--trainer.strategy.compression=int8"),
+        "fedhog_auto": on_link(auto),
+        "fedhog_int8_auto": on_link("--trainer.strategy.compression=int8", auto),
+        "fedhog_unlimited": mnist1d(fedhog, 2, scale, data, epochs, target=P7_TARGET),
+    }
+    return {"methods": methods, "baseline": "ddp", "limit": "fedhog_unlimited", "kind": "accuracy",
+            "settings": {"target_accuracy": P7_TARGET, "epochs": epochs, "batch_per_process": 32,
+                         "samples": scale.mnist_samples, "model": f"ConvNet1D, channels={P7_CHANNELS} (105,738"
+                         " parameters, 423 kB in fp32)", "recipe": "python -m recipes.mnist1d fit --model.channels=128",
+                         "link": "loopback of a private netns, tc tbf rate 20mbit (all ranks' traffic shares it);"
+                         " fedhog_unlimited: the same run without the namespace",
+                         "fedhog": "2 devices x 1 worker, averaging_period=16, num_blocks=1, fp32 rounds (defaults)",
+                         "fedhog_bf16/int8": "compression='bf16'/'int8': rounds send the difference from the shared"
+                         " reference; consensus points stay exact fp32",
+                         "fedhog_auto": "averaging_period='auto' (averaging may cost 5% of the workers' throughput)",
+                         "ddp": "2 processes", "seeds": "repeat i uses seed_everything=i",
+                         "granularity": "accuracy is measured at every epoch end: a time to target is the end of the"
+                         " first epoch whose validation reached it"}}
 
 
 def p8_straggler_accuracy(scale: Scale, workdir: Path) -> dict[str, Any]:

@@ -16,6 +16,8 @@ The benchmarks:
 - ``p3_thin_link``: a ~10M-parameter model in a network namespace whose loopback is capped at 100 Mbit/s.
 - ``p7_thin_link_100mbit``, ``p7_thin_link_20mbit``: the MNIST-1D recipe with a wider CNN to 0.85 on a 100 or a 20
   Mbit/s link (a private network namespace): DDP, post-local SGD and fedhog, and fedhog with no rate limit.
+- ``p9_mixing_per_byte``: P7 at 20 Mbit/s with fedhog's compressed rounds (bf16, int8) and self-paced period on
+  and off, DDP, and fedhog with no rate limit.
 - ``p8_straggler_accuracy``: the MNIST-1D recipe to 0.90 with device 1 about 2x slower (a fixed sleep per batch);
   DDP, post-local SGD, fedhog with static and with dynamic work sharing.
 - ``p4_time_to_accuracy``: the MNIST-1D recipe to 0.90 test accuracy, fedhog vs DDP vs one process, wall-clock
@@ -47,6 +49,7 @@ from benchmarks.accuracy import (
     p7_thin_link_20mbit,
     p7_thin_link_100mbit,
     p8_straggler_accuracy,
+    p9_mixing_per_byte,
     summarize,
 )
 
@@ -214,8 +217,11 @@ BENCHMARKS = {
     "p7_thin_link_100mbit": ("P7 MNIST-1D time to 0.85 on a 100 Mbit/s link", p7_thin_link_100mbit),
     "p7_thin_link_20mbit": ("P7 MNIST-1D time to 0.85 on a 20 Mbit/s link", p7_thin_link_20mbit),
     "p8_straggler_accuracy": ("P8 MNIST-1D time to 0.90 with one device 2x slower", p8_straggler_accuracy),
+    "p9_mixing_per_byte": ("P9 MNIST-1D time to 0.85 on a 20 Mbit/s link, fedhog's link options", p9_mixing_per_byte),
 }
-ACCURACY = ("p4_time_to_accuracy", "p7_thin_link_100mbit", "p7_thin_link_20mbit", "p8_straggler_accuracy")
+ACCURACY = (
+    "p4_time_to_accuracy", "p7_thin_link_100mbit", "p7_thin_link_20mbit", "p8_straggler_accuracy", "p9_mixing_per_byte"
+)
 SMOKE_METHODS = {
     # each launch costs the test suite ~12 s of imports: a method left out runs the same code as one kept somewhere,
     # with other settings (DDP's throughput path in p1 and p2, the recipe's DDP in p4/p8's code, post-local SGD's
@@ -227,6 +233,7 @@ SMOKE_METHODS = {
     "p7_thin_link_100mbit": ("fedhog",),
     "p7_thin_link_20mbit": ("fedhog",),
     "p8_straggler_accuracy": ("post_local_sgd", "fedhog_dynamic"),
+    "p9_mixing_per_byte": ("fedhog_int8_auto",),
     "p5_gpu": ("one_process_b256", "fedhog_k2_b256"),
 }
 TARGETS = {
@@ -237,6 +244,8 @@ TARGETS = {
     "p7_thin_link_100mbit": "fedhog <= 0.5x DDP's time, and within 2x of its own time on an unlimited link",
     "p7_thin_link_20mbit": "fedhog within 2x of its own time on an unlimited link",
     "p8_straggler_accuracy": "fedhog with the straggler setting <= 0.75x DDP's time to 0.90",
+    "p9_mixing_per_byte": "the best option within 1.5x of fedhog's own time on an unlimited link (<= 0.25x DDP's),"
+    " int8 >= 2x the rounds/s of fp32 at equal bytes/s",
     "p5_gpu": "fedhog K=4 >= 1.3x one process on ResNet-20",
 }
 

@@ -25,6 +25,9 @@ from torch import Tensor
 
 from lightning_fedhog.averaging import all_finite, exchange_average_, exchange_with_peer_, sum_control
 from lightning_fedhog.blocks import BlockRule, block_bounds, next_block
+from lightning_fedhog.compression import Compression, SharedReference
+from lightning_fedhog.self_pacing import START_PERIOD, Pace, agreed_period
+from lightning_fedhog.telemetry import RoundFigures
 from lightning_fedhog.topology import Topology, peers
 
 if TYPE_CHECKING:
@@ -58,7 +61,11 @@ class AveragingEngine:
         seed: shared by all leaders, for random topologies and block rules.
         on_non_finite: a round in which some leader's block holds NaN/Inf is never applied (the values would
             spread to every device); ``"stop"`` then fails with the leaders named, ``"skip"`` carries on.
-        period: device steps between rounds; the main thread may change it at any time.
+        period: device steps between rounds, or ``"auto"`` to choose them from the measured step and round times
+            (:mod:`~lightning_fedhog.self_pacing`); the main thread may change it at any time.
+        compression: what all-reduce rounds send (:mod:`~lightning_fedhog.compression`); consensus averages
+            stay exact fp32.
+        pacing_budget: with ``period="auto"``, the share of the workers' throughput averaging may cost.
         timeout: how long the main thread waits for the engine to park or finish a command.
         poll_interval: the least time between two looks at the step counters.
     """
@@ -71,16 +78,21 @@ class AveragingEngine:
         group_ranks: list[int],
         *,
         num_blocks: int,
-        period: int,
+        period: int | Literal["auto"],
         timeout: timedelta,
         block_rule: BlockRule = "round_robin",
         gossip_topology: Topology | None = None,
         seed: int = 0,
         on_non_finite: Literal["stop", "skip"] = "stop",
+        compression: Compression = "none",
+        pacing_budget: float = 0.05,
         poll_interval: float = 0.0005,
     ) -> None:
         self.flat = flat
-        self.period = period
+        self.period: int | Literal["auto"] = period
+        self.paced_period = 0  # with period="auto": the period the leaders agreed on in the last round
+        self._pace = Pace()
+        self._pacing_budget = pacing_budget
         self.rounds = 0
         self.error: AveragingError | None = None
         self._device_steps = device_steps
@@ -96,13 +108,12 @@ class AveragingEngine:
         # cycle cannot alias) and the round of the last exchange (tie-break of "largest_change")
         self._exchanges = [0] * num_blocks
         self._last_round = [-1] * num_blocks
-        # observability: counters since the last `take_stats`, device steps at each block's last exchange
-        self._interval = {"rounds": 0.0, "seconds": 0.0, "bytes": 0.0, "moved_sq": 0.0}
-        self._interval_start = time.monotonic()
-        self._block_steps = [0] * num_blocks
-        self.consensus_distance = 0.0
+        self.figures = RoundFigures(num_blocks)  # what the rounds did since the last `take_stats`
         # the value of each block when it was last exchanged, for the "largest_change" rule
         self._reference: Tensor | None = flat.clone() if block_rule == "largest_change" else None
+        self._shared = (  # compressed rounds: each block's difference from a reference every leader holds
+            SharedReference(flat.numel(), num_blocks, compression, flat.device) if compression != "none" else None
+        )
         self._timeout = timeout.total_seconds()
         self._poll_interval = poll_interval
         self._seconds_per_step = 0.0  # measured device step time, to sleep until the next round is near
@@ -117,14 +128,14 @@ class AveragingEngine:
     @classmethod
     def configured(
         cls, config: FedHogConfig, flat: Tensor, device_steps: Callable[[], int], group: Any, group_ranks: list[int],
-        *, period: int,
+        *, period: int | Literal["auto"],
     ) -> AveragingEngine:
         """The engine with the run's settings (``num_blocks``, ``block_rule``, gossip, seed, ``nonfinite``)."""
         return cls(
             flat, device_steps, group, group_ranks, num_blocks=config.num_blocks, period=period,
             timeout=config.timeout, block_rule=config.block_rule,
             gossip_topology=config.topology if config.averaging == "gossip" else None, seed=config.seed,
-            on_non_finite=config.nonfinite,
+            on_non_finite=config.nonfinite, compression=config.compression,
         )
 
     # ----------------------------------------------------------------------------------------------- main thread
@@ -170,26 +181,15 @@ class AveragingEngine:
         return not self._thread.is_alive()
 
     def take_stats(self) -> dict[str, float]:
-        """Averaging figures since the previous call (call it while parked): rounds/s, bytes/s, seconds per
-        round, the RMS distance a round moved this copy (an estimate of the distance to the other copies),
-        the largest staleness of a block in device steps, and the distance to the mean at the last consensus.
-        """
-        now = time.monotonic()
-        elapsed = max(now - self._interval_start, 1e-9)
-        rounds = self._interval["rounds"]
-        steps = self._device_steps()
-        result = {
-            "rounds": rounds,
-            "rounds_per_s": rounds / elapsed,
-            "bytes_per_s": self._interval["bytes"] / elapsed,
-            "seconds_per_round": self._interval["seconds"] / rounds if rounds else 0.0,
-            "round_distance": (self._interval["moved_sq"] / rounds) ** 0.5 if rounds else 0.0,
-            "staleness_steps": float(max(steps - last for last in self._block_steps)),
-            "consensus_distance": self.consensus_distance,
-        }
-        self._interval = dict.fromkeys(self._interval, 0.0)
-        self._interval_start = now
-        return result
+        """The averaging figures since the previous call (:meth:`~lightning_fedhog.telemetry.RoundFigures.take`)."""
+        return self.figures.take(self._device_steps(), self.current_period)
+
+    @property
+    def current_period(self) -> int:
+        """Device steps between rounds now: the fixed period, or the one the leaders last agreed on."""
+        if self.period != "auto":
+            return self.period
+        return self.paced_period or START_PERIOD
 
     def raise_if_failed(self) -> None:
         """Raises the engine's error in the calling thread, if the background thread has failed."""
@@ -237,11 +237,12 @@ class AveragingEngine:
     def _loop(self) -> None:
         last = self._device_steps()
         scores: list[float] | None = None
+        ended = (last, time.monotonic())  # device steps and time at the end of the previous round (or a park)
         while True:
             want_pause = self._wait_for_trigger(last)
             if want_pause is None:
                 return
-            last = self._device_steps()
+            last, began = self._device_steps(), time.monotonic()
             block = next_block(
                 self._block_rule,
                 self.rounds,
@@ -253,13 +254,21 @@ class AveragingEngine:
             summed = self._round(block, want_pause)
             self._synchronize()
             self.rounds += 1
+            steps, now = self._device_steps(), time.monotonic()
+            self._pace = self._pace.update(
+                idle_steps=last - ended[0], idle_s=began - ended[1], busy_steps=steps - last, busy_s=now - began
+            )
+            ended = (steps, now)
             leaders = len(self._group_ranks)
             bad = [index for index, value in enumerate(summed[1 : 1 + leaders].tolist()) if value > 0]
             if bad:
                 self._non_finite(bad, block)
-            scores = summed[1 + leaders :].tolist() if summed.numel() > 1 + leaders else None
-            if summed[0] > 0 and not self._park():
-                return
+            self.paced_period = agreed_period(float(summed[1 + leaders]), leaders)
+            scores = summed[2 + leaders :].tolist() if summed.numel() > 2 + leaders else None
+            if summed[0] > 0:
+                if not self._park():
+                    return
+                ended = (self._device_steps(), time.monotonic())  # parked time is neither idle nor busy
 
     def _non_finite(self, bad: list[int], block: int) -> None:
         """Some leaders' block was not finite: the round was not applied anywhere; stop or carry on."""
@@ -275,11 +284,14 @@ class AveragingEngine:
 
     def _control(self, want_pause: bool, block: int) -> Tensor:
         """This leader's control vector, summed over all leaders by the round's message:
-        ``[pause flag, one-hot "my block is not finite" per leader, change score per block (largest_change)]``."""
+        ``[pause flag, one-hot "my block is not finite" per leader, proposed period, change score per block
+        (largest_change)]``."""
         start, stop = self._bounds[block]
         values = [float(want_pause)] + [0.0] * len(self._group_ranks)
         if not all_finite(self.flat[start:stop]):
             values[1 + self._group.rank()] = 1.0
+        proposal = self._pace.period(self._pacing_budget) if self.period == "auto" else self.period
+        values.append(float(proposal))
         if self._reference is not None:
             values += [float((self.flat[a:b] - self._reference[a:b]).norm()) for a, b in self._bounds]
         return torch.tensor(values, dtype=self.flat.dtype, device=self.flat.device)
@@ -295,7 +307,12 @@ class AveragingEngine:
         control = self._control(want_pause, block)
         began = time.monotonic()
         stats: dict[str, float] = {}
-        if self._topology is None:
+        if self._topology is None and self._shared is not None:
+            summed = self._shared.exchange_(
+                live, block, (start, stop), self._group, len(self._group_ranks), control, accept=self._guard,
+                stats=stats,
+            )
+        elif self._topology is None:
             summed = exchange_average_(
                 live, self._group, len(self._group_ranks), control, stats=stats, accept=self._guard
             )
@@ -305,11 +322,7 @@ class AveragingEngine:
             peer = schedule[self._group.rank()]
             if peer is not None and self._guard(summed):
                 exchange_with_peer_(live, self._group, peer, tag=self.rounds % 65536, stats=stats)
-        self._interval["rounds"] += 1
-        self._interval["seconds"] += time.monotonic() - began
-        self._interval["bytes"] += stats.get("bytes", 0.0)
-        self._interval["moved_sq"] += stats.get("moved", 0.0) ** 2
-        self._block_steps[block] = self._device_steps()
+        self.figures.round_done(block, time.monotonic() - began, stats, self._device_steps())
         if self._reference is not None:
             self._reference[start:stop].copy_(live)
         self._exchanges[block] += 1
@@ -334,7 +347,7 @@ class AveragingEngine:
                     0.5 * self._seconds_per_step + 0.5 * per_step
                 )
                 seen_steps, seen_time = steps, now
-            remaining = self.period - (steps - last)
+            remaining = self.current_period - (steps - last)
             delay = min(max(0.5 * remaining * self._seconds_per_step, self._poll_interval), _MAX_POLL_SECONDS)
             with self._cond:
                 if self._abandon:
@@ -370,9 +383,11 @@ class AveragingEngine:
                         " rate or clip gradients (`Trainer(gradient_clip_val=...)`)."
                     )
                 self._synchronize()
-                self.consensus_distance = stats["moved"]
+                self.figures.consensus_distance = stats["moved"]
                 if self._reference is not None:
                     self._reference.copy_(self.flat)
+                if self._shared is not None:
+                    self._shared.reset_(self.flat)
             with self._cond:
                 if command == "resume":
                     self._pause_requested = False

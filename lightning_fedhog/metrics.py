@@ -38,10 +38,13 @@ def fedhog_metrics(workers: list[dict[str, Any]], wall_time: float) -> dict[str,
     leaders = [(w["device"], w["engine"]) for w in workers if w.get("engine")]
     if leaders:
         averaged = (
-            "rounds", "rounds_per_s", "bytes_per_s", "seconds_per_round", "round_distance", "consensus_distance"
+            "rounds", "rounds_per_s", "bytes_per_s", "seconds_per_round", "round_distance", "consensus_distance",
+            "period",
         )
         for key in averaged:
-            metrics[f"{PREFIX}{key}"] = sum(engine[key] for _, engine in leaders) / len(leaders)
+            values = [engine[key] for _, engine in leaders if key in engine]
+            if values:
+                metrics[f"{PREFIX}{key}"] = sum(values) / len(values)
         metrics[f"{PREFIX}staleness_steps"] = max(engine["staleness_steps"] for _, engine in leaders)
         for device, engine in leaders:
             metrics[f"{PREFIX}device{device}/consensus_distance"] = engine["consensus_distance"]

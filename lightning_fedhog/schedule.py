@@ -6,8 +6,10 @@ Which block a round exchanges is decided in :mod:`lightning_fedhog.blocks`; with
 
 from __future__ import annotations
 
+from typing import Literal
 
-def averaging_period(epoch: int, *, period: int, warmup_epochs: int) -> int:
+
+def averaging_period(epoch: int, *, period: int | Literal["auto"], warmup_epochs: int) -> int | Literal["auto"]:
     """Device steps between two rounds in ``epoch``: one during the warm-up epochs, ``period`` after.
 
     The paper (Sec. V, "pre_post_epochs") averages after every step while the learning rate is high and

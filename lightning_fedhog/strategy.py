@@ -33,6 +33,7 @@ from lightning_fedhog.blocks import BlockRule, Partition
 from lightning_fedhog.callbacks import ConsensusFirst
 from lightning_fedhog.checkpoints import PerWorkerCheckpoints, save_stop_checkpoint
 from lightning_fedhog.checks import check_accelerator, check_equal_batches, checked_layout, refuse_sync_batchnorm
+from lightning_fedhog.compression import Compression
 from lightning_fedhog.config import PRESETS, AveragingMode, FedHogConfig
 from lightning_fedhog.coordination import Coordination, meet_peers
 from lightning_fedhog.device_copy import release, share_parameters
@@ -76,7 +77,7 @@ class FedHogStrategy(PerWorkerCheckpoints):
         self,
         workers_per_device: int = 2,
         averaging: AveragingMode = "allreduce",
-        averaging_period: int = 16,
+        averaging_period: int | Literal["auto"] = 16,
         averaging_warmup_epochs: int = 0,
         num_blocks: int = 1,
         timeout: timedelta = timedelta(minutes=30),
@@ -89,6 +90,7 @@ class FedHogStrategy(PerWorkerCheckpoints):
         work_sharing: WorkSharing = "static",
         nonfinite: Literal["stop", "skip"] = "stop",
         averaging_backend: AveragingBackend = "auto",
+        compression: Compression = "none",
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,

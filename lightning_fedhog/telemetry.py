@@ -65,3 +65,44 @@ class Telemetry:
         if "fedhog/rounds_per_s" in metrics:
             # the progress bar (rank 0's, one for the run) shows the averaging rate next to the user's metrics
             show_in_progress_bar(trainer, "avg_rounds/s", round(metrics["fedhog/rounds_per_s"], 1))
+
+
+class RoundFigures:
+    """What a device leader's averaging rounds did since the previous :meth:`take` (the engine thread records,
+    the main thread takes while the engine is parked)."""
+
+    def __init__(self, num_blocks: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.consensus_distance = 0.0  # how far the last consensus moved this copy (its distance to the mean)
+        self._clock = clock
+        self._sums = {"rounds": 0.0, "seconds": 0.0, "bytes": 0.0, "moved_sq": 0.0}
+        self._start = clock()
+        self._block_steps = [0] * num_blocks  # device steps at each block's last exchange
+
+    def round_done(self, block: int, seconds: float, stats: dict[str, float], device_steps: int) -> None:
+        """One round of ``block`` took ``seconds``; ``stats`` as the exchange functions fill them."""
+        self._sums["rounds"] += 1
+        self._sums["seconds"] += seconds
+        self._sums["bytes"] += stats.get("bytes", 0.0)
+        self._sums["moved_sq"] += stats.get("moved", 0.0) ** 2
+        self._block_steps[block] = device_steps
+
+    def take(self, device_steps: int, period: int) -> dict[str, float]:
+        """Rounds/s, bytes/s, seconds per round, the RMS distance a round moved this copy (an estimate of the
+        distance to the other copies), the largest staleness of a block in device steps, the distance to the mean
+        at the last consensus, and the period in use (the chosen one with ``averaging_period="auto"``)."""
+        now = self._clock()
+        elapsed = max(now - self._start, 1e-9)
+        rounds = self._sums["rounds"]
+        result = {
+            "rounds": rounds,
+            "rounds_per_s": rounds / elapsed,
+            "bytes_per_s": self._sums["bytes"] / elapsed,
+            "seconds_per_round": self._sums["seconds"] / rounds if rounds else 0.0,
+            "round_distance": (self._sums["moved_sq"] / rounds) ** 0.5 if rounds else 0.0,
+            "staleness_steps": float(max(device_steps - last for last in self._block_steps)),
+            "consensus_distance": self.consensus_distance,
+            "period": float(period),
+        }
+        self._sums = dict.fromkeys(self._sums, 0.0)
+        self._start = now
+        return result

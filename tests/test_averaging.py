@@ -105,6 +105,8 @@ def _engine_fleet(world_size: int, numel: int, num_blocks: int, period: int, **e
         (4, {"gossip_topology": "exponential"}),
         (3, {"gossip_topology": "ring", "block_rule": "largest_change"}),
         (4, {"gossip_topology": "random"}),
+        (3, {"compression": "int8"}),
+        (2, {"compression": "bf16", "block_rule": "largest_change"}),
     ],
 )
 def test_engine_without_training_preserves_the_mean_and_converges(world_size: int, engine_kwargs: dict) -> None:

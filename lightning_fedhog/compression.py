@@ -1,0 +1,185 @@
+"""Compressed background rounds: each leader sends its copy's difference from a reference every leader shares.
+
+A round of plain all-reduce averaging sends a block in fp32. On a thin link that caps how often a block can be
+mixed. Quantising absolute parameter values would be crude (int8 has 255 levels for the whole range of a weight
+tensor), but the *differences* between a copy and the last average of that block are small and quantise well
+(the outer gradients of DiLoCo-style training are sent the same way). So every leader keeps a reference ``r``
+of each block, identical on every leader, and a compressed round is:
+
+1. ``q_i = Q(s_i - r)``: this leader's snapshot ``s_i`` relative to the reference, quantised (bf16, or int8 with
+   one fp32 scale per chunk of :data:`INT8_CHUNK` elements);
+2. an all-gather of the encoded ``q_j`` (sums of int8 codes with different scales cannot be all-reduced), each
+   leader decoding them in the same order, so every leader computes the same ``mean(q)`` bit for bit;
+3. ``x_i += mean(q) - q_i``: the in-place correction of the live block (workers keep stepping meanwhile), which
+   sums to zero over the leaders, so the mean of the copies is preserved whatever the quantisation dropped;
+4. ``r += mean(q)`` on every leader.
+
+Error feedback comes with this form: the part of ``s_i - r`` that quantisation dropped is never applied as a
+correction, so it stays in the live copy's difference from the new reference and goes out with the next send of
+that block. Nothing accumulates: after a round without training the copy is within one quantisation step of the
+reference (tests/test_compression.py checks both). A block's first round has no reference yet and sends fp32
+(``r`` starts at zero, so that round is an exact average); a consensus point leaves every copy equal to the exact
+average, which becomes every block's reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal, get_args
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_fedhog.averaging import group_backend
+
+Compression = Literal["none", "bf16", "int8"]
+"""What a background round sends: fp32 (``"none"``), bf16, or int8 codes with a scale per chunk."""
+
+COMPRESSIONS: tuple[str, ...] = get_args(Compression)
+
+INT8_CHUNK = 1024
+"""Elements that share one fp32 scale in int8 rounds (the scales add 4/1024 of the codes' bytes)."""
+
+_CONTROL_DTYPE = torch.float32
+
+
+def encoded_bytes(numel: int, codec: Compression) -> int:
+    """The bytes one leader sends for a block of ``numel`` elements."""
+    if codec == "none":
+        return 4 * numel
+    if codec == "bf16":
+        return 2 * numel
+    chunks = -(-numel // INT8_CHUNK)
+    return numel + 4 * chunks
+
+
+def encode(values: Tensor, codec: Compression) -> Tensor:
+    """``values`` (a flat float tensor) as the bytes a leader sends (uint8): fp32, bf16, or int8 codes and scales.
+
+    int8 rounds to nearest with a scale of ``max|v| / 127`` per chunk, so an element is off by at most half a
+    step, ``max|v| / 254`` of its chunk's largest magnitude.
+    """
+    values = values.float()
+    if codec == "none":
+        return values.contiguous().view(torch.uint8)
+    if codec == "bf16":
+        return values.to(torch.bfloat16).view(torch.uint8)
+    numel = values.numel()
+    chunks = -(-numel // INT8_CHUNK)
+    padded = torch.zeros(chunks * INT8_CHUNK, dtype=torch.float32, device=values.device)
+    padded[:numel] = values
+    padded = padded.view(chunks, INT8_CHUNK)
+    scales = padded.abs().amax(dim=1) / 127.0
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))  # an all-zero chunk: any scale works
+    codes = torch.round(padded / scales[:, None]).clamp_(-127, 127).to(torch.int8).view(-1)[:numel]
+    return torch.cat([scales.view(torch.uint8), codes.view(torch.uint8)])  # scales first: 4-byte aligned
+
+
+def decode(payload: Tensor, numel: int, codec: Compression) -> Tensor:
+    """The fp32 values of :func:`encode`'s bytes (the same bits on every leader that decodes them)."""
+    payload = payload[: encoded_bytes(numel, codec)]  # a gathered message may carry padding after it
+    if codec == "none":
+        return payload.view(torch.float32).clone()
+    if codec == "bf16":
+        return payload.view(torch.bfloat16).float()
+    chunks = -(-numel // INT8_CHUNK)
+    scales = payload[: 4 * chunks].view(torch.float32)
+    codes = payload[4 * chunks : 4 * chunks + numel].view(torch.int8).float()
+    return codes * scales.repeat_interleave(INT8_CHUNK)[:numel]
+
+
+def _all_gather(message: Tensor, group: Any, world_size: int) -> list[Tensor]:
+    """Every leader's message, in leader order. A CUDA message travels through host memory on a gloo group."""
+    staged = message.is_cuda and group_backend(group) == "gloo"
+    outgoing = message.cpu() if staged else message
+    gathered = torch.empty(world_size * outgoing.numel(), dtype=outgoing.dtype, device=outgoing.device)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in newer torch
+    gather(gathered, outgoing, group=group)
+    if staged:
+        gathered = gathered.to(message.device)
+    return list(gathered.view(world_size, -1).unbind(0))
+
+
+def exchange_compressed_(
+    live: Tensor,
+    reference: Tensor,
+    group: Any,
+    world_size: int,
+    control: Tensor,
+    codec: Compression,
+    *,
+    accept: Callable[[Tensor], bool] | None = None,
+    stats: dict[str, float] | None = None,
+) -> Tensor:
+    """One compressed averaging round of ``live`` against ``reference`` (same shape; identical on all leaders).
+
+    Args:
+        live: the block of the shared vector; read once for the snapshot, then corrected in place.
+        reference: this block's shared reference; advanced in place by the round's mean (when it is applied).
+        group: process group of the device leaders; ``world_size`` its size.
+        control: this leader's control values, gathered with the payload and summed in leader order.
+        codec: what the round sends (``"none"``: the fp32 difference, exact).
+        accept: decides from the summed control whether to apply the round (the same decision on every leader).
+        stats: receives ``moved`` (norm of the correction) and ``bytes`` (what this leader sent: a ring
+            all-gather sends the other ``world_size - 1`` leaders' messages on).
+
+    Returns:
+        The control vectors summed over all leaders.
+    """
+    flat, ref = live.view(-1), reference.view(-1)
+    numel = flat.numel()
+    snapshot = flat.float()  # a copy unless the block is fp32 already
+    if snapshot.data_ptr() == flat.data_ptr():
+        snapshot = snapshot.clone()
+    payload = encode(snapshot - ref.float(), codec)
+    head = control.to(_CONTROL_DTYPE).contiguous().view(torch.uint8)
+    padding = torch.zeros(-payload.numel() % 4, dtype=torch.uint8, device=payload.device)  # every part 4-aligned
+    message = torch.cat([head, payload, padding])
+    parts = _all_gather(message, group, world_size)
+    split = head.numel()
+    summed = torch.stack([part[:split].view(_CONTROL_DTYPE) for part in parts]).sum(0).cpu()
+    if accept is not None and not accept(summed):
+        return summed
+    sent = [decode(part[split:], numel, codec) for part in parts]
+    mean = torch.stack(sent).sum(0).div_(world_size)  # summed in leader order on every leader: identical bits
+    correction = mean - sent[group.rank()]
+    flat.add_(correction.to(flat.dtype))
+    ref.add_(mean.to(ref.dtype))
+    if stats is not None:
+        stats["moved"] = float(correction.norm())
+        stats["bytes"] = float((world_size - 1) * message.numel())
+    return summed
+
+
+class SharedReference:
+    """Every block's reference, the same on every leader, and the compressed rounds that advance it.
+
+    Args:
+        numel: elements of the flat vector.
+        num_blocks: blocks it is exchanged in; each block's first round sends fp32 (its reference is not set yet).
+        codec: what the later rounds send.
+    """
+
+    def __init__(self, numel: int, num_blocks: int, codec: Compression, device: torch.device) -> None:
+        self.values = torch.zeros(numel, dtype=torch.float32, device=device)
+        self.codec = codec
+        self._ready = [False] * num_blocks
+
+    def exchange_(
+        self, live: Tensor, block: int, bounds: tuple[int, int], group: Any, world_size: int, control: Tensor,
+        *, accept: Callable[[Tensor], bool], stats: dict[str, float],
+    ) -> Tensor:
+        """One round of ``block`` (at ``bounds`` of the flat vector); see :func:`exchange_compressed_`."""
+        start, stop = bounds
+        codec = self.codec if self._ready[block] else "none"
+        summed = exchange_compressed_(
+            live, self.values[start:stop], group, world_size, control, codec, accept=accept, stats=stats
+        )
+        self._ready[block] = self._ready[block] or accept(summed)
+        return summed
+
+    def reset_(self, flat: Tensor) -> None:
+        """After a consensus point: every copy is the exact average, which becomes every block's reference."""
+        self.values.copy_(flat.view(-1))
+        self._ready = [True] * len(self._ready)

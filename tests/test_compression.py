@@ -1,0 +1,156 @@
+"""Compressed rounds and the self-paced period: the math alone, then on thread gloo groups and engine fleets."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+
+from lightning_fedhog.compression import INT8_CHUNK, decode, encode, encoded_bytes, exchange_compressed_
+from lightning_fedhog.config import FedHogConfig
+from lightning_fedhog.self_pacing import MAX_BUSY, START_PERIOD, Pace, agreed_period
+from tests.conftest import run_in_threads, thread_groups
+from tests.test_averaging import _engine_fleet, _stop_engines  # noqa: F401 - the fixture stops leftover engines
+
+
+def _values(numel: int, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
+    return scale * torch.randn(numel, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("codec", ["none", "bf16", "int8"])
+@pytest.mark.parametrize("numel", [1, 1000, 3 * INT8_CHUNK + 5])
+def test_codecs_round_trip_within_their_step_and_send_the_bytes_they_claim(codec: str, numel: int) -> None:
+    values = _values(numel)
+    values[: min(numel, 7)] *= 100  # one chunk with a few large values: its step is coarse, the others' fine
+    payload = encode(values, codec)  # type: ignore[arg-type]
+    assert payload.dtype == torch.uint8 and payload.numel() == encoded_bytes(numel, codec)  # type: ignore[arg-type]
+    back = decode(payload, numel, codec)  # type: ignore[arg-type]
+    error = (back - values).abs()
+    if codec == "none":
+        assert torch.equal(back, values)
+    elif codec == "bf16":
+        assert bool((error <= values.abs() * 2.0**-8).all())
+    else:  # half a step of its chunk: max|v| / 254
+        padded = torch.nn.functional.pad(values.abs(), (0, -numel % INT8_CHUNK)).view(-1, INT8_CHUNK)
+        step = padded.amax(1).repeat_interleave(INT8_CHUNK)[:numel] / 127
+        assert bool((error <= step / 2 + 1e-7).all())
+    assert torch.equal(decode(encode(torch.zeros(numel), codec), numel, codec), torch.zeros(numel))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("codec", ["bf16", "int8"])
+def test_a_compressed_round_preserves_the_mean_and_keeps_what_it_dropped(world_size: int, codec: str) -> None:
+    _store, groups = thread_groups(world_size)
+    reference = _values(300, seed=99)
+    copies = [reference + _values(300, seed=rank, scale=0.01) for rank in range(world_size)]
+    references = [reference.clone() for _ in range(world_size)]
+    mean = torch.stack(copies).mean(0)
+    before = [copy.clone() for copy in copies]
+    controls = run_in_threads(
+        lambda r: exchange_compressed_(
+            copies[r], references[r], groups[r], world_size, torch.tensor([float(r), 1.0]), codec  # type: ignore[arg-type]
+        ),
+        world_size,
+    )
+    assert all(torch.equal(control, torch.tensor([float(sum(range(world_size))), world_size])) for control in controls)
+    torch.testing.assert_close(torch.stack(copies).mean(0), mean, rtol=0, atol=1e-6)  # the corrections sum to zero
+    assert all(torch.equal(ref, references[0]) for ref in references), "the reference must stay the same everywhere"
+    for rank in range(world_size):
+        # what quantisation dropped is exactly what stays between the copy and the new reference: it goes out next
+        sent = decode(encode(before[rank] - reference, codec), 300, codec)  # type: ignore[arg-type]
+        torch.testing.assert_close(copies[rank] - references[rank], before[rank] - reference - sent, rtol=0, atol=1e-6)
+        assert float((copies[rank] - references[rank]).abs().max()) <= 0.01 * 4 / 127  # within about a step
+
+
+@pytest.mark.parametrize("codec", ["bf16", "int8"])
+def test_repeated_compressed_rounds_reach_the_exact_mean_nothing_accumulates(codec: str) -> None:
+    world_size = 3
+    _store, groups = thread_groups(world_size)
+    copies = [_values(2000, seed=rank) for rank in range(world_size)]
+    references = [torch.zeros(2000) for _ in range(world_size)]
+    mean = torch.stack(copies).mean(0)
+    control = torch.zeros(1)
+    run_in_threads(lambda r: exchange_compressed_(copies[r], references[r], groups[r], 3, control, "none"), 3)
+    copies[1].add_(_values(2000, seed=7, scale=0.05))  # device 1 trains a little after the first (exact) round
+    mean = mean + _values(2000, seed=7, scale=0.05) / 3
+    spreads = []
+    for _ in range(6):
+        run_in_threads(lambda r: exchange_compressed_(copies[r], references[r], groups[r], 3, control, codec), 3)
+        spreads.append(max(float((copy - mean).abs().max()) for copy in copies))
+    torch.testing.assert_close(torch.stack(copies).mean(0), mean, rtol=0, atol=1e-5)
+    assert spreads[-1] < 1e-5 and spreads[-1] <= spreads[0], f"copies did not converge to the mean: {spreads}"
+
+
+def test_the_engine_averages_with_int8_after_an_exact_first_round_and_every_leader_agrees() -> None:
+    world_size, numel = 2, 4096
+    _store, vectors, steps, engines = _engine_fleet(world_size, numel, 2, period=1, compression="int8")
+    for engine in engines:
+        engine.start()
+    for _ in range(400):
+        if min(engine.rounds for engine in engines) >= 6:
+            break
+        for rank, counter in enumerate(steps):
+            vectors[rank].add_(1e-3 * (rank + 1))  # the devices keep training apart
+            counter[0] += 1
+        time.sleep(0.002)
+    run_in_threads(lambda r: engines[r].pause(), world_size)
+    figures = engines[0].take_stats()
+    assert engines[0].rounds >= 6 and len({engine.rounds for engine in engines}) == 1
+    # two first rounds (one per block) sent fp32, the rest int8: bytes per round well under fp32's
+    fp32_round = 4 * numel / 2
+    assert figures["bytes_per_s"] / figures["rounds_per_s"] < 0.6 * fp32_round
+    mean = torch.stack(vectors).mean(0)
+    run_in_threads(lambda r: engines[r].full_average(), world_size)
+    assert torch.equal(vectors[0], vectors[1])
+    torch.testing.assert_close(vectors[0], mean)
+    assert all(torch.equal(engine._shared.values, vectors[0]) for engine in engines), "a consensus resets the reference"
+    run_in_threads(lambda r: engines[r].stop(), world_size)
+
+
+def test_self_paced_leaders_agree_on_one_period_and_report_it() -> None:
+    world_size = 2
+    _store, _vectors, steps, engines = _engine_fleet(world_size, 64, 1, period="auto")
+    for engine in engines:
+        engine.start()
+    deadline = time.monotonic() + 20
+    while min(engine.rounds for engine in engines) < 8 and time.monotonic() < deadline:
+        for counter in steps:
+            counter[0] += 1
+        time.sleep(0.0005)
+    run_in_threads(lambda r: engines[r].pause(), world_size)
+    assert len({engine.rounds for engine in engines}) == 1 and engines[0].rounds >= 8
+    assert engines[0].paced_period == engines[1].paced_period >= 1
+    assert engines[0].take_stats()["period"] == engines[0].paced_period
+    run_in_threads(lambda r: engines[r].stop(), world_size)
+
+
+def test_the_self_paced_period_spends_the_budget() -> None:
+    assert Pace().period(0.05) == START_PERIOD  # nothing measured yet
+    # a link that costs no CPU: the steps run at the same rate during a round (10 steps/s) -> busy MAX_BUSY
+    free = Pace().update(idle_steps=10, idle_s=1.0, busy_steps=5, busy_s=0.5)
+    assert free.slowdown == 0.0
+    assert free.period(0.05) == math.ceil(10 * 0.5 / MAX_BUSY)
+    # rounds that halve the step rate: busy at most 0.05 / 0.5 = 10% of the time, so ~10x the round's length
+    costly = Pace().update(idle_steps=10, idle_s=1.0, busy_steps=2, busy_s=0.4)
+    assert costly.slowdown == pytest.approx(0.5)
+    assert costly.period(0.05) == 2 + 36  # 2 steps in the round, 3.6 s of gap at 10 steps/s
+    # the link slows 4x: a few rounds later the period has followed
+    pace = free
+    for _ in range(12):
+        pace = pace.update(idle_steps=10, idle_s=1.0, busy_steps=20, busy_s=2.0)
+    assert pace.period(0.05) == pytest.approx(4 * 10 * 0.5 / MAX_BUSY, rel=0.1)
+    assert agreed_period(7 + 10, leaders=2) == 9
+
+
+def test_compression_and_auto_are_validated_at_construction() -> None:
+    assert FedHogConfig(averaging_period="auto", compression="int8").compression == "int8"
+    with pytest.raises(ValueError, match=r"compression='zip'.*HINT: choose one of 'none', 'bf16', 'int8'"):
+        FedHogConfig(compression="zip")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"compression='int8'.*averaging='gossip'.*HINT"):
+        FedHogConfig(compression="int8", averaging="gossip")
+    with pytest.raises(ValueError, match=r"averaging_period.*'auto'"):
+        FedHogConfig(averaging_period="fast")  # type: ignore[arg-type]
+    assert FedHogConfig(averaging_period="auto", averaging_warmup_epochs=1).period_at(0) == 1
+    assert FedHogConfig(averaging_period="auto", averaging_warmup_epochs=1).period_at(1) == "auto"
