@@ -13,7 +13,6 @@ import json
 import math
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -174,9 +173,9 @@ def recipe_step_seconds(scale: Scale, data_dir: Path, workdir: Path) -> float:
         "--trainer.callbacks+=benchmarks.straggler.StepTimer", f"--trainer.callbacks.path={out / 'step.json'}",
         f"--data.data_dir={data_dir}", f"--data.num_samples={scale.mnist_samples}",
     ]
-    done = subprocess.run(command, env=harness.threads_env(2), capture_output=True, text=True, cwd=harness.ROOT)
-    if done.returncode != 0:
-        raise RuntimeError(f"calibration failed: {shlex.join(command)}\n{done.stderr[-4000:]}")
+    status, errors = harness.run_ranks(command, 1, harness.threads_env(2))
+    if status != 0:
+        raise RuntimeError(f"calibration failed: {shlex.join(command)}\n{errors[-4000:]}")
     return float(json.loads((out / "step.json").read_text())["median_step_s"])
 
 

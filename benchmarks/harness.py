@@ -8,6 +8,7 @@ repeats and the claims are ratios between methods of the same invocation.
 
 from __future__ import annotations
 
+import atexit
 import csv
 import itertools
 import json
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from benchmarks.forkserver import ForkServer
 
 ROOT = Path(__file__).resolve().parent.parent
 THROUGHPUT = ROOT / "benchmarks" / "throughput.py"
@@ -93,6 +96,20 @@ def threads_env(processes: int) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONWARNINGS": "ignore"}
 
 
+_FORKS: ForkServer | None = None
+"""With :func:`fork_ranks`: the zygote that forks the ranks of launches outside a namespace (smoke runs)."""
+
+
+def fork_ranks() -> None:
+    """From now on, launches without a prefix fork their ranks from one process that imported Lightning once
+    (``benchmarks/zygote.py``) instead of starting programs: the smoke run checks the harness in a few seconds per
+    launch rather than ~10 s of imports per process. Measured runs never do this."""
+    global _FORKS
+    if _FORKS is None:
+        _FORKS = ForkServer()
+        atexit.register(_FORKS.close)
+
+
 def run_ranks(
     command: Sequence[str], processes: int, env: dict[str, str], timeout: float = 1800, prefix: Sequence[str] = ()
 ) -> tuple[int, str]:
@@ -108,6 +125,10 @@ def run_ranks(
         done = subprocess.run(ranks_command(command, processes, prefix), env=env, capture_output=True, text=True,
                               cwd=ROOT)
         return done.returncode, done.stderr
+    if _FORKS is not None and command[0] == sys.executable:  # `python script ...` or `python -m module ...`
+        if command[1] == "-m":
+            return _FORKS.run(None, list(command[3:]), processes, env, ROOT, timeout, module=command[2])
+        return _FORKS.run(Path(command[1]), list(command[2:]), processes, env, ROOT, timeout)
     env = {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "NODE_RANK": "0",
            "WORLD_SIZE": str(processes)}
     with tempfile.TemporaryDirectory(prefix="fedhog-ranks-") as tmp:
@@ -240,7 +261,7 @@ def fedhog_figures(logs: Path) -> dict[str, float]:
     with files[0].open() as handle:
         rows = list(csv.DictReader(handle))
     figures: dict[str, float] = {}
-    for key in ("rounds_per_s", "bytes_per_s", "seconds_per_round", "samples_per_s", "parked_s"):
+    for key in ("rounds_per_s", "bytes_per_s", "seconds_per_round", "samples_per_s", "parked_s", "period"):
         values = [float(row[f"fedhog/{key}"]) for row in rows if row.get(f"fedhog/{key}")]
         if values:
             figures[key] = statistics.mean(values)

@@ -137,6 +137,10 @@ class Timed(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, nesterov=True)
 
 
+def _period(value: str) -> int | str:
+    return value if value == "auto" else int(value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -144,7 +148,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--strategy", default="fedhog", help="fedhog, ddp, post_local, single, or a registered name")
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--period", type=int, default=16)
+    parser.add_argument("--period", type=_period, default=16, help="device steps between rounds, or 'auto' (fedhog)")
     parser.add_argument("--blocks", type=int, default=1)
     parser.add_argument("--model", default="mlp", choices=["mlp", "wide", "resnet20"])
     parser.add_argument("--batch", type=int, default=64)

@@ -33,14 +33,20 @@ CHECKPOINT_KEY = "fedhog"
 
 
 def add_every_workers_optimizer_state(
-    checkpoint: dict[str, Any], world_size: int, gather: Callable[[Any], list[Any]]
+    checkpoint: dict[str, Any], world_size: int, gather: Callable[[Any], list[Any] | None]
 ) -> None:
-    """Puts every worker's optimizer states into ``checkpoint`` (``gather`` is a collective over all workers)."""
+    """Puts every worker's optimizer states into rank 0's ``checkpoint``, the one that is written.
+
+    ``gather`` is a collective over all workers that returns the list on rank 0 and None on the others: only rank 0
+    needs them, and on a thin link sending every worker's states to every rank doubled what a checkpoint costs
+    (an Adam state is twice the model).
+    """
     states = checkpoint.get("optimizer_states")
     if states is None or world_size == 1:
         return
     gathered = gather(apply_to_collection(states, Tensor, lambda tensor: tensor.detach().cpu()))
-    checkpoint[CHECKPOINT_KEY] = {"world_size": world_size, "optimizer_states_per_rank": gathered}
+    if gathered is not None:
+        checkpoint[CHECKPOINT_KEY] = {"world_size": world_size, "optimizer_states_per_rank": gathered}
 
 
 def own_optimizer_states(checkpoint: Mapping[str, Any], world_size: int, rank: int) -> list[Any]:
@@ -106,7 +112,7 @@ class PerWorkerCheckpoints(IndependentWorkersDDP):
     ) -> None:
         """Adds every worker's optimizer state to the checkpoint (all ranks call this), then lets rank 0 write it."""
         if self.world_size > 1 and dist.is_initialized():
-            add_every_workers_optimizer_state(checkpoint, self.world_size, self.gather_object)
+            add_every_workers_optimizer_state(checkpoint, self.world_size, self.gather_object_to_zero)
         checkpoint.update(self.extra_checkpoint_state())
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 

@@ -65,3 +65,10 @@ class IndependentWorkersDDP(DDPStrategy):
         gathered: list[Any] = [None] * self.world_size
         dist.all_gather_object(gathered, value)
         return gathered
+
+    def gather_object_to_zero(self, value: Any) -> list[Any] | None:
+        """Every rank's ``value`` on rank 0 only (None elsewhere): a collective over all workers that moves each
+        value once, where :meth:`gather_object` sends every value to every rank."""
+        gathered: list[Any] | None = [None] * self.world_size if self.global_rank == 0 else None
+        dist.gather_object(value, gathered, dst=0)
+        return gathered

@@ -20,8 +20,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from benchmarks.forkserver import ForkServer
 from lightning_fedhog.shared_buffer import SHM_DIR, SHM_PREFIX
-from tests.forkserver import ForkServer
 
 APP = Path(__file__).parent / "apps" / "train.py"
 TIMEOUT = 4.0  # `timeout` in seconds of the runs that fail on purpose: short, so that a stuck peer is found quickly
@@ -108,7 +108,7 @@ def _close_forkserver() -> Iterator[None]:
 
 
 def forkserver() -> ForkServer:
-    """The session's zygote (``tests/apps/zygote.py``), started at first use."""
+    """The session's zygote (``benchmarks/zygote.py``), started at first use."""
     global _FORKSERVER
     _FORKSERVER = _FORKSERVER or ForkServer()
     return _FORKSERVER
@@ -129,7 +129,7 @@ def run_app(out: Path, *app_args: str, launcher: list[str] | None = None, env: d
             timeout: float = 240.0) -> list[dict]:
     """Runs tests/apps/train.py and returns every rank's report, ordered by rank.
 
-    Without ``launcher`` the ranks are forked from the session's zygote (``tests/apps/zygote.py``), which imported
+    Without ``launcher`` the ranks are forked from the session's zygote (``benchmarks/zygote.py``), which imported
     Lightning once: a run then costs its training, not ~10 s of imports per process. With a ``launcher`` (e.g.
     ``[sys.executable]`` for Lightning's own launcher, or torchrun) it is a real program start.
     """

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 
 import pytest
@@ -126,21 +125,41 @@ def test_self_paced_leaders_agree_on_one_period_and_report_it() -> None:
     run_in_threads(lambda r: engines[r].stop(), world_size)
 
 
+def _paced(step_s: float, step_s_in_round: float, round_s: float, rounds: int = 40) -> Pace:
+    """A device stepping every ``step_s`` (``step_s_in_round`` while a round is in flight) and an engine that starts
+    a round once the period's steps are done, as the engine does: the pace after ``rounds`` rounds."""
+    pace, clock, progress, dt = Pace(), 0.0, 0.0, 1e-4
+    ended = (0, 0.0)
+    for _ in range(rounds):
+        period, start = pace.period(0.05), int(progress)
+        while int(progress) - start < period:  # idle until the period's steps are done
+            progress += dt / step_s
+            clock += dt
+        began = (int(progress), clock)
+        while clock - began[1] < round_s:  # the round is in flight
+            progress += dt / step_s_in_round
+            clock += dt
+        pace = pace.update(idle_steps=began[0] - ended[0], idle_s=began[1] - ended[1],
+                           busy_steps=int(progress) - began[0], busy_s=clock - began[1])
+        ended = (int(progress), clock)
+    return pace
+
+
 def test_the_self_paced_period_spends_the_budget() -> None:
     assert Pace().period(0.05) == START_PERIOD  # nothing measured yet
-    # a link that costs no CPU: the steps run at the same rate during a round (10 steps/s) -> busy MAX_BUSY
-    free = Pace().update(idle_steps=10, idle_s=1.0, busy_steps=5, busy_s=0.5)
-    assert free.slowdown == 0.0
-    assert free.period(0.05) == math.ceil(10 * 0.5 / MAX_BUSY)
-    # rounds that halve the step rate: busy at most 0.05 / 0.5 = 10% of the time, so ~10x the round's length
-    costly = Pace().update(idle_steps=10, idle_s=1.0, busy_steps=2, busy_s=0.4)
-    assert costly.slowdown == pytest.approx(0.5)
-    assert costly.period(0.05) == 2 + 36  # 2 steps in the round, 3.6 s of gap at 10 steps/s
+    # a link that costs no CPU (rounds of 3.5 steps): no slowdown is seen, rounds run MAX_BUSY of the time
+    free = _paced(step_s=0.02, step_s_in_round=0.02, round_s=0.07)
+    assert free.slowdown < 0.05
+    assert free.period(0.05) == pytest.approx(3.5 / MAX_BUSY, abs=1.5)
+    # rounds that halve the step rate: busy at most 0.05 / 0.5 = 10% of the time, ~0.63 s of steps between rounds
+    costly = _paced(step_s=0.02, step_s_in_round=0.04, round_s=0.07)
+    assert costly.slowdown == pytest.approx(0.5, abs=0.1)
+    assert costly.period(0.05) == pytest.approx(0.07 / 0.04 + 0.63 / 0.02, rel=0.25)
     # the link slows 4x: a few rounds later the period has followed
     pace = free
     for _ in range(12):
-        pace = pace.update(idle_steps=10, idle_s=1.0, busy_steps=20, busy_s=2.0)
-    assert pace.period(0.05) == pytest.approx(4 * 10 * 0.5 / MAX_BUSY, rel=0.1)
+        pace = pace.update(idle_steps=4, idle_s=0.08, busy_steps=14, busy_s=0.28)
+    assert pace.period(0.05) == pytest.approx(14 / MAX_BUSY, rel=0.2)
     assert agreed_period(7 + 10, leaders=2) == 9
 
 

@@ -1,5 +1,10 @@
 """Every code block in docs/ runs: python blocks as scripts, bash blocks as shell commands, sbatch scripts
-through ``bash -n`` (there is no SLURM here; the syntax is still checked). ``text`` blocks are diagrams."""
+through ``bash -n`` (there is no SLURM here; the syntax is still checked). ``text`` blocks are diagrams.
+
+Python blocks that train with several processes run as the ranks torchrun would start, forked from the test
+session's zygote (``benchmarks/zygote.py``): the same script, without ~10 s of imports per process. Lightning's own
+launcher (re-running the script per rank) is what the README example and the launching tests exercise.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import forkserver
+
 ROOT = Path(__file__).parents[1]
 BLOCK = re.compile(r"```(\w+)\n(.*?)```", flags=re.S)
 BLOCKS = [
@@ -18,6 +25,10 @@ BLOCKS = [
     for path in sorted((ROOT / "docs").glob("*.md"))
     for index, (language, code) in enumerate(BLOCK.findall(path.read_text()))
 ]
+
+
+FORKED = {("quickstart.md", 0): 4, ("migrating-from-ddp.md", 0): 4}
+"""Python blocks whose ranks are forked, with their number of processes (devices x workers per device)."""
 
 
 def _env() -> dict[str, str]:
@@ -44,6 +55,10 @@ def test_code_block_runs(tmp_path: Path, page: str, index: int, language: str, c
     if language == "python":
         script = tmp_path / "snippet.py"
         script.write_text(code)
+        if (page, index) in FORKED:
+            status, output = forkserver().run(script, [], FORKED[page, index], _env(), tmp_path, 240)
+            assert status == 0, f"{page} block {index} failed:\n{output[-5000:]}"
+            return
         command, cwd = [sys.executable, str(script)], tmp_path
     elif language == "sbatch":
         command, cwd = ["bash", "-n", "-c", code], tmp_path

@@ -79,7 +79,9 @@ def _worker(slot: int, num_workers: int, port: int, key: str, queue: mp.Queue) -
 def test_every_workers_updates_land_in_one_storage_and_no_file_remains() -> None:
     num_workers = 3
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    ctx = mp.get_context("spawn")
+    # forked before any buffer exists: each worker creates or opens it by name, as unrelated processes do (spawn
+    # would only add ~10 s of imports per process on a 2-core machine)
+    ctx = mp.get_context("fork")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(s, num_workers, store.port, "t", queue)) for s in range(num_workers)]
     for proc in procs:

@@ -1,15 +1,16 @@
-"""A process that imports torch and Lightning once, then forks every rank of the test runs it is asked for.
+"""A process that imports torch and Lightning once, then forks every rank of the runs it is asked for.
 
-On the 2-core test machine ``import lightning`` costs about 10 s of CPU per process, so a 2-device x 2-worker run
-launched the usual way spends most of its ~25 s importing. The test suite starts this program once; for each run
-it forks a *launch* process (its own session, output to a log file) that forks the ranks with the environment
-torchrun gives them, so Lightning sees a ``TorchElasticEnvironment`` and starts nothing itself. Each rank runs the
-script (or module, as ``python -m`` would) with ``runpy`` as ``__main__``.
+On a 2-core machine ``import lightning`` costs about 10 s of CPU per process, so a 2-device x 2-worker run
+launched the usual way spends most of its ~25 s importing. The test suite (and the benchmarks' smoke mode) starts
+this program once; for each run it forks a *launch* process (its own session, output to a log file) that forks the
+ranks with the environment torchrun gives them, so Lightning sees a ``TorchElasticEnvironment`` and starts nothing
+itself. Each rank runs the script (or module, as ``python -m`` would) with ``runpy`` as ``__main__``.
 
 What this does not exercise is Lightning's own launcher (re-running the script per rank); the tests of launching
-(plain script, torchrun, SLURM), of failures and the docs' shell commands start real processes.
+(plain script, torchrun, SLURM), of failures and the docs' shell commands start real processes, and the
+benchmarks' measured runs are real program starts.
 
-Protocol: one JSON request per line on stdin, one JSON reply per line on stdout (see ``tests/forkserver.py``).
+Protocol: one JSON request per line on stdin, one JSON reply per line on stdout (see ``benchmarks/forkserver.py``).
 This process never runs torch code, creates no thread and initializes no CUDA, so it can fork any number of times.
 """
 
@@ -72,7 +73,7 @@ def _launch(request: dict) -> int:
                 **request["env"],
                 "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0", "ROLE_RANK": str(rank),
                 "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "ROLE_WORLD_SIZE": str(nproc),
-                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TORCHELASTIC_RUN_ID": "fedhog-tests",
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TORCHELASTIC_RUN_ID": "fedhog-zygote",
             }
             code = 1
             try:

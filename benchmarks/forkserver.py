@@ -1,4 +1,4 @@
-"""The test side of ``tests/apps/zygote.py``: start it once, ask it for runs, read their output."""
+"""The client of ``benchmarks/zygote.py``: start it once, ask it for runs, read their output."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-ZYGOTE = Path(__file__).parent / "apps" / "zygote.py"
+ROOT = Path(__file__).resolve().parents[1]  # `python -m benchmarks.zygote` runs from here
 
 
 class ForkServer:
-    """One zygote process for the test session; :meth:`run` blocks until the run it asked for has ended."""
+    """One zygote process (for a test session, or a smoke run of the benchmarks); :meth:`run` blocks until the run
+    it asked for has ended."""
 
     def __init__(self) -> None:
         self._proc: subprocess.Popen | None = None
@@ -25,7 +26,8 @@ class ForkServer:
         if self._proc is None or self._proc.poll() is not None:
             env = {**os.environ, "PYTHONWARNINGS": "ignore"}
             self._proc = subprocess.Popen(
-                [sys.executable, str(ZYGOTE)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+                [sys.executable, "-m", "benchmarks.zygote"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                env=env, cwd=ROOT,
             )
         return self._proc
 
