@@ -204,7 +204,7 @@ def p7_thin_link(rate: str, scale: Scale, workdir: Path) -> dict[str, Any]:
     points. fedhog also runs with no rate limit: the time a thin-link run can approach.
     """
     data = workdir / "mnist1d-data"
-    prefix = harness.thin_link_prefix(rate)
+    prefix = _link(rate, scale)
     if prefix is None:
         return {"skipped": harness.thin_link_unavailable()}
     post_local = workdir / "post_local_sgd.yaml"
@@ -232,6 +232,12 @@ def p7_thin_link(rate: str, scale: Scale, workdir: Path) -> dict[str, Any]:
                          " first epoch whose validation reached it"}}
 
 
+def _link(rate: str, scale: Scale) -> list[str] | None:
+    """The thin link's command prefix; none in a smoke run, whose ranks are forked (P3's smoke run starts its ranks
+    inside a namespace, through the same runner)."""
+    return [] if scale.name == "smoke" else harness.thin_link_prefix(rate)
+
+
 def p7_thin_link_100mbit(scale: Scale, workdir: Path) -> dict[str, Any]:
     """P7 at 100 Mbit/s."""
     return p7_thin_link("100mbit", scale, workdir)
@@ -254,7 +260,7 @@ def p9_mixing_per_byte(scale: Scale, workdir: Path) -> dict[str, Any]:
     defaults and no rate limit (the time a thin-link run can approach).
     """
     data = workdir / "mnist1d-data"
-    prefix = harness.thin_link_prefix("20mbit")
+    prefix = _link("20mbit", scale)
     if prefix is None:
         return {"skipped": harness.thin_link_unavailable()}
     wide = [f"--model.channels={P7_CHANNELS}"]

@@ -9,9 +9,6 @@ turns it into tables and plots, and the README shows exactly what the committed 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +17,7 @@ from benchmarks import report
 from benchmarks.accuracy import median_reached
 from benchmarks.harness import aggregate
 from benchmarks.suite import ACCURACY, BENCHMARKS, RESULTS, SMOKE_METHODS
+from tests.conftest import smoke_results
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,19 +37,13 @@ def test_a_seed_that_never_reached_the_target_counts_as_the_slowest() -> None:
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("bench")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--smoke", "--output", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return out
+def smoke() -> Path:
+    """``python -m benchmarks --smoke``, started in the background when the suite started (tests/conftest.py)."""
+    return smoke_results(timeout=600)
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # the smoke run is this test's set-up: about 4 minutes on 2 cores, more when they are shared
+@pytest.mark.timeout(900)  # the smoke run is this test's set-up: about 2 minutes alone on 2 cores
 def test_smoke_mode_runs_every_benchmark_and_its_methods(smoke: Path) -> None:
     assert sorted(path.stem for path in smoke.glob("*.json")) == sorted(BENCHMARKS)
     for name in BENCHMARKS:

@@ -125,7 +125,7 @@ def test_a_slow_worker_does_not_slow_the_others_within_an_epoch(tmp_path: Path, 
 def test_a_crashed_worker_ends_the_run_with_a_clear_error_and_leaves_nothing_behind(tmp_path: Path) -> None:
     with pytest.raises(AssertionError) as failure:
         run_app(
-            tmp_path, "--devices", "2", "--workers", "2", "--samples", "1024", "--crash-rank", "1", "--timeout", "30",
+            tmp_path, "--devices", "2", "--workers", "1", "--samples", "1024", "--crash-rank", "1", "--timeout", "30",
             launcher=[sys.executable], timeout=120,  # Lightning's launcher and fedhog's observer of its workers
         )
     message = str(failure.value)

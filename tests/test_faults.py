@@ -107,9 +107,9 @@ def test_sigterm_to_every_process_saves_a_checkpoint_that_resumes(tmp_path: Path
 
 
 def test_sigterm_to_one_worker_stops_every_worker(tmp_path: Path) -> None:
-    # only rank 3 (a worker of device 1, not the launching process) is signalled; it relays the stop
+    # only rank 1 (device 1's leader, not the launching process) is signalled in epoch 1; it relays the stop
     outcome = _run(
-        tmp_path, "--devices", "2", "--workers", "2", "--epochs", "3", "--sigterm-rank", "3", "--sigterm-step", "5"
+        tmp_path, "--devices", "2", "--workers", "1", "--epochs", "3", "--sigterm-rank", "1", "--sigterm-step", "10"
     )
     assert outcome.returncode == 0, outcome.output[-3000:]
     assert outcome.seconds_after_event < TIMEOUT + MARGIN, outcome.seconds_after_event
