@@ -255,9 +255,10 @@ class AveragingEngine:
             self._synchronize()
             self.rounds += 1
             steps, now = self._device_steps(), time.monotonic()
-            self._pace = self._pace.update(
-                idle_steps=last - ended[0], idle_s=began - ended[1], busy_steps=steps - last, busy_s=now - began
-            )
+            if summed[0] == 0:  # a round that agrees on a pause runs while the workers park: it says nothing of steps
+                self._pace = self._pace.update(
+                    idle_steps=last - ended[0], idle_s=began - ended[1], busy_steps=steps - last, busy_s=now - began
+                )
             ended = (steps, now)
             leaders = len(self._group_ranks)
             bad = [index for index, value in enumerate(summed[1 : 1 + leaders].tolist()) if value > 0]

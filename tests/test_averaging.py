@@ -144,9 +144,11 @@ def _wait_until(predicate, seconds: float) -> None:
         time.sleep(0.001)
 
 
-def test_leaders_of_very_different_speed_agree_to_pause_average_and_resume() -> None:
+@pytest.mark.parametrize("engine_kwargs", [{}, {"compression": "int8", "period": "auto"}], ids=["fp32", "int8-auto"])
+def test_leaders_of_very_different_speed_agree_to_pause_average_and_resume(engine_kwargs: dict) -> None:
     world_size = 3
-    _store, vectors, steps, engines = _engine_fleet(world_size, numel=64, num_blocks=2, period=4)
+    settings = {"period": 4, **engine_kwargs}
+    _store, vectors, steps, engines = _engine_fleet(world_size, numel=64, num_blocks=2, **settings)
     for engine in engines:
         engine.start()
     stop = threading.Event()

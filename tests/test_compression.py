@@ -108,6 +108,19 @@ def test_the_engine_averages_with_int8_after_an_exact_first_round_and_every_lead
     run_in_threads(lambda r: engines[r].stop(), world_size)
 
 
+def test_a_round_that_agrees_on_a_pause_is_not_taken_for_a_slowdown() -> None:
+    # the workers park while that round runs: counted, every consensus point would look like a stall, and with few
+    # rounds per epoch the period would grow until those rounds were all it measured (seen on a 20 Mbit/s link)
+    _store, _vectors, _steps, engines = _engine_fleet(2, 64, 1, period="auto")
+    for engine in engines:
+        engine.start()
+    for _ in range(3):
+        run_in_threads(lambda r: (engines[r].pause(), engines[r].full_average(), engines[r].resume()), 2)
+    run_in_threads(lambda r: engines[r].pause(), 2)
+    assert engines[0].rounds == 4 and engines[0]._pace == Pace()
+    run_in_threads(lambda r: engines[r].stop(), 2)
+
+
 def test_self_paced_leaders_agree_on_one_period_and_report_it() -> None:
     world_size = 2
     _store, _vectors, steps, engines = _engine_fleet(world_size, 64, 1, period="auto")

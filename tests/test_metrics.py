@@ -6,10 +6,11 @@ import csv
 from pathlib import Path
 
 import pytest
+import torch
 
 from lightning_fedhog.metrics import fedhog_metrics
 from lightning_fedhog.plot import plot, read_runs
-from tests.conftest import run_app
+from tests.conftest import load_rank, run_app
 
 
 def test_metrics_aggregate_workers_devices_and_leaders() -> None:
@@ -40,15 +41,19 @@ def _series(rows: list[dict[str, str]], key: str) -> list[float]:
     return [float(row[key]) for row in rows if row.get(key)]
 
 
-@pytest.mark.parametrize("period", ["2", "1000000000"], ids=["averaging", "averaging-off"])
-def test_a_csv_logged_run_has_every_fedhog_metric(tmp_path: Path, period: str) -> None:
-    args = ("--devices", "2", "--workers", "2", "--epochs", "2", "--samples", "512", "--period", period, "--csv")
-    run_app(tmp_path, *args)
+@pytest.mark.parametrize(
+    ("period", "compression"), [("2", "none"), ("1000000000", "none"), ("auto", "int8")],
+    ids=["averaging", "averaging-off", "auto-int8"],
+)
+def test_a_csv_logged_run_has_every_fedhog_metric(tmp_path: Path, period: str, compression: str) -> None:
+    args = ("--devices", "2", "--workers", "2", "--epochs", "2", "--samples", "512", "--period", period, "--csv",
+            "--compression", compression)
+    reports = run_app(tmp_path, *args)
     rows = _rows(tmp_path)
     for key in (
         "samples_per_s", "parked_s", "wall_time_s", "rounds", "rounds_per_s", "bytes_per_s", "seconds_per_round",
         "round_distance", "staleness_steps", "consensus_distance", "device0/samples_per_s", "worker3/samples_per_s",
-        "device1/consensus_distance",
+        "device1/consensus_distance", "period",
     ):
         values = _series(rows, f"fedhog/{key}")
         assert len(values) == 2, f"fedhog/{key}: one value per epoch expected, got {values}"
@@ -56,7 +61,12 @@ def test_a_csv_logged_run_has_every_fedhog_metric(tmp_path: Path, period: str) -
     assert all(value > 0 for value in _series(rows, "fedhog/samples_per_s"))
     assert _series(rows, "fedhog/wall_time_s")[1] > _series(rows, "fedhog/wall_time_s")[0]
     distances = _series(rows, "fedhog/consensus_distance")
-    if period == "2":
+    if period == "auto":  # the leaders chose a period and the compressed rounds ran; every copy ends the same
+        assert all(value >= 1 for value in _series(rows, "fedhog/period"))
+        assert sum(_series(rows, "fedhog/rounds")) > 2
+        states = [load_rank(tmp_path, report["rank"])["state_dict"] for report in reports]
+        assert all(torch.equal(state[key], states[0][key]) for state in states for key in states[0])
+    elif period == "2":
         # every epoch has its pause round; background rounds come on top (how many depends on the threads'
         # scheduling on a loaded machine, so only their presence is asserted)
         assert sum(_series(rows, "fedhog/rounds")) > 2

@@ -194,7 +194,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--period", type=int, default=2)
+    parser.add_argument("--period", type=lambda value: value if value == "auto" else int(value), default=2)
+    parser.add_argument("--compression", default="none", choices=["none", "bf16", "int8"])
     parser.add_argument("--warmup", type=int, default=0)
     parser.add_argument("--blocks", type=int, default=1)
     parser.add_argument("--lr", type=float, default=0.125)
@@ -244,6 +245,7 @@ def main() -> None:
         FedHogStrategy(
             workers_per_device=args.workers,
             averaging_period=args.period,
+            compression=args.compression,
             averaging_warmup_epochs=args.warmup,
             num_blocks=args.blocks,
             timeout=timedelta(seconds=args.timeout),
