@@ -141,9 +141,14 @@ def exchange_compressed_(
     summed = torch.stack([part[:split].view(_CONTROL_DTYPE) for part in parts]).sum(0).cpu()
     if accept is not None and not accept(summed):
         return summed
-    sent = [decode(part[split:], numel, codec) for part in parts]
-    mean = torch.stack(sent).sum(0).div_(world_size)  # summed in leader order on every leader: identical bits
-    correction = mean - sent[group.rank()]
+    mean = torch.zeros(numel, dtype=torch.float32, device=flat.device)
+    own = mean
+    for index, part in enumerate(parts):  # added in leader order on every leader: identical bits, one block at a time
+        sent = decode(part[split:], numel, codec)
+        mean.add_(sent)
+        own = sent if index == group.rank() else own
+    mean.div_(world_size)
+    correction = mean - own
     flat.add_(correction.to(flat.dtype))
     ref.add_(mean.to(ref.dtype))
     if stats is not None:

@@ -106,12 +106,13 @@ class FedHogConfig:
             gloo on CPU and wherever a GPU hosts several devices (NCCL refuses two ranks on one GPU; gloo averages
             CUDA tensors through host memory). ``"gloo"`` forces gloo (MIG slices, a broken NCCL); ``"nccl"``
             refuses to start where NCCL cannot run.
-        compression: what a background all-reduce round sends. ``"none"``: fp32. ``"bf16"`` (half the bytes) and
-            ``"int8"`` (a quarter, plus one scale per 1024 elements) send each copy's difference from the last
-            average of that block, which every device holds, so the mean of the copies is still preserved and what
-            quantisation drops goes out with the next round of that block. Consensus points stay exact fp32. Use
-            it on links slower than about 1 Gbit/s between devices; the rounds become all-gathers, whose bytes
-            per device grow with the number of devices (int8 sends less than fp32 up to about 8 devices).
+        compression: what a background all-reduce round sends. ``"none"``: fp32. ``"bf16"`` and ``"int8"`` (plus
+            one scale per 1024 elements) send each copy's difference from the last average of that block, which
+            every device holds (one more fp32 copy of the vector per device), so the mean of the copies is still
+            preserved and what quantisation drops goes out with the next round of that block. Consensus points stay
+            exact fp32. Use it on links slower than about 1 Gbit/s between devices. The rounds become all-gathers,
+            whose bytes per device grow with the number of devices: against an fp32 all-reduce, int8 sends a quarter
+            with 2 devices and less up to 7, bf16 half with 2 devices and less up to 3.
     """
 
     workers_per_device: int = 2

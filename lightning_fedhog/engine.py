@@ -187,8 +187,9 @@ class AveragingEngine:
     @property
     def current_period(self) -> int:
         """Device steps between rounds now: the fixed period, or the one the leaders last agreed on."""
-        if self.period != "auto":
-            return self.period
+        period = self.period  # read once: the main thread may switch it to "auto" meanwhile (end of warm-up)
+        if period != "auto":
+            return period
         return self.paced_period or START_PERIOD
 
     def raise_if_failed(self) -> None:
@@ -264,8 +265,9 @@ class AveragingEngine:
             bad = [index for index, value in enumerate(summed[1 : 1 + leaders].tolist()) if value > 0]
             if bad:
                 self._non_finite(bad, block)
-            self.paced_period = agreed_period(float(summed[1 + leaders]), leaders)
-            scores = summed[2 + leaders :].tolist() if summed.numel() > 2 + leaders else None
+            if self.period == "auto":
+                self.paced_period = agreed_period(summed[1 + leaders : 1 + 2 * leaders].tolist())
+            scores = summed[1 + 2 * leaders :].tolist() if summed.numel() > 1 + 2 * leaders else None
             if summed[0] > 0:
                 if not self._park():
                     return
@@ -285,14 +287,16 @@ class AveragingEngine:
 
     def _control(self, want_pause: bool, block: int) -> Tensor:
         """This leader's control vector, summed over all leaders by the round's message:
-        ``[pause flag, one-hot "my block is not finite" per leader, proposed period, change score per block
-        (largest_change)]``."""
+        ``[pause flag, one-hot "my block is not finite" per leader, proposed period per leader (auto), change score
+        per block (largest_change)]``."""
         start, stop = self._bounds[block]
         values = [float(want_pause)] + [0.0] * len(self._group_ranks)
         if not all_finite(self.flat[start:stop]):
             values[1 + self._group.rank()] = 1.0
-        proposal = self._pace.period(self._pacing_budget) if self.period == "auto" else self.period
-        values.append(float(proposal))
+        proposals = [0.0] * len(self._group_ranks)  # one slot per leader: the smallest is agreed
+        if self.period == "auto":
+            proposals[self._group.rank()] = float(self._pace.period(self._pacing_budget))
+        values += proposals
         if self._reference is not None:
             values += [float((self.flat[a:b] - self._reference[a:b]).norm()) for a, b in self._bounds]
         return torch.tensor(values, dtype=self.flat.dtype, device=self.flat.device)

@@ -14,8 +14,11 @@ the share of throughput a round costs while it runs (``slowdown``). Rounds may t
 round plus the idle gap that share needs. It adapts when the link or the step time changes: old measurements
 decay by half every few rounds.
 
-Every leader proposes its period in the round's control message and all use the mean of the proposals, so the
-leaders keep one pace and none waits in the collective for a slower peer's schedule.
+Every leader proposes its period in the round's control message (one slot per leader) and all use the smallest
+proposal. The smallest, not the mean: a leader whose device steps faster reaches its trigger first and waits in
+the collective for the others, and that wait looks like a long round to it, longer the longer the period, so its
+proposal grows with the period it is given; the slowest device's leader arrives last and measures the round
+itself.
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ class Pace:
         return min(max(math.ceil(steps), 1), MAX_PERIOD)
 
 
-def agreed_period(proposals_sum: float, leaders: int) -> int:
-    """The period every leader uses: the mean of the leaders' proposals (summed in a round's control message)."""
-    return min(max(math.ceil(proposals_sum / max(leaders, 1)), 1), MAX_PERIOD)
+def agreed_period(proposals: list[float]) -> int:
+    """The period every leader uses: the smallest of the leaders' proposals (non-finite ones ignored)."""
+    finite = [value for value in proposals if math.isfinite(value) and value > 0]
+    return min(max(math.ceil(min(finite)), 1), MAX_PERIOD) if finite else START_PERIOD

@@ -173,7 +173,40 @@ def test_the_self_paced_period_spends_the_budget() -> None:
     for _ in range(12):
         pace = pace.update(idle_steps=4, idle_s=0.08, busy_steps=14, busy_s=0.28)
     assert pace.period(0.05) == pytest.approx(14 / MAX_BUSY, rel=0.2)
-    assert agreed_period(7 + 10, leaders=2) == 9
+    assert agreed_period([7.0, 10.0]) == 7 and agreed_period([0.0, float("inf")]) == START_PERIOD
+
+
+def test_leaders_of_different_speed_keep_a_short_self_paced_period() -> None:
+    # device b steps 2x slower; rounds cost no CPU (a link). Leader a reaches its trigger first and waits in the
+    # collective for b: to a that wait looks like a long round, longer the longer the period. With the mean of the
+    # proposals the period ran away (past 2,000 steps in a simulation like this one); the smallest stays short.
+    step_s, round_s, dt = (0.01, 0.02), 0.05, 1e-4
+    paces, progress, starts, ended = [Pace(), Pace()], [0.0, 0.0], [0, 0], [(0, 0.0), (0, 0.0)]
+    clock, period = 0.0, START_PERIOD
+    for _ in range(40):
+        triggered: list[tuple[int, float] | None] = [None, None]
+        while None in triggered:
+            clock += dt
+            for i in (0, 1):
+                progress[i] += dt / step_s[i]
+                if triggered[i] is None and int(progress[i]) - starts[i] >= period:
+                    triggered[i] = (int(progress[i]), clock)
+        end = clock + round_s
+        while clock < end:
+            clock += dt
+            progress[0] += dt / step_s[0]
+            progress[1] += dt / step_s[1]
+        for i in (0, 1):
+            began = triggered[i]
+            assert began is not None
+            paces[i] = paces[i].update(idle_steps=began[0] - ended[i][0], idle_s=began[1] - ended[i][1],
+                                       busy_steps=int(progress[i]) - began[0], busy_s=clock - began[1])
+            starts[i], ended[i] = began[0], (int(progress[i]), clock)
+        period = agreed_period([pace.period(0.05) for pace in paces])
+        assert period < 50, f"the self-paced period ran away: {period}"
+    assert period <= 10  # b's round holds ~2.5 of its steps: ~3 steps of it at MAX_BUSY
+
+
 
 
 def test_compression_and_auto_are_validated_at_construction() -> None:
