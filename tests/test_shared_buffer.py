@@ -79,9 +79,9 @@ def _worker(slot: int, num_workers: int, port: int, key: str, queue: mp.Queue) -
 def test_every_workers_updates_land_in_one_storage_and_no_file_remains() -> None:
     num_workers = 3
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    # forked before any buffer exists: each worker creates or opens it by name, as unrelated processes do (spawn
-    # would only add ~10 s of imports per process on a 2-core machine)
-    ctx = mp.get_context("fork")
+    # spawned, not forked: a fork of this process (its store server thread, earlier tests' threads) once left a
+    # worker hung in a lock the fork copied, and the buffer then never had its 3 workers
+    ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(s, num_workers, store.port, "t", queue)) for s in range(num_workers)]
     for proc in procs:
