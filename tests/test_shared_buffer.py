@@ -77,10 +77,10 @@ def _worker(slot: int, num_workers: int, port: int, key: str, queue: mp.Queue) -
 
 
 def test_every_workers_updates_land_in_one_storage_and_no_file_remains() -> None:
-    num_workers = 3
+    num_workers = 2  # each spawned worker imports Lightning again (~10 s of CPU): two show the sharing
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     # spawned, not forked: a fork of this process (its store server thread, earlier tests' threads) once left a
-    # worker hung in a lock the fork copied, and the buffer then never had its 3 workers
+    # worker hung in a lock the fork copied, and the buffer then never had all its workers
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(s, num_workers, store.port, "t", queue)) for s in range(num_workers)]
@@ -96,10 +96,10 @@ def test_every_workers_updates_land_in_one_storage_and_no_file_remains() -> None
     layout = flat_layout(_model())
     model = _model()
     bind_module(model, initial, layout, copy_values=True)
-    torch.testing.assert_close(leader_flat, initial + 10.0)  # all 3 workers' updates landed
+    torch.testing.assert_close(leader_flat, initial + 10.0)  # every worker's updates landed
     for _, flat, steps, weight in results:
         assert torch.equal(flat, leader_flat), "the K workers of a device must see the same storage"
-        assert steps.tolist() == [10, 10, 10]
+        assert steps.tolist() == [10] * num_workers
         assert torch.equal(weight, results[0][3])
     assert not shm_files()
 
