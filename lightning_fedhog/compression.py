@@ -129,10 +129,7 @@ def exchange_compressed_(
     """
     flat, ref = live.view(-1), reference.view(-1)
     numel = flat.numel()
-    snapshot = flat.float()  # a copy unless the block is fp32 already
-    if snapshot.data_ptr() == flat.data_ptr():
-        snapshot = snapshot.clone()
-    payload = encode(snapshot - ref.float(), codec)
+    payload = encode(flat.float() - ref.float(), codec)  # the live block is read once, by the subtraction
     head = control.to(_CONTROL_DTYPE).contiguous().view(torch.uint8)
     padding = torch.zeros(-payload.numel() % 4, dtype=torch.uint8, device=payload.device)  # every part 4-aligned
     message = torch.cat([head, payload, padding])
