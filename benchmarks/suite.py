@@ -63,6 +63,7 @@ class Scale:
     name: str
     samples: int  # per launch and epoch, all processes together
     epochs: int
+    scaling_epochs: int  # P1: long enough that a repeat's rate does not hinge on start-up and the machine's moods
     repeats: int
     accuracy_repeats: int  # P4's runs are ~1 min each: fewer of them
     thin_samples: int  # fedhog's samples in the thin-link benchmark (DDP gets a quarter: it is 20x slower there)
@@ -76,12 +77,12 @@ class Scale:
     consensus_elements: int
 
 
-FULL = Scale(name="full", samples=12288, epochs=3, repeats=5, accuracy_repeats=3, thin_samples=4096, thin_model="wide",
-             mnist_epochs=100, mnist_samples=5000, straggler_epochs=30, thin_accuracy_epochs=5, gpu_samples=16384,
-             gpu_epochs=2, consensus_elements=25_557_032)
-SMOKE = Scale(name="smoke", samples=1024, epochs=1, repeats=1, accuracy_repeats=1, thin_samples=1024, thin_model="mlp",
-              mnist_epochs=2, mnist_samples=1000, straggler_epochs=2, thin_accuracy_epochs=2, gpu_samples=2048,
-              gpu_epochs=1, consensus_elements=1_000_000)
+FULL = Scale(name="full", samples=12288, epochs=3, scaling_epochs=12, repeats=5, accuracy_repeats=3, thin_samples=4096,
+             thin_model="wide", mnist_epochs=100, mnist_samples=5000, straggler_epochs=30, thin_accuracy_epochs=5,
+             gpu_samples=16384, gpu_epochs=2, consensus_elements=25_557_032)
+SMOKE = Scale(name="smoke", samples=1024, epochs=1, scaling_epochs=1, repeats=1, accuracy_repeats=1, thin_samples=1024,
+              thin_model="mlp", mnist_epochs=2, mnist_samples=1000, straggler_epochs=2, thin_accuracy_epochs=2,
+              gpu_samples=2048, gpu_epochs=1, consensus_elements=1_000_000)
 
 Method = Callable[[Path], dict[str, Any]]
 
@@ -97,21 +98,21 @@ def _throughput(args: list[str], processes: int, prefix: list[str] | None = None
 
 def p1_scaling(scale: Scale) -> dict[str, Any]:
     """P1: does fedhog use the machine as well as independent processes would?"""
-    mlp = ["--model", "mlp"]
+    epochs = scale.scaling_epochs
+    one = ["--model", "mlp", *_common(scale, 1, epochs=epochs)]
+    two = ["--model", "mlp", *_common(scale, 2, epochs=epochs)]
     methods: dict[str, Method] = {
         "physical_limit": lambda out: harness.launch_independent(
-            [*mlp, *_common(scale, 1, samples=scale.samples // 2)], out, copies=2
+            ["--model", "mlp", *_common(scale, 1, samples=scale.samples // 2, epochs=epochs)], out, copies=2
         ),
-        "ddp": _throughput([*mlp, *_common(scale, 2), "--strategy", "ddp"], 2),
-        "fedhog_2x1": _throughput([*mlp, *_common(scale, 2), "--strategy", "fedhog", "--workers", "1"], 2),
-        "fedhog_1x2": _throughput([*mlp, *_common(scale, 1), "--strategy", "fedhog", "--workers", "2"], 2),
+        "ddp": _throughput([*two, "--strategy", "ddp"], 2),
+        "fedhog_2x1": _throughput([*two, "--strategy", "fedhog", "--workers", "1"], 2),
+        "fedhog_1x2": _throughput([*one, "--strategy", "fedhog", "--workers", "2"], 2),
         # the same 2 x 1 run exchanging a quarter of the vector per round: a quarter of the averaging traffic
-        "fedhog_2x1_4blocks": _throughput(
-            [*mlp, *_common(scale, 2), "--strategy", "fedhog", "--workers", "1", "--blocks", "4"], 2
-        ),
+        "fedhog_2x1_4blocks": _throughput([*two, "--strategy", "fedhog", "--workers", "1", "--blocks", "4"], 2),
     }
     return {"methods": methods, "baseline": "ddp", "limit": "physical_limit",
-            "settings": {"model": "mlp (1.6M parameters)", "batch": 64, "processes": 2,
+            "settings": {"model": "mlp (1.6M parameters)", "batch": 64, "processes": 2, "epochs": epochs,
                          "fedhog": "defaults: averaging_period=16, num_blocks=1, static work sharing"}}
 
 

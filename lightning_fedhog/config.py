@@ -92,8 +92,8 @@ class FedHogConfig:
         averaging_period: device steps (optimizer steps summed over the K workers of a device) between two
             averaging rounds once the warm-up is over. The paper's H, 8 to 16. ``"auto"`` chooses it while
             training, as often as averaging can run while costing the workers at most 5% of their throughput
-            (measured with and without a round in flight); it follows the link and the step time as they change,
-            and is logged as ``fedhog/period``. Use it on a thin or shared link, or when you do not know the
+            (the workers' step rate over everything against short stretches with no round in flight); it follows
+            the link and the step time as they change, and is logged as ``fedhog/period``. Use it on a thin or shared link, or when you do not know the
             right H.
         averaging_warmup_epochs: during the first this-many epochs a round starts after every device step
             (the paper's ``pre_post_epochs``, about half of training in its recipes), so copies stay close while

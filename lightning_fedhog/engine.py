@@ -26,7 +26,7 @@ from torch import Tensor
 from lightning_fedhog.averaging import all_finite, exchange_average_, exchange_with_peer_, sum_control
 from lightning_fedhog.blocks import BlockRule, block_bounds, next_block
 from lightning_fedhog.compression import Compression, SharedReference
-from lightning_fedhog.self_pacing import START_PERIOD, Pace, agreed_period
+from lightning_fedhog.self_pacing import START_PERIOD, Seen, SelfPacing, agreed_period
 from lightning_fedhog.telemetry import RoundFigures
 from lightning_fedhog.topology import Topology, peers
 
@@ -91,8 +91,7 @@ class AveragingEngine:
         self.flat = flat
         self.period: int | Literal["auto"] = period
         self.paced_period = 0  # with period="auto": the period the leaders agreed on in the last round
-        self._pace = Pace()
-        self._pacing_budget = pacing_budget
+        self._pacing = SelfPacing(pacing_budget)  # measures what rounds cost the workers, whatever the period
         self.rounds = 0
         self.error: AveragingError | None = None
         self._device_steps = device_steps
@@ -117,6 +116,7 @@ class AveragingEngine:
         self._timeout = timeout.total_seconds()
         self._poll_interval = poll_interval
         self._seconds_per_step = 0.0  # measured device step time, to sleep until the next round is near
+        self._steps_since_round = 0  # device steps from the previous round's start to this one's
         self._cond = threading.Condition()
         self._state: _State = "idle"
         self._pause_requested = False
@@ -182,7 +182,9 @@ class AveragingEngine:
 
     def take_stats(self) -> dict[str, float]:
         """The averaging figures since the previous call (:meth:`~lightning_fedhog.telemetry.RoundFigures.take`)."""
-        return self.figures.take(self._device_steps(), self.current_period)
+        figures = self.figures.take(self._device_steps(), self.current_period)
+        pace = self._pacing.pace
+        return {**figures, "averaging_cost": pace.cost} if pace.rounds > 0 else figures
 
     @property
     def current_period(self) -> int:
@@ -238,12 +240,14 @@ class AveragingEngine:
     def _loop(self) -> None:
         last = self._device_steps()
         scores: list[float] | None = None
-        ended = (last, time.monotonic())  # device steps and time at the end of the previous round (or a park)
         while True:
-            want_pause = self._wait_for_trigger(last)
-            if want_pause is None:
+            gap = self._wait_for_trigger(last)
+            if gap is None:
                 return
-            last, began = self._device_steps(), time.monotonic()
+            want_pause, first, latest, look = gap
+            self._pacing.gap(first, latest, look)
+            steps = self._device_steps()  # the period counts device steps from one round's start to the next's
+            self._steps_since_round, last = steps - last, steps
             block = next_block(
                 self._block_rule,
                 self.rounds,
@@ -255,23 +259,17 @@ class AveragingEngine:
             summed = self._round(block, want_pause)
             self._synchronize()
             self.rounds += 1
-            steps, now = self._device_steps(), time.monotonic()
-            if summed[0] == 0:  # a round that agrees on a pause runs while the workers park: it says nothing of steps
-                self._pace = self._pace.update(
-                    idle_steps=last - ended[0], idle_s=began - ended[1], busy_steps=steps - last, busy_s=now - began
-                )
-            ended = (steps, now)
             leaders = len(self._group_ranks)
             bad = [index for index, value in enumerate(summed[1 : 1 + leaders].tolist()) if value > 0]
             if bad:
                 self._non_finite(bad, block)
             if self.period == "auto":
                 self.paced_period = agreed_period(summed[1 + leaders : 1 + 2 * leaders].tolist())
-            scores = summed[1 + 2 * leaders :].tolist() if summed.numel() > 1 + 2 * leaders else None
-            if summed[0] > 0:
-                if not self._park():
-                    return
-                ended = (self._device_steps(), time.monotonic())  # parked time is neither idle nor busy
+            paused = bool(summed[0] > 0)
+            self._pacing.round(paused, float(summed[1 + 2 * leaders]) / leaders)
+            scores = summed[2 + 2 * leaders :].tolist() if summed.numel() > 2 + 2 * leaders else None
+            if paused and not self._park():
+                return
 
     def _non_finite(self, bad: list[int], block: int) -> None:
         """Some leaders' block was not finite: the round was not applied anywhere; stop or carry on."""
@@ -287,16 +285,16 @@ class AveragingEngine:
 
     def _control(self, want_pause: bool, block: int) -> Tensor:
         """This leader's control vector, summed over all leaders by the round's message:
-        ``[pause flag, one-hot "my block is not finite" per leader, proposed period per leader (auto), change score
-        per block (largest_change)]``."""
+        ``[pause flag, one-hot "my block is not finite" per leader, proposed period per leader (auto: the largest is
+        agreed), device steps since the previous round, change score per block (largest_change)]``."""
         start, stop = self._bounds[block]
         values = [float(want_pause)] + [0.0] * len(self._group_ranks)
         if not all_finite(self.flat[start:stop]):
             values[1 + self._group.rank()] = 1.0
-        proposals = [0.0] * len(self._group_ranks)  # one slot per leader: the smallest is agreed
+        proposals = [0.0] * len(self._group_ranks)  # one slot per leader
         if self.period == "auto":
-            proposals[self._group.rank()] = float(self._pace.period(self._pacing_budget))
-        values += proposals
+            proposals[self._group.rank()] = float(self._pacing.proposal())
+        values += [*proposals, float(self._steps_since_round)]
         if self._reference is not None:
             values += [float((self.flat[a:b] - self._reference[a:b]).norm()) for a, b in self._bounds]
         return torch.tensor(values, dtype=self.flat.dtype, device=self.flat.device)
@@ -334,16 +332,23 @@ class AveragingEngine:
         self._last_round[block] = self.rounds
         return summed  # type: ignore[return-value]  # never None when a control vector is sent
 
-    def _wait_for_trigger(self, last: int) -> bool | None:
-        """Blocks until the next round is due; returns whether to ask for a pause, or None to quit.
+    def _wait_for_trigger(self, last: int) -> tuple[bool, Seen | None, Seen | None, Seen] | None:
+        """Blocks until the next round is due; returns whether to ask for a pause, the first and the latest step
+        completions seen in the wait and its first look at the counters (for the self-paced period), or None to
+        quit.
 
         The step counters live in memory that other processes write, so nothing can notify this thread of a
         step: it looks at them. Each look costs the training thread of this process the interpreter lock (and,
         with every core busy training, a core), so it sleeps about half the time the remaining steps should take
         at the measured step rate: a handful of looks per round instead of one every ``poll_interval``. A pause
-        request wakes it at once.
+        request wakes it at once. In a probe (see :mod:`~lightning_fedhog.self_pacing`) it looks every twentieth of
+        a step around the first completion and the last one, so the quiet window's ends are where the steps are.
         """
         seen_steps, seen_time = self._device_steps(), time.monotonic()
+        gap_start, look = seen_steps, (float(seen_steps), seen_time)
+        first: Seen | None = None
+        latest: Seen | None = None
+        probe = self._pacing.probing
         while True:
             steps, now = self._device_steps(), time.monotonic()
             if steps > seen_steps:
@@ -352,15 +357,20 @@ class AveragingEngine:
                     0.5 * self._seconds_per_step + 0.5 * per_step
                 )
                 seen_steps, seen_time = steps, now
+                first, latest = first or (float(steps), now), (float(steps), now)
             remaining = self.current_period - (steps - last)
-            delay = min(max(0.5 * remaining * self._seconds_per_step, self._poll_interval), _MAX_POLL_SECONDS)
+            if self.period == "auto":  # a probe may hold the round back a little longer
+                remaining = self._pacing.remaining(self.current_period, steps - last, steps - gap_start)
+            fine = probe and (first is None or remaining <= 1)
+            delay = 0.05 * self._seconds_per_step if fine else 0.5 * remaining * self._seconds_per_step
+            delay = min(max(delay, self._poll_interval), _MAX_POLL_SECONDS)
             with self._cond:
                 if self._abandon:
                     return None
                 if self._pause_requested:
-                    return True
+                    return True, first, latest, look
                 if remaining <= 0:
-                    return False
+                    return False, first, latest, look
                 self._cond.wait_for(lambda: self._abandon or self._pause_requested, timeout=delay)
 
     def _park(self) -> bool:

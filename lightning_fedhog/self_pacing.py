@@ -1,24 +1,32 @@
-"""``averaging_period="auto"``: how many device steps between rounds, chosen from what the engine measures.
+"""``averaging_period="auto"``: how many device steps between rounds, chosen from what the workers lose to them.
 
 A fixed period is a guess that is wrong in both directions: on a thin link rounds take longer than the period's
 steps, so blocks are mixed far less often than configured; on a fast link with busy cores each round takes CPU
-from the workers (on a 2-core machine, period 16 cost about a fifth of the workers' throughput). Mixing more often
-helps accuracy as long as it does not slow the steps, so the self-paced rule spends a *budget*: averaging may cost
-at most ``budget`` (5 %) of the workers' throughput.
+from the workers. Mixing more often helps accuracy as long as it does not slow the steps, so the self-paced rule
+spends a *budget*: averaging may cost at most ``budget`` (5 %) of the workers' throughput.
 
-The engine reports, after each round, how many device steps the workers took while the round was in flight and
-in the gap before it. From decayed sums of both it knows the step time with and without a round in flight, and so
-the share of throughput a round costs while it runs (``slowdown``). Rounds may then be busy at most
-``budget / slowdown`` of the time (a link that costs no CPU allows back-to-back rounds, capped at
-:data:`MAX_BUSY` so the step time without a round stays measured), and the period is the number of steps in one
-round plus the idle gap that share needs. It adapts when the link or the step time changes: old measurements
-decay by half every few rounds.
+What a round costs is measured where it lands, in the workers' step rate, by comparing two kinds of window:
 
-Every leader proposes its period in the round's control message (one slot per leader) and all use the smallest
-proposal. The smallest, not the mean: a leader whose device steps faster reaches its trigger first and waits in
-the collective for the others, and that wait looks like a long round to it, longer the longer the period, so its
-proposal grows with the period it is given; the slowest device's leader arrives last and measures the round
-itself.
+- a *quiet* window: every so often the gap after a round is a probe, at least :data:`QUIET_STEPS` device steps
+  long, and the step rate is measured in it from the first step completed after that round to the step that
+  triggers the next round, so no round is in flight anywhere in it and none of a round's cost spills into it;
+- a *cycle*: everything between two probes (rounds, gaps and whatever a round leaves behind in the steps after
+  it), at least :data:`CYCLE_STEPS` device steps (the leaders' mean, sent in the rounds' control messages) and
+  :data:`MIN_CYCLE_ROUNDS` rounds.
+
+The steps lost in a cycle are those the quiet rate would have taken in its time less those taken; per round, they
+are what one round costs, in steps, whatever the reason: CPU taken from the workers, the interpreter lock, a step
+stretched by a round shorter than it (a window that counted only the steps completed while a round is in flight
+cannot see that one: the stretched step completes after the round). Rounds that cost ``lost`` steps each stay
+within the budget when they are ``lost / budget`` steps apart; that is this leader's proposal, sent in the round's
+control message, and every leader uses the largest proposal, so the budget holds on every device. A leader that
+waits in a round for slower devices loses nothing by it (its workers keep stepping), so waiting is not counted as
+cost. Sums decay by half every few probes, so the period follows a link or step time that changes mid-run.
+
+Windows start and end at observed step completions, and the time a device is parked (consensus points) is in
+neither: a cycle stops at the last completion seen before a pause and restarts at the first one after it. With a
+fixed period the same windows are measured (logged as ``fedhog/averaging_cost``), but a probe does not hold a
+round back: where rounds outlast the period no quiet window is seen, and no cost is reported.
 """
 
 from __future__ import annotations
@@ -26,69 +34,142 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-MAX_BUSY = 0.8
-"""The largest share of time rounds may take, so that some steps are always taken with no round in flight."""
-
 START_PERIOD = 16
 """The period before anything has been measured (the fixed default)."""
 
 MAX_PERIOD = 4096
 
+QUIET_STEPS = 8
+"""The shortest probe: device steps with no round in flight, to measure the step rate without averaging."""
+
+CYCLE_STEPS = 64
+"""Device steps between two probes (at least): probes take about an eighth of the time at short periods."""
+
+MIN_CYCLE_ROUNDS = 2
+
 
 @dataclass(frozen=True)
 class Pace:
-    """Decayed sums of device steps and seconds with a round in flight (``busy``) and without (``idle``), and of
-    round seconds. ``decay`` is applied to the old sums at every update, so they weigh the last few rounds."""
+    """Decayed sums: steps and seconds of quiet windows, and the steps lost in cycles and the rounds they held."""
 
-    busy_steps: float = 0.0
-    busy_s: float = 0.0
-    idle_steps: float = 0.0
-    idle_s: float = 0.0
+    quiet_steps: float = 0.0
+    quiet_s: float = 0.0
+    lost_steps: float = 0.0
+    cycle_steps: float = 0.0
     rounds: float = 0.0
 
-    def update(
-        self, *, idle_steps: int, idle_s: float, busy_steps: int, busy_s: float, decay: float = 0.8
-    ) -> Pace:
-        """The sums after one more round: ``idle_*`` from the previous round's end to this one's start,
-        ``busy_*`` while this round was in flight.
+    def quiet(self, steps: float, seconds: float, decay: float = 0.8) -> Pace:
+        """The sums after one more quiet window of ``steps`` in ``seconds``."""
+        return Pace(decay * self.quiet_steps + steps, decay * self.quiet_s + seconds,
+                    self.lost_steps, self.cycle_steps, self.rounds)
 
-        A round starts right after the step that made it due, so its window holds on average half a step fewer
-        completions than its length at the same rate (the next completion is a whole step away), and the idle
-        window, which ends on that step, half a step more. Counted as they are, a round of three steps would
-        look 30% slower than the gap before it with no slowdown at all; half a step moves from one to the other.
-        """
-        return Pace(
-            busy_steps=decay * self.busy_steps + busy_steps + 0.5,
-            busy_s=decay * self.busy_s + busy_s,
-            idle_steps=decay * self.idle_steps + max(idle_steps - 0.5, 0.0),
-            idle_s=decay * self.idle_s + idle_s,
-            rounds=decay * self.rounds + 1,
-        )
+    def cycle(self, steps: float, seconds: float, rounds: int, decay: float = 0.8) -> Pace:
+        """The sums after one more cycle that took ``steps`` in ``seconds`` and held ``rounds`` rounds; the steps
+        it lost are counted at the quiet rate measured so far (a cycle before any quiet window is ignored)."""
+        if self.quiet_s <= 0 or rounds <= 0 or seconds <= 0:
+            return self
+        lost = self.quiet_steps / self.quiet_s * seconds - steps
+        return Pace(self.quiet_steps, self.quiet_s, decay * self.lost_steps + lost,
+                    decay * self.cycle_steps + steps, decay * self.rounds + rounds)
 
     @property
-    def slowdown(self) -> float:
-        """The share of the workers' throughput lost while a round is in flight (0 when unmeasured)."""
-        if self.busy_s <= 0 or self.idle_s <= 0 or self.idle_steps <= 0:
-            return 0.0
-        idle_rate, busy_rate = self.idle_steps / self.idle_s, self.busy_steps / self.busy_s
-        return min(max(1.0 - busy_rate / idle_rate, 0.0), 1.0)
+    def cost(self) -> float:
+        """The share of the workers' throughput averaging took in the measured cycles (0 when unmeasured)."""
+        total = self.cycle_steps + self.lost_steps
+        return max(self.lost_steps / total, 0.0) if self.rounds > 0 and total > 0 else 0.0
 
     def period(self, budget: float) -> int:
-        """Device steps between the start of one round and the next, so averaging costs at most ``budget`` of the
-        throughput; :data:`START_PERIOD` until a round and some steps without one have been measured."""
-        if self.rounds <= 0 or self.idle_steps <= 0 or self.idle_s <= 0:
+        """Device steps between the starts of two rounds, so that averaging costs at most ``budget`` of the
+        throughput; :data:`START_PERIOD` until a cycle has been measured against a quiet window."""
+        if self.rounds <= 0:
             return START_PERIOD
-        round_s = self.busy_s / self.rounds
-        slowdown = self.slowdown
-        busy_share = MAX_BUSY if slowdown <= 0 else min(MAX_BUSY, budget / slowdown)
-        gap_s = round_s * (1.0 / busy_share - 1.0)
-        busy_rate = self.busy_steps / self.busy_s if self.busy_s > 0 else 0.0
-        idle_rate = self.idle_steps / self.idle_s
-        steps = busy_rate * round_s + idle_rate * gap_s
-        return min(max(math.ceil(steps), 1), MAX_PERIOD)
+        lost_per_round = max(self.lost_steps / self.rounds, 0.0)
+        return min(max(math.ceil(lost_per_round / budget), 1), MAX_PERIOD)
 
 
 def agreed_period(proposals: list[float]) -> int:
-    """The period every leader uses: the smallest of the leaders' proposals (non-finite ones ignored)."""
+    """The period every leader uses: the largest of the leaders' proposals (non-finite ones ignored), so that no
+    device loses more than the budget."""
     finite = [value for value in proposals if math.isfinite(value) and value > 0]
-    return min(max(math.ceil(min(finite)), 1), MAX_PERIOD) if finite else START_PERIOD
+    return min(max(math.ceil(max(finite)), 1), MAX_PERIOD) if finite else START_PERIOD
+
+
+Seen = tuple[float, float]
+"""An observed device step count and when (monotonic seconds)."""
+
+
+class SelfPacing:
+    """One leader's measuring schedule: which gap is a probe, and the windows that feed its :class:`Pace`.
+
+    The engine reports each gap between rounds (:meth:`gap`: the first and the last step completions it saw in it,
+    and its first look at the counters) and each round (:meth:`round`: the agreed pause flag and the leaders' mean
+    steps since the last round). Whether the next gap is a probe depends only on those agreed values, so all
+    leaders probe in the same gap.
+
+    A cycle is measured in *segments*: one opens at a step completion (or, after a park where no completion was
+    seen in the gap, at the engine's first look, which on average falls half a step after a completion) and closes at
+    the first completion of the next probe or at the last one seen before a pause. A segment's rounds count only
+    when it closes at a completion; one that cannot is dropped with its rounds.
+    """
+
+    def __init__(self, budget: float) -> None:
+        self.budget = budget
+        self.pace = Pace()
+        self.probing = True  # the gap before the first round: the quiet rate is needed before any cycle counts
+        self._cycle_rounds, self._agreed_steps = 0, 0.0  # agreed: the same on every leader
+        self._segment: Seen | None = None  # where the open segment began
+        self._segment_rounds = 0
+        self._cycle = (0.0, 0.0, 0)  # closed segments since the last probe: steps, seconds, rounds
+        self._latest: Seen | None = None
+
+    def remaining(self, period: int, since_round: int, since_gap: int) -> int:
+        """Device steps until the next round is due: ``period`` after the last round started (``since_round``),
+        and a probe lasts at least :data:`QUIET_STEPS` after that round ended (``since_gap``), so that even a
+        device that reached its period while waiting for the others in the round measures a quiet window."""
+        due = period - since_round
+        return max(due, QUIET_STEPS + 1 - since_gap) if self.probing else due
+
+    def proposal(self) -> int:
+        """This leader's period; 0 (no opinion) until it has measured a cycle, so it holds no one back."""
+        return self.pace.period(self.budget) if self.pace.rounds > 0 else 0
+
+    def gap(self, first: Seen | None, latest: Seen | None, look: Seen) -> None:
+        """A gap ended (its round starts): the ``first`` and ``latest`` step completions seen in it, if any, and the
+        engine's first ``look`` at the counters when it began."""
+        self._latest = latest
+        if self.probing:
+            if first is not None:  # the cycle ends with the step that carried the last round's spill-over
+                self._close(first)
+            self._segment, self._segment_rounds = None, 0
+            steps, seconds, rounds = self._cycle
+            if rounds > 0 and seconds > 0:
+                self.pace = self.pace.cycle(steps, seconds, rounds)
+            if first is not None and latest is not None and latest[0] - first[0] >= QUIET_STEPS // 2:
+                self.pace = self.pace.quiet(latest[0] - first[0], latest[1] - first[1])
+            self._cycle, self._cycle_rounds, self._agreed_steps = (0.0, 0.0, 0), 0, 0.0
+            self._segment = latest
+            self.probing = False
+        elif self._segment is None:  # after a park: from the first completion, or half a step after the first look
+            self._segment = first if first is not None else (look[0] + 0.5, look[1])
+
+    def round(self, paused: bool, steps: float) -> None:
+        """A round ended; ``paused``: it agreed on a pause (the workers park; parked time is in no window);
+        ``steps``: the device steps since the previous round, averaged over the leaders (so the same on each)."""
+        if paused:
+            if self._latest is not None:
+                self._close(self._latest)
+            self._segment, self._segment_rounds = None, 0
+            return
+        if self._segment is not None:
+            self._segment_rounds += 1
+        self._cycle_rounds += 1
+        self._agreed_steps += steps
+        self.probing = self._cycle_rounds >= MIN_CYCLE_ROUNDS and self._agreed_steps >= CYCLE_STEPS
+
+    def _close(self, end: Seen) -> None:
+        """Adds the open segment, up to the completion ``end``, to the cycle (nothing if it has not begun)."""
+        start = self._segment
+        if start is not None and end[0] >= start[0] and end[1] > start[1]:
+            steps, seconds, rounds = self._cycle
+            self._cycle = (steps + end[0] - start[0], seconds + end[1] - start[1], rounds + self._segment_rounds)
+        self._segment, self._segment_rounds = None, 0

@@ -1,4 +1,4 @@
-"""Compressed rounds and the self-paced period: the math alone, then on thread gloo groups and engine fleets."""
+"""Compressed rounds: the math alone, then on thread gloo groups and engine fleets."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import torch
 
 from lightning_fedhog.compression import INT8_CHUNK, decode, encode, encoded_bytes, exchange_compressed_
 from lightning_fedhog.config import FedHogConfig
-from lightning_fedhog.self_pacing import MAX_BUSY, START_PERIOD, Pace, agreed_period
 from tests.conftest import run_in_threads, thread_groups
 from tests.test_averaging import _engine_fleet, _stop_engines  # noqa: F401 - the fixture stops leftover engines
 
@@ -106,107 +105,6 @@ def test_the_engine_averages_with_int8_after_an_exact_first_round_and_every_lead
     torch.testing.assert_close(vectors[0], mean)
     assert all(torch.equal(engine._shared.values, vectors[0]) for engine in engines), "a consensus resets the reference"
     run_in_threads(lambda r: engines[r].stop(), world_size)
-
-
-def test_a_round_that_agrees_on_a_pause_is_not_taken_for_a_slowdown() -> None:
-    # the workers park while that round runs: counted, every consensus point would look like a stall, and with few
-    # rounds per epoch the period would grow until those rounds were all it measured (seen on a 20 Mbit/s link)
-    _store, _vectors, _steps, engines = _engine_fleet(2, 64, 1, period="auto")
-    for engine in engines:
-        engine.start()
-    for _ in range(3):
-        run_in_threads(lambda r: (engines[r].pause(), engines[r].full_average(), engines[r].resume()), 2)
-    run_in_threads(lambda r: engines[r].pause(), 2)
-    assert engines[0].rounds == 4 and engines[0]._pace == Pace()
-    run_in_threads(lambda r: engines[r].stop(), 2)
-
-
-def test_self_paced_leaders_agree_on_one_period_and_report_it() -> None:
-    world_size = 2
-    _store, _vectors, steps, engines = _engine_fleet(world_size, 64, 1, period="auto")
-    for engine in engines:
-        engine.start()
-    deadline = time.monotonic() + 20
-    while min(engine.rounds for engine in engines) < 8 and time.monotonic() < deadline:
-        for counter in steps:
-            counter[0] += 1
-        time.sleep(0.0005)
-    run_in_threads(lambda r: engines[r].pause(), world_size)
-    assert len({engine.rounds for engine in engines}) == 1 and engines[0].rounds >= 8
-    assert engines[0].paced_period == engines[1].paced_period >= 1
-    assert engines[0].take_stats()["period"] == engines[0].paced_period
-    run_in_threads(lambda r: engines[r].stop(), world_size)
-
-
-def _paced(step_s: float, step_s_in_round: float, round_s: float, rounds: int = 40) -> Pace:
-    """A device stepping every ``step_s`` (``step_s_in_round`` while a round is in flight) and an engine that starts
-    a round once the period's steps are done, as the engine does: the pace after ``rounds`` rounds."""
-    pace, clock, progress, dt = Pace(), 0.0, 0.0, 1e-4
-    ended = (0, 0.0)
-    for _ in range(rounds):
-        period, start = pace.period(0.05), int(progress)
-        while int(progress) - start < period:  # idle until the period's steps are done
-            progress += dt / step_s
-            clock += dt
-        began = (int(progress), clock)
-        while clock - began[1] < round_s:  # the round is in flight
-            progress += dt / step_s_in_round
-            clock += dt
-        pace = pace.update(idle_steps=began[0] - ended[0], idle_s=began[1] - ended[1],
-                           busy_steps=int(progress) - began[0], busy_s=clock - began[1])
-        ended = (int(progress), clock)
-    return pace
-
-
-def test_the_self_paced_period_spends_the_budget() -> None:
-    assert Pace().period(0.05) == START_PERIOD  # nothing measured yet
-    # a link that costs no CPU (rounds of 3.5 steps): no slowdown is seen, rounds run MAX_BUSY of the time
-    free = _paced(step_s=0.02, step_s_in_round=0.02, round_s=0.07)
-    assert free.slowdown < 0.05
-    assert free.period(0.05) == pytest.approx(3.5 / MAX_BUSY, abs=1.5)
-    # rounds that halve the step rate: busy at most 0.05 / 0.5 = 10% of the time, ~0.63 s of steps between rounds
-    costly = _paced(step_s=0.02, step_s_in_round=0.04, round_s=0.07)
-    assert costly.slowdown == pytest.approx(0.5, abs=0.1)
-    assert costly.period(0.05) == pytest.approx(0.07 / 0.04 + 0.63 / 0.02, rel=0.25)
-    # the link slows 4x: a few rounds later the period has followed
-    pace = free
-    for _ in range(12):
-        pace = pace.update(idle_steps=4, idle_s=0.08, busy_steps=14, busy_s=0.28)
-    assert pace.period(0.05) == pytest.approx(14 / MAX_BUSY, rel=0.2)
-    assert agreed_period([7.0, 10.0]) == 7 and agreed_period([0.0, float("inf")]) == START_PERIOD
-
-
-def test_leaders_of_different_speed_keep_a_short_self_paced_period() -> None:
-    # device b steps 2x slower; rounds cost no CPU (a link). Leader a reaches its trigger first and waits in the
-    # collective for b: to a that wait looks like a long round, longer the longer the period. With the mean of the
-    # proposals the period ran away (past 2,000 steps in a simulation like this one); the smallest stays short.
-    step_s, round_s, dt = (0.01, 0.02), 0.05, 1e-4
-    paces, progress, starts, ended = [Pace(), Pace()], [0.0, 0.0], [0, 0], [(0, 0.0), (0, 0.0)]
-    clock, period = 0.0, START_PERIOD
-    for _ in range(40):
-        triggered: list[tuple[int, float] | None] = [None, None]
-        while None in triggered:
-            clock += dt
-            for i in (0, 1):
-                progress[i] += dt / step_s[i]
-                if triggered[i] is None and int(progress[i]) - starts[i] >= period:
-                    triggered[i] = (int(progress[i]), clock)
-        end = clock + round_s
-        while clock < end:
-            clock += dt
-            progress[0] += dt / step_s[0]
-            progress[1] += dt / step_s[1]
-        for i in (0, 1):
-            began = triggered[i]
-            assert began is not None
-            paces[i] = paces[i].update(idle_steps=began[0] - ended[i][0], idle_s=began[1] - ended[i][1],
-                                       busy_steps=int(progress[i]) - began[0], busy_s=clock - began[1])
-            starts[i], ended[i] = began[0], (int(progress[i]), clock)
-        period = agreed_period([pace.period(0.05) for pace in paces])
-        assert period < 50, f"the self-paced period ran away: {period}"
-    assert period <= 10  # b's round holds ~2.5 of its steps: ~3 steps of it at MAX_BUSY
-
-
 
 
 def test_compression_and_auto_are_validated_at_construction() -> None:
