@@ -256,8 +256,9 @@ def p9_mixing_per_byte(scale: Scale, workdir: Path) -> dict[str, Any]:
     """P9: P7's 20 Mbit/s run with each of fedhog's link options on and off, in one run.
 
     fedhog as in P7 (fp32 rounds every 16 device steps), then with compressed rounds (bf16, int8), with the
-    self-paced period (``averaging_period="auto"``), and with both; DDP on the same link, and fedhog with its
-    defaults and no rate limit (the time a thin-link run can approach).
+    self-paced period (``averaging_period="auto"``), with both, and with both in two blocks one round at a time
+    and two rounds in flight (``rounds_in_flight=2``); DDP on the same link, and fedhog with its defaults and no
+    rate limit (the time a thin-link run can approach).
     """
     data = workdir / "mnist1d-data"
     prefix = _link("20mbit", scale)
@@ -266,6 +267,7 @@ def p9_mixing_per_byte(scale: Scale, workdir: Path) -> dict[str, Any]:
     wide = [f"--model.channels={P7_CHANNELS}"]
     fedhog = [*wide, "--trainer.strategy.workers_per_device=1"]
     auto = "--trainer.strategy.averaging_period=auto"
+    two_blocks = ["--trainer.strategy.num_blocks=2"]
     epochs = scale.thin_accuracy_epochs
     thin = {"target": P7_TARGET, "prefix": prefix}
 
@@ -279,6 +281,11 @@ def p9_mixing_per_byte(scale: Scale, workdir: Path) -> dict[str, Any]:
         "fedhog_int8": on_link("--trainer.strategy.compression=int8"),
         "fedhog_auto": on_link(auto),
         "fedhog_int8_auto": on_link("--trainer.strategy.compression=int8", auto),
+        # the same in 2 blocks, one round at a time and two in flight: what overlap adds on a bandwidth-bound link
+        "fedhog_int8_auto_2blocks": on_link("--trainer.strategy.compression=int8", auto, *two_blocks),
+        "fedhog_int8_auto_overlap": on_link(
+            "--trainer.strategy.compression=int8", auto, *two_blocks, "--trainer.strategy.rounds_in_flight=2"
+        ),
         "fedhog_unlimited": mnist1d(fedhog, 2, scale, data, epochs, target=P7_TARGET),
     }
     return {"methods": methods, "baseline": "ddp", "limit": "fedhog_unlimited", "kind": "accuracy",
@@ -291,6 +298,7 @@ def p9_mixing_per_byte(scale: Scale, workdir: Path) -> dict[str, Any]:
                          "fedhog_bf16/int8": "compression='bf16'/'int8': rounds send the difference from the shared"
                          " reference; consensus points stay exact fp32",
                          "fedhog_auto": "averaging_period='auto' (averaging may cost 5% of the workers' throughput)",
+                         "fedhog_int8_auto_2blocks/overlap": "num_blocks=2, rounds_in_flight=1 / 2",
                          "ddp": "2 processes", "seeds": "repeat i uses seed_everything=i",
                          "granularity": "accuracy is measured at every epoch end: a time to target is the end of the"
                          " first epoch whose validation reached it"}}

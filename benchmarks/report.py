@@ -50,8 +50,12 @@ def _row(report: dict[str, Any]) -> list[str]:
                 seconds += f" ({min(spread):.1f}-{max(spread):.1f})"
             own = report.get("baselines", {}).get(method, report["baseline"])
             ratio = ratios.get(f"{method}_time_over_{own}")
+            epochs = ", ".join("-" if e is None else str(e) for e in r.get("all_epochs_to_target", []))
+            per_epoch = r["train_s"] / len(r["curve"]) if r.get("curve") and r.get("train_s") else None
             lines.append(
-                f"| {method} | {seconds} | {r['final_accuracy']:.3f} | "
+                f"| {method} | {seconds} | {epochs or '-'} | "
+                + (f"{per_epoch:.2f} s" if per_epoch else "-")
+                + f" | {r['final_accuracy']:.3f} | "
                 + ("baseline" if method == own else f"**{ratio:.2f}x** the time" if ratio else "-")
                 + " |"
             )
@@ -87,7 +91,8 @@ def markdown(reports: list[dict[str, Any]]) -> str:
             continue
         if report["benchmark"] in ACCURACY:
             target = report["settings"].get("target_accuracy", 0.90)
-            out += [f"| method | time to {target:.2f} (spread) | final accuracy | vs DDP |", "|---|---|---|---|"]
+            out += [f"| method | time to {target:.2f} (spread) | epochs to {target:.2f} (seeds) | time per epoch |"
+                    " final accuracy | vs DDP |", "|---|---|---|---|---|---|"]
         else:
             out += ["| method | samples/s | samples/s to the end of `fit` | step | vs baseline |",
                     "|---|---|---|---|---|"]

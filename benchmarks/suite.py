@@ -236,7 +236,7 @@ SMOKE_METHODS = {
     "p7_thin_link_100mbit": ("fedhog",),
     "p7_thin_link_20mbit": ("fedhog",),
     "p8_straggler_accuracy": ("post_local_sgd", "fedhog_dynamic"),
-    "p9_mixing_per_byte": ("fedhog_int8_auto",),
+    "p9_mixing_per_byte": ("fedhog_int8_auto_overlap",),
     "p5_gpu": ("one_process_b256", "fedhog_k2_b256"),
 }
 TARGETS = {

@@ -66,6 +66,15 @@ def exchange_average_(
     Returns:
         The control vectors summed over all leaders (None without ``control``).
     """
+    return start_average(live, group, world_size, control)(exact=exact, stats=stats, accept=accept)
+
+
+def start_average(
+    live: Tensor, group: Any, world_size: int, control: Tensor | None = None
+) -> Callable[..., Tensor | None]:
+    """:func:`exchange_average_` in two halves: takes the snapshot and issues the all-reduce without waiting for
+    it; returns the second half, which waits, then applies the correction (same keywords: ``exact``, ``stats``,
+    ``accept``). Between the two, the workers keep writing ``live``: the correction keeps their steps."""
     flat = live.view(-1)
     extra = 0 if control is None else control.numel()
     message = torch.empty(flat.numel() + extra, dtype=live.dtype, device=live.device)
@@ -73,20 +82,27 @@ def exchange_average_(
     if control is not None:
         message[flat.numel() :].copy_(control)
     snapshot = message[: flat.numel()].clone()
-    dist.all_reduce(message, op=dist.ReduceOp.SUM, group=group)
-    summed_control = None if control is None else message[flat.numel() :].float().cpu()
-    if accept is not None and summed_control is not None and not accept(summed_control):
+    work = dist.all_reduce(message, op=dist.ReduceOp.SUM, group=group, async_op=True)
+
+    def finish(
+        *, exact: bool = False, stats: dict[str, float] | None = None, accept: Callable[[Tensor], bool] | None = None
+    ) -> Tensor | None:
+        work.wait()
+        summed_control = None if control is None else message[flat.numel() :].float().cpu()
+        if accept is not None and summed_control is not None and not accept(summed_control):
+            return summed_control
+        averaged = message[: flat.numel()].div_(world_size)
+        if exact:
+            delta = averaged - flat
+            flat.copy_(averaged)
+        else:
+            delta = apply_average_delta_(flat, snapshot, averaged)
+        if stats is not None:
+            stats["moved"] = float(delta.float().norm())
+            stats["bytes"] = 2.0 * (world_size - 1) / world_size * message.numel() * message.element_size()
         return summed_control
-    averaged = message[: flat.numel()].div_(world_size)
-    if exact:
-        delta = averaged - flat
-        flat.copy_(averaged)
-    else:
-        delta = apply_average_delta_(flat, snapshot, averaged)
-    if stats is not None:
-        stats["moved"] = float(delta.float().norm())
-        stats["bytes"] = 2.0 * (world_size - 1) / world_size * message.numel() * message.element_size()
-    return summed_control
+
+    return finish
 
 
 def sum_control(control: Tensor, group: Any) -> Tensor:

@@ -89,16 +89,21 @@ def decode(payload: Tensor, numel: int, codec: Compression) -> Tensor:
     return codes * scales.repeat_interleave(INT8_CHUNK)[:numel]
 
 
-def _all_gather(message: Tensor, group: Any, world_size: int) -> list[Tensor]:
-    """Every leader's message, in leader order. A CUDA message travels through host memory on a gloo group."""
+def _start_all_gather(message: Tensor, group: Any, world_size: int) -> Callable[[], list[Tensor]]:
+    """Issues the all-gather of every leader's message; returns what waits for them, in leader order. A CUDA
+    message travels through host memory on a gloo group."""
     staged = message.is_cuda and group_backend(group) == "gloo"
     outgoing = message.cpu() if staged else message
     gathered = torch.empty(world_size * outgoing.numel(), dtype=outgoing.dtype, device=outgoing.device)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in newer torch
-    gather(gathered, outgoing, group=group)
-    if staged:
-        gathered = gathered.to(message.device)
-    return list(gathered.view(world_size, -1).unbind(0))
+    work = gather(gathered, outgoing, group=group, async_op=True)
+
+    def wait() -> list[Tensor]:
+        work.wait()
+        arrived = gathered.to(message.device) if staged else gathered
+        return list(arrived.view(world_size, -1).unbind(0))
+
+    return wait
 
 
 def exchange_compressed_(
@@ -127,31 +132,46 @@ def exchange_compressed_(
     Returns:
         The control vectors summed over all leaders.
     """
+    return start_compressed(live, reference, group, world_size, control, codec)(accept=accept, stats=stats)
+
+
+def start_compressed(
+    live: Tensor, reference: Tensor, group: Any, world_size: int, control: Tensor, codec: Compression
+) -> Callable[..., Tensor]:
+    """:func:`exchange_compressed_` in two halves: encodes and issues the all-gather; returns the second half
+    (keywords ``accept``, ``stats``), which waits, decodes and applies. The correction ``mean(q) - q_i`` does not
+    depend on the live values, so the workers' steps in between are kept."""
     flat, ref = live.view(-1), reference.view(-1)
     numel = flat.numel()
     payload = encode(flat.float() - ref.float(), codec)  # the live block is read once, by the subtraction
     head = control.to(_CONTROL_DTYPE).contiguous().view(torch.uint8)
     padding = torch.zeros(-payload.numel() % 4, dtype=torch.uint8, device=payload.device)  # every part 4-aligned
     message = torch.cat([head, payload, padding])
-    parts = _all_gather(message, group, world_size)
-    split = head.numel()
-    summed = torch.stack([part[:split].view(_CONTROL_DTYPE) for part in parts]).sum(0).cpu()
-    if accept is not None and not accept(summed):
+    gathered = _start_all_gather(message, group, world_size)
+    rank = group.rank()
+
+    def finish(*, accept: Callable[[Tensor], bool] | None = None, stats: dict[str, float] | None = None) -> Tensor:
+        parts = gathered()
+        split = head.numel()
+        summed = torch.stack([part[:split].view(_CONTROL_DTYPE) for part in parts]).sum(0).cpu()
+        if accept is not None and not accept(summed):
+            return summed
+        mean = torch.zeros(numel, dtype=torch.float32, device=flat.device)
+        own = mean
+        for index, part in enumerate(parts):  # added in leader order on every leader: identical bits
+            sent = decode(part[split:], numel, codec)
+            mean.add_(sent)
+            own = sent if index == rank else own
+        mean.div_(world_size)
+        correction = mean - own
+        flat.add_(correction.to(flat.dtype))
+        ref.add_(mean.to(ref.dtype))
+        if stats is not None:
+            stats["moved"] = float(correction.norm())
+            stats["bytes"] = float((world_size - 1) * message.numel())
         return summed
-    mean = torch.zeros(numel, dtype=torch.float32, device=flat.device)
-    own = mean
-    for index, part in enumerate(parts):  # added in leader order on every leader: identical bits, one block at a time
-        sent = decode(part[split:], numel, codec)
-        mean.add_(sent)
-        own = sent if index == group.rank() else own
-    mean.div_(world_size)
-    correction = mean - own
-    flat.add_(correction.to(flat.dtype))
-    ref.add_(mean.to(ref.dtype))
-    if stats is not None:
-        stats["moved"] = float(correction.norm())
-        stats["bytes"] = float((world_size - 1) * message.numel())
-    return summed
+
+    return finish
 
 
 class SharedReference:
@@ -168,18 +188,21 @@ class SharedReference:
         self.codec = codec
         self._ready = [False] * num_blocks
 
-    def exchange_(
-        self, live: Tensor, block: int, bounds: tuple[int, int], group: Any, world_size: int, control: Tensor,
-        *, accept: Callable[[Tensor], bool], stats: dict[str, float],
-    ) -> Tensor:
-        """One round of ``block`` (at ``bounds`` of the flat vector); see :func:`exchange_compressed_`."""
+    def start_(
+        self, live: Tensor, block: int, bounds: tuple[int, int], group: Any, world_size: int, control: Tensor
+    ) -> Callable[..., Tensor]:
+        """Starts one round of ``block`` (at ``bounds`` of the flat vector); returns its second half, which takes
+        ``accept`` and ``stats`` (see :func:`start_compressed`). Rounds in flight together hold distinct blocks."""
         start, stop = bounds
         codec = self.codec if self._ready[block] else "none"
-        summed = exchange_compressed_(
-            live, self.values[start:stop], group, world_size, control, codec, accept=accept, stats=stats
-        )
-        self._ready[block] = self._ready[block] or accept(summed)
-        return summed
+        finish = start_compressed(live, self.values[start:stop], group, world_size, control, codec)
+
+        def finish_and_record(*, accept: Callable[[Tensor], bool], stats: dict[str, float]) -> Tensor:
+            summed = finish(accept=accept, stats=stats)
+            self._ready[block] = self._ready[block] or accept(summed)
+            return summed
+
+        return finish_and_record
 
     def reset_(self, flat: Tensor) -> None:
         """After a consensus point: every copy is the exact average, which becomes every block's reference."""

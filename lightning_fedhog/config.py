@@ -93,8 +93,8 @@ class FedHogConfig:
             averaging rounds once the warm-up is over. The paper's H, 8 to 16. ``"auto"`` chooses it while
             training, as often as averaging can run while costing the workers at most 5% of their throughput
             (the workers' step rate over everything against short stretches with no round in flight); it follows
-            the link and the step time as they change, and is logged as ``fedhog/period``. Use it on a thin or shared link, or when you do not know the
-            right H.
+            the link and the step time as they change, and is logged as ``fedhog/period``. Use it on a thin or
+            shared link, or when you do not know the right H.
         averaging_warmup_epochs: during the first this-many epochs a round starts after every device step
             (the paper's ``pre_post_epochs``, about half of training in its recipes), so copies stay close while
             the learning rate is large.
@@ -113,6 +113,12 @@ class FedHogConfig:
             exact fp32. Use it on links slower than about 1 Gbit/s between devices. The rounds become all-gathers,
             whose bytes per device grow with the number of devices: against an fp32 all-reduce, int8 sends a quarter
             with 2 devices and less up to 7, bf16 half with 2 devices and less up to 3.
+        rounds_in_flight: background rounds started before the oldest one is finished. A round whose time goes to
+            waiting (a link with latency: each all-reduce needs round trips) leaves the link idle; with 2 or more,
+            the next block is on its way meanwhile, so blocks are mixed up to that many times as often. It needs
+            `averaging="allreduce"`, `block_rule="round_robin"` and `num_blocks` >= this (the blocks in flight are
+            distinct). A consensus point then waits for the rounds already started. On a link whose bandwidth is
+            the limit it changes nothing: the rounds share the bytes.
     """
 
     workers_per_device: int = 2
@@ -131,6 +137,7 @@ class FedHogConfig:
     nonfinite: Literal["stop", "skip"] = "stop"
     averaging_backend: AveragingBackend = "auto"
     compression: Compression = "none"
+    rounds_in_flight: int = 1
 
     def __post_init__(self) -> None:
         _require_int(
@@ -181,6 +188,20 @@ class FedHogConfig:
             "use 0 to average every `averaging_period` steps from the start.",
         )
         _require_int("num_blocks", self.num_blocks, 1, "use 1 to exchange the whole vector every round.")
+        _require_int("rounds_in_flight", self.rounds_in_flight, 1, "use 1 for one background round at a time.")
+        if self.rounds_in_flight > 1:
+            needs = {"averaging": (self.averaging, "allreduce"), "block_rule": (self.block_rule, "round_robin")}
+            for name, (value, wanted) in needs.items():
+                if value != wanted:
+                    raise ValueError(
+                        f"`rounds_in_flight={self.rounds_in_flight}` overlaps all-reduce rounds of distinct blocks,"
+                        f" but `{name}={value!r}`. HINT: use `{name}={wanted!r}`, or `rounds_in_flight=1`."
+                    )
+            if self.num_blocks < self.rounds_in_flight:
+                raise ValueError(
+                    f"`rounds_in_flight={self.rounds_in_flight}` needs as many distinct blocks in flight, but"
+                    f" `num_blocks={self.num_blocks}`. HINT: use `num_blocks={self.rounds_in_flight}` or more."
+                )
         if not isinstance(self.timeout, timedelta) or self.timeout <= timedelta(0):
             raise ValueError(
                 f"`timeout` must be a positive `datetime.timedelta`, got {self.timeout!r}."

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
@@ -23,12 +24,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
-from lightning_fedhog.averaging import all_finite, exchange_average_, exchange_with_peer_, sum_control
+from lightning_fedhog.averaging import all_finite, exchange_average_
 from lightning_fedhog.blocks import BlockRule, block_bounds, next_block
-from lightning_fedhog.compression import Compression, SharedReference
+from lightning_fedhog.compression import Compression
+from lightning_fedhog.rounds import InFlight, Rounds
 from lightning_fedhog.self_pacing import START_PERIOD, Seen, SelfPacing, agreed_period
 from lightning_fedhog.telemetry import RoundFigures
-from lightning_fedhog.topology import Topology, peers
+from lightning_fedhog.topology import Topology
 
 if TYPE_CHECKING:
     from lightning_fedhog.config import FedHogConfig
@@ -66,6 +68,8 @@ class AveragingEngine:
         compression: what all-reduce rounds send (:mod:`~lightning_fedhog.compression`); consensus averages
             stay exact fp32.
         pacing_budget: with ``period="auto"``, the share of the workers' throughput averaging may cost.
+        rounds_in_flight: rounds started before the oldest is finished (:mod:`~lightning_fedhog.rounds`); more
+            than one needs all-reduce rounds, round-robin blocks and at least that many blocks.
         timeout: how long the main thread waits for the engine to park or finish a command.
         poll_interval: the least time between two looks at the step counters.
     """
@@ -86,6 +90,7 @@ class AveragingEngine:
         on_non_finite: Literal["stop", "skip"] = "stop",
         compression: Compression = "none",
         pacing_budget: float = 0.05,
+        rounds_in_flight: int = 1,
         poll_interval: float = 0.0005,
     ) -> None:
         self.flat = flat
@@ -99,24 +104,19 @@ class AveragingEngine:
         self._group_ranks = group_ranks
         self._bounds = block_bounds(flat.numel(), num_blocks)
         self._block_rule = block_rule
-        self._topology = gossip_topology
         self._seed = seed
         self._on_non_finite = on_non_finite
         self.skipped_rounds = 0
-        # per block: exchanges so far (gossip schedules advance per block, so the block cycle and the topology
-        # cycle cannot alias) and the round of the last exchange (tie-break of "largest_change")
-        self._exchanges = [0] * num_blocks
-        self._last_round = [-1] * num_blocks
         self.figures = RoundFigures(num_blocks)  # what the rounds did since the last `take_stats`
-        # the value of each block when it was last exchanged, for the "largest_change" rule
-        self._reference: Tensor | None = flat.clone() if block_rule == "largest_change" else None
-        self._shared = (  # compressed rounds: each block's difference from a reference every leader holds
-            SharedReference(flat.numel(), num_blocks, compression, flat.device) if compression != "none" else None
+        self._rounds = Rounds(
+            flat, group, len(group_ranks), self._bounds, topology=gossip_topology, seed=seed,
+            compression=compression, track_change=block_rule == "largest_change", figures=self.figures,
         )
+        self._max_in_flight = rounds_in_flight
+        self._started = 0  # rounds started (``rounds`` counts the finished ones)
         self._timeout = timeout.total_seconds()
         self._poll_interval = poll_interval
         self._seconds_per_step = 0.0  # measured device step time, to sleep until the next round is near
-        self._steps_since_round = 0  # device steps from the previous round's start to this one's
         self._cond = threading.Condition()
         self._state: _State = "idle"
         self._pause_requested = False
@@ -135,7 +135,7 @@ class AveragingEngine:
             flat, device_steps, group, group_ranks, num_blocks=config.num_blocks, period=period,
             timeout=config.timeout, block_rule=config.block_rule,
             gossip_topology=config.topology if config.averaging == "gossip" else None, seed=config.seed,
-            on_non_finite=config.nonfinite, compression=config.compression,
+            on_non_finite=config.nonfinite, compression=config.compression, rounds_in_flight=config.rounds_in_flight,
         )
 
     # ----------------------------------------------------------------------------------------------- main thread
@@ -240,6 +240,7 @@ class AveragingEngine:
     def _loop(self) -> None:
         last = self._device_steps()
         scores: list[float] | None = None
+        in_flight: deque[InFlight] = deque()
         while True:
             gap = self._wait_for_trigger(last)
             if gap is None:
@@ -247,29 +248,44 @@ class AveragingEngine:
             want_pause, first, latest, look = gap
             self._pacing.gap(first, latest, look)
             steps = self._device_steps()  # the period counts device steps from one round's start to the next's
-            self._steps_since_round, last = steps - last, steps
+            since, last = steps - last, steps
             block = next_block(
                 self._block_rule,
-                self.rounds,
+                self._started,
                 len(self._bounds),
                 seed=self._seed,
                 scores=scores,
-                last_exchanged=self._last_round,
+                last_exchanged=self._rounds.last_round,
             )
-            summed = self._round(block, want_pause)
-            self._synchronize()
-            self.rounds += 1
-            leaders = len(self._group_ranks)
-            bad = [index for index, value in enumerate(summed[1 : 1 + leaders].tolist()) if value > 0]
-            if bad:
-                self._non_finite(bad, block)
-            if self.period == "auto":
-                self.paced_period = agreed_period(summed[1 + leaders : 1 + 2 * leaders].tolist())
-            paused = bool(summed[0] > 0)
-            self._pacing.round(paused, float(summed[1 + 2 * leaders]) / leaders)
-            scores = summed[2 + 2 * leaders :].tolist() if summed.numel() > 2 + 2 * leaders else None
-            if paused and not self._park():
-                return
+            proposal = float(self._pacing.proposal()) if self.period == "auto" else 0.0
+            control = self._rounds.control(want_pause, block, proposal, float(since))
+            in_flight.append(self._rounds.start(block, self._started, control, self._device_steps))
+            self._started += 1
+            if len(in_flight) < self._max_in_flight:
+                continue
+            paused, scores = self._finish(in_flight.popleft())
+            if paused:
+                while in_flight:  # started before the pause was known, by every leader alike: finished alike
+                    self._finish(in_flight.popleft(), draining=True)
+                if not self._park():
+                    return
+
+    def _finish(self, round_: InFlight, draining: bool = False) -> tuple[bool, list[float] | None]:
+        """Waits for a started round and acts on its summed control; returns whether it agreed on a pause, and the
+        block scores (``"largest_change"``). Rounds finished while draining for a pause count as paused."""
+        summed = round_.finish()
+        self._synchronize()
+        self.rounds += 1
+        leaders = len(self._group_ranks)
+        bad = [index for index, value in enumerate(summed[1 : 1 + leaders].tolist()) if value > 0]
+        if bad:
+            self._non_finite(bad, round_.block)
+        if self.period == "auto":
+            self.paced_period = agreed_period(summed[1 + leaders : 1 + 2 * leaders].tolist())
+        paused = draining or bool(summed[0] > 0)
+        self._pacing.round(paused, float(summed[1 + 2 * leaders]) / leaders)
+        scores = summed[2 + 2 * leaders :].tolist() if summed.numel() > 2 + 2 * leaders else None
+        return paused, scores
 
     def _non_finite(self, bad: list[int], block: int) -> None:
         """Some leaders' block was not finite: the round was not applied anywhere; stop or carry on."""
@@ -282,55 +298,6 @@ class AveragingEngine:
                 " learning rate or clip gradients (`Trainer(gradient_clip_val=...)`); `nonfinite='skip'` keeps"
                 " training and only refuses to average non-finite blocks."
             )
-
-    def _control(self, want_pause: bool, block: int) -> Tensor:
-        """This leader's control vector, summed over all leaders by the round's message:
-        ``[pause flag, one-hot "my block is not finite" per leader, proposed period per leader (auto: the largest is
-        agreed), device steps since the previous round, change score per block (largest_change)]``."""
-        start, stop = self._bounds[block]
-        values = [float(want_pause)] + [0.0] * len(self._group_ranks)
-        if not all_finite(self.flat[start:stop]):
-            values[1 + self._group.rank()] = 1.0
-        proposals = [0.0] * len(self._group_ranks)  # one slot per leader
-        if self.period == "auto":
-            proposals[self._group.rank()] = float(self._pacing.proposal())
-        values += [*proposals, float(self._steps_since_round)]
-        if self._reference is not None:
-            values += [float((self.flat[a:b] - self._reference[a:b]).norm()) for a, b in self._bounds]
-        return torch.tensor(values, dtype=self.flat.dtype, device=self.flat.device)
-
-    def _guard(self, summed: Tensor) -> bool:
-        """Apply the round only if every leader's block was finite (the same decision on every leader)."""
-        return not bool((summed[1 : 1 + len(self._group_ranks)] > 0).any())
-
-    def _round(self, block: int, want_pause: bool) -> Tensor:
-        """One averaging round on ``block``; returns the control vectors summed over all leaders."""
-        start, stop = self._bounds[block]
-        live = self.flat[start:stop]
-        control = self._control(want_pause, block)
-        began = time.monotonic()
-        stats: dict[str, float] = {}
-        if self._topology is None and self._shared is not None:
-            summed = self._shared.exchange_(
-                live, block, (start, stop), self._group, len(self._group_ranks), control, accept=self._guard,
-                stats=stats,
-            )
-        elif self._topology is None:
-            summed = exchange_average_(
-                live, self._group, len(self._group_ranks), control, stats=stats, accept=self._guard
-            )
-        else:
-            summed = sum_control(control, self._group)
-            schedule = peers(len(self._group_ranks), self._exchanges[block], self._topology, self._seed + block)
-            peer = schedule[self._group.rank()]
-            if peer is not None and self._guard(summed):
-                exchange_with_peer_(live, self._group, peer, tag=self.rounds % 65536, stats=stats)
-        self.figures.round_done(block, time.monotonic() - began, stats, self._device_steps())
-        if self._reference is not None:
-            self._reference[start:stop].copy_(live)
-        self._exchanges[block] += 1
-        self._last_round[block] = self.rounds
-        return summed  # type: ignore[return-value]  # never None when a control vector is sent
 
     def _wait_for_trigger(self, last: int) -> tuple[bool, Seen | None, Seen | None, Seen] | None:
         """Blocks until the next round is due; returns whether to ask for a pause, the first and the latest step
@@ -399,10 +366,7 @@ class AveragingEngine:
                     )
                 self._synchronize()
                 self.figures.consensus_distance = stats["moved"]
-                if self._reference is not None:
-                    self._reference.copy_(self.flat)
-                if self._shared is not None:
-                    self._shared.reset_(self.flat)
+                self._rounds.consensus_done()
             with self._cond:
                 if command == "resume":
                     self._pause_requested = False

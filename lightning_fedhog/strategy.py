@@ -91,6 +91,7 @@ class FedHogStrategy(PerWorkerCheckpoints):
         nonfinite: Literal["stop", "skip"] = "stop",
         averaging_backend: AveragingBackend = "auto",
         compression: Compression = "none",
+        rounds_in_flight: int = 1,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,

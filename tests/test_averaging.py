@@ -107,6 +107,8 @@ def _engine_fleet(world_size: int, numel: int, num_blocks: int, period: int, **e
         (4, {"gossip_topology": "random"}),
         (3, {"compression": "int8"}),
         (2, {"compression": "bf16", "block_rule": "largest_change"}),
+        (3, {"rounds_in_flight": 2}),
+        (2, {"rounds_in_flight": 4, "compression": "int8"}),
     ],
 )
 def test_engine_without_training_preserves_the_mean_and_converges(world_size: int, engine_kwargs: dict) -> None:
@@ -144,7 +146,11 @@ def _wait_until(predicate, seconds: float) -> None:
         time.sleep(0.001)
 
 
-@pytest.mark.parametrize("engine_kwargs", [{}, {"compression": "int8", "period": "auto"}], ids=["fp32", "int8-auto"])
+@pytest.mark.parametrize(
+    "engine_kwargs",
+    [{}, {"compression": "int8", "period": "auto"}, {"rounds_in_flight": 2}],
+    ids=["fp32", "int8-auto", "two-in-flight"],
+)
 def test_leaders_of_very_different_speed_agree_to_pause_average_and_resume(engine_kwargs: dict) -> None:
     world_size = 3
     settings = {"period": 4, **engine_kwargs}
@@ -182,6 +188,27 @@ def test_leaders_of_very_different_speed_agree_to_pause_average_and_resume(engin
         counter[0] += 100
     run_in_threads(lambda r: (engines[r].pause(), engines[r].stop()), world_size)
     assert all(not engine._thread.is_alive() for engine in engines)
+
+
+def test_with_two_rounds_in_flight_the_next_round_starts_before_the_last_one_is_finished() -> None:
+    # leader 1 takes no step, so it starts no round: leader 0 starts two, of distinct blocks, and finishes none
+    _store, vectors, steps, engines = _engine_fleet(2, 64, 2, period=1, rounds_in_flight=2)
+    mean = torch.stack(vectors).mean(0)
+    for engine in engines:
+        engine.start()
+    for _ in range(20):
+        steps[0][0] += 1
+        time.sleep(0.002)
+    _wait_until(lambda: engines[0]._started == 2, seconds=5)
+    time.sleep(0.05)
+    assert engines[0]._started == 2 and engines[0].rounds == 0
+    # leader 1 asks to pause: it starts its two rounds, the first says "pause", and both leaders finish the second
+    # (already started by leader 0) before they park, so they end with the same rounds
+    run_in_threads(lambda r: engines[r].pause(), 2)
+    assert engines[0].rounds == engines[1].rounds == engines[0]._started == 2
+    torch.testing.assert_close(torch.stack(vectors).mean(0), mean)
+    torch.testing.assert_close(vectors[0], vectors[1])  # both blocks exchanged once, nobody wrote meanwhile
+    run_in_threads(lambda r: engines[r].stop(), 2)
 
 
 def test_a_failed_round_is_reported_to_the_main_thread_with_the_peers() -> None:

@@ -103,7 +103,8 @@ def test_the_engine_averages_with_int8_after_an_exact_first_round_and_every_lead
     run_in_threads(lambda r: engines[r].full_average(), world_size)
     assert torch.equal(vectors[0], vectors[1])
     torch.testing.assert_close(vectors[0], mean)
-    assert all(torch.equal(engine._shared.values, vectors[0]) for engine in engines), "a consensus resets the reference"
+    references = [engine._rounds.shared.values for engine in engines]
+    assert all(torch.equal(reference, vectors[0]) for reference in references), "a consensus resets the reference"
     run_in_threads(lambda r: engines[r].stop(), world_size)
 
 

@@ -37,6 +37,10 @@ from tests.conftest import fit_refused
         ({"averaging_backend": "mpi"}, r"Unknown `averaging_backend='mpi'`. HINT: choose one of 'auto', 'nccl'"),
         ({"partial_backprop": -1, "workers_per_device": 2}, r"`partial_backprop` must be >= 0, got -1"),
         ({"partial_backprop": 3, "workers_per_device": 1}, r"`workers_per_device=1`. HINT: use `workers_per_device`"),
+        ({"rounds_in_flight": 0}, r"`rounds_in_flight` must be >= 1, got 0"),
+        ({"rounds_in_flight": 2}, r"`rounds_in_flight=2` needs .* `num_blocks=1`. HINT: use `num_blocks=2` or more"),
+        ({"rounds_in_flight": 2, "num_blocks": 2, "averaging": "gossip"}, r"`averaging='gossip'`. HINT: use `averag"),
+        ({"rounds_in_flight": 2, "num_blocks": 2, "block_rule": "random"}, r"HINT: use `block_rule='round_robin'`"),
     ],
 )
 def test_bad_knobs_fail_at_construction(kwargs: dict, message: str) -> None:

@@ -43,12 +43,14 @@ def _series(rows: list[dict[str, str]], key: str) -> list[float]:
 
 @pytest.mark.parametrize(
     ("period", "compression"), [("2", "none"), ("1000000000", "none"), ("auto", "int8")],
-    ids=["averaging", "averaging-off", "auto-int8"],
+    ids=["averaging", "averaging-off", "auto-int8-overlap"],
 )
 def test_a_csv_logged_run_has_every_fedhog_metric(tmp_path: Path, period: str, compression: str) -> None:
     samples = "2048" if period == "auto" else "512"  # 'auto' starts at 16 device steps: let a few rounds happen
     args = ("--devices", "2", "--workers", "2", "--epochs", "2", "--samples", samples, "--period", period, "--csv",
             "--compression", compression)
+    if period == "auto":  # and two rounds in flight, of two blocks
+        args += ("--in-flight", "2", "--blocks", "2")
     reports = run_app(tmp_path, *args)
     rows = _rows(tmp_path)
     for key in (

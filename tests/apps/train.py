@@ -196,6 +196,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--period", type=lambda value: value if value == "auto" else int(value), default=2)
     parser.add_argument("--compression", default="none", choices=["none", "bf16", "int8"])
+    parser.add_argument("--in-flight", type=int, default=1, help="rounds_in_flight")
     parser.add_argument("--warmup", type=int, default=0)
     parser.add_argument("--blocks", type=int, default=1)
     parser.add_argument("--lr", type=float, default=0.125)
@@ -246,6 +247,7 @@ def main() -> None:
             workers_per_device=args.workers,
             averaging_period=args.period,
             compression=args.compression,
+            rounds_in_flight=args.in_flight,
             averaging_warmup_epochs=args.warmup,
             num_blocks=args.blocks,
             timeout=timedelta(seconds=args.timeout),

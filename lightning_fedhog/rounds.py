@@ -1,0 +1,129 @@
+"""One background averaging round of a device leader: its control message, its collective, and its correction.
+
+A round is *started* (the block is read, the message built and the collective issued without waiting) and
+*finished* later (waited for, then applied if every leader's block was finite). In between the workers keep
+stepping, and the correction the round applies keeps their steps (:mod:`~lightning_fedhog.averaging`). With
+``rounds_in_flight > 1`` the engine starts the next round before it finishes the last one, so a link whose rounds
+spend their time waiting (latency, not bandwidth) carries several at once; the blocks in flight are distinct, so
+no two rounds correct the same elements.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_fedhog.averaging import all_finite, exchange_with_peer_, start_average, sum_control
+from lightning_fedhog.compression import Compression, SharedReference
+from lightning_fedhog.telemetry import RoundFigures
+from lightning_fedhog.topology import Topology, peers
+
+
+@dataclass
+class InFlight:
+    """A started round: its block, when it started, and what finishes it (returns the summed control)."""
+
+    block: int
+    began: float
+    finish: Callable[[], Tensor]
+
+
+class Rounds:
+    """Builds, starts and finishes the rounds of one leader (all-reduce, compressed all-gather, or gossip).
+
+    Args:
+        flat: the device's shared flat vector.
+        group: the leaders' process group (this engine's thread only); ``world_size`` leaders.
+        bounds: each block's ``(start, stop)`` in ``flat``.
+        topology: None for all-reduce rounds, else the gossip peer schedule; ``seed`` shared by all leaders.
+        compression: what all-reduce rounds send; ``track_change``: keep each block's value at its last exchange
+            (the ``"largest_change"`` rule's scores).
+        figures: where each finished round is recorded.
+    """
+
+    def __init__(
+        self,
+        flat: Tensor,
+        group: Any,
+        world_size: int,
+        bounds: list[tuple[int, int]],
+        *,
+        topology: Topology | None,
+        seed: int,
+        compression: Compression,
+        track_change: bool,
+        figures: RoundFigures,
+    ) -> None:
+        self.flat, self._group, self._world_size, self._bounds = flat, group, world_size, bounds
+        self._topology, self._seed, self.figures = topology, seed, figures
+        # per block: exchanges so far (gossip schedules advance per block, so the block cycle and the topology
+        # cycle cannot alias) and the round of the last exchange (tie-break of "largest_change")
+        self.exchanges = [0] * len(bounds)
+        self.last_round = [-1] * len(bounds)
+        self._reference: Tensor | None = flat.clone() if track_change else None
+        self.shared = (  # compressed rounds: each block's difference from a reference every leader holds
+            SharedReference(flat.numel(), len(bounds), compression, flat.device) if compression != "none" else None
+        )
+
+    def control(self, want_pause: bool, block: int, proposal: float, steps: float) -> Tensor:
+        """This leader's control vector, summed over all leaders by the round's message:
+        ``[pause flag, one-hot "my block is not finite" per leader, proposed period per leader (auto: the largest is
+        agreed), device steps since the previous round, change score per block (largest_change)]``."""
+        start, stop = self._bounds[block]
+        rank = self._group.rank()
+        values = [float(want_pause)] + [0.0] * self._world_size
+        if not all_finite(self.flat[start:stop]):
+            values[1 + rank] = 1.0
+        proposals = [0.0] * self._world_size  # one slot per leader
+        proposals[rank] = proposal
+        values += [*proposals, steps]
+        if self._reference is not None:
+            values += [float((self.flat[a:b] - self._reference[a:b]).norm()) for a, b in self._bounds]
+        return torch.tensor(values, dtype=self.flat.dtype, device=self.flat.device)
+
+    def accept(self, summed: Tensor) -> bool:
+        """Apply a round only if every leader's block was finite (the same decision on every leader)."""
+        return not bool((summed[1 : 1 + self._world_size] > 0).any())
+
+    def start(self, block: int, index: int, control: Tensor, device_steps: Callable[[], int]) -> InFlight:
+        """Starts round ``index`` on ``block``; gossip rounds run whole here (one round at a time)."""
+        start, stop = self._bounds[block]
+        live = self.flat[start:stop]
+        began = time.monotonic()
+        stats: dict[str, float] = {}
+        if self._topology is None and self.shared is not None:
+            pending = self.shared.start_(live, block, (start, stop), self._group, self._world_size, control)
+            finish_exchange = lambda: pending(accept=self.accept, stats=stats)  # noqa: E731
+        elif self._topology is None:
+            pending_average = start_average(live, self._group, self._world_size, control)
+            finish_exchange = lambda: pending_average(stats=stats, accept=self.accept)  # noqa: E731
+        else:
+            summed = sum_control(control, self._group)
+            schedule = peers(self._world_size, self.exchanges[block], self._topology, self._seed + block)
+            peer = schedule[self._group.rank()]
+            if peer is not None and self.accept(summed):
+                exchange_with_peer_(live, self._group, peer, tag=index % 65536, stats=stats)
+            finish_exchange = lambda: summed  # noqa: E731
+
+        def finish() -> Tensor:
+            summed = finish_exchange()
+            self.figures.round_done(block, time.monotonic() - began, stats, device_steps())
+            if self._reference is not None:
+                self._reference[start:stop].copy_(live)
+            self.exchanges[block] += 1
+            self.last_round[block] = index
+            return summed  # type: ignore[return-value]  # never None when a control vector is sent
+
+        return InFlight(block, began, finish)
+
+    def consensus_done(self) -> None:
+        """After an exact average of the whole vector: it is every block's reference."""
+        if self._reference is not None:
+            self._reference.copy_(self.flat)
+        if self.shared is not None:
+            self.shared.reset_(self.flat)
