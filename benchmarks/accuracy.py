@@ -43,6 +43,9 @@ trainer:
 """
 
 
+_BLOCKS = "--trainer.strategy.num_blocks="
+
+
 def mnist1d(
     strategy: Sequence[str],
     processes: int,
@@ -75,13 +78,14 @@ def mnist1d(
         command = harness.ranks_command(command, processes, prefix)  # as reported: what ran, in which namespace
         if status != 0:
             raise RuntimeError(f"MNIST-1D run failed ({status}): {shlex.join(command)}\n{errors[-4000:]}")
-        return {**accuracy_curve(out, target), "command": shlex.join(command),
+        blocks = next((int(arg.split("=")[1]) for arg in strategy if arg.startswith(_BLOCKS)), 1)
+        return {**accuracy_curve(out, target, blocks), "command": shlex.join(command),
                 "process_wall_s": time.perf_counter() - began}
 
     return run
 
 
-def accuracy_curve(out: Path, target: float = 0.90) -> dict[str, Any]:
+def accuracy_curve(out: Path, target: float = 0.90, blocks: int = 1) -> dict[str, Any]:
     """Per-epoch (wall-clock seconds, test accuracy) from a run's CSV log, and fedhog's own figures if it logged any.
 
     Validation runs at the end of each epoch, before ``WallClock`` logs the epoch's time (one step later, so
@@ -96,18 +100,18 @@ def accuracy_curve(out: Path, target: float = 0.90) -> dict[str, Any]:
     epochs = next((epoch for epoch, (_, accuracy) in enumerate(curve, 1) if accuracy >= target), None)
     result = {"curve": curve, "seconds_to_target": reached, "epochs_to_target": epochs,
               "final_accuracy": curve[-1][1] if curve else None, "train_s": curve[-1][0] if curve else None}
-    figures = fedhog_figures(rows)
+    figures = fedhog_figures(rows, blocks=blocks)
     return {**result, "fedhog": figures} if figures else result
 
 
-def fedhog_figures(rows: list[dict[str, str]], batch: int = 32) -> dict[str, float]:
+def fedhog_figures(rows: list[dict[str, str]], batch: int = 32, blocks: int = 1) -> dict[str, float]:
     """What fedhog's averaging did during a run, from the figures it logged at each consensus point.
 
     ``effective_period`` is the device steps between two exchanges of the same element: what the configured
-    ``averaging_period`` becomes when rounds take longer than the steps between them (one round exchanges one
-    block; this recipe averages the whole vector, one block). ``consensus_s`` sums the time workers waited at
-    consensus points; ``round_busy`` is the share of time a leader spent in background rounds (overlapped with the
-    workers' steps).
+    ``averaging_period`` becomes when rounds take longer than the steps between them (one round exchanges one of
+    ``blocks`` blocks). ``consensus_s`` sums the time workers waited at consensus points; ``round_busy`` is the
+    share of time a leader spent in background rounds (overlapped with the workers' steps; with several rounds in
+    flight it can pass 1).
     """
     logged = [row for row in rows if row.get("fedhog/rounds_per_s")]
     if not logged:
@@ -124,11 +128,12 @@ def fedhog_figures(rows: list[dict[str, str]], batch: int = 32) -> dict[str, flo
         "bytes_per_s": mean("fedhog/bytes_per_s"),
         "seconds_per_round": mean("fedhog/seconds_per_round"),
         "round_busy": rounds * mean("fedhog/seconds_per_round"),
-        "effective_period": device_steps / rounds if rounds else float("inf"),
+        "effective_period": blocks * device_steps / rounds if rounds else float("inf"),
         "consensus_distance": mean("fedhog/consensus_distance"),
         "consensus_s": sum(float(row["fedhog/parked_s"]) for row in logged),
         "samples_per_s": mean("fedhog/samples_per_s"),
         **({"period": mean("fedhog/period")} if any(row.get("fedhog/period") for row in logged) else {}),
+        **({"averaging_cost": mean(cost)} if any(row.get(cost := "fedhog/averaging_cost") for row in logged) else {}),
     }
 
 

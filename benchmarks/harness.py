@@ -261,7 +261,8 @@ def fedhog_figures(logs: Path) -> dict[str, float]:
     with files[0].open() as handle:
         rows = list(csv.DictReader(handle))
     figures: dict[str, float] = {}
-    for key in ("rounds_per_s", "bytes_per_s", "seconds_per_round", "samples_per_s", "parked_s", "period"):
+    keys = ("rounds_per_s", "bytes_per_s", "seconds_per_round", "samples_per_s", "parked_s", "period", "averaging_cost")
+    for key in keys:
         values = [float(row[f"fedhog/{key}"]) for row in rows if row.get(f"fedhog/{key}")]
         if values:
             figures[key] = statistics.mean(values)

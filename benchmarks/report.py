@@ -105,6 +105,7 @@ def markdown(reports: list[dict[str, Any]]) -> str:
                 f" ran {figures.get('rounds_per_s', 0):.1f} rounds/s, {figures.get('bytes_per_s', 0) / 1e6:.1f} MB/s"
                 " per leader."
             )
+        out += _cost_lines(report)
         out += _averaging_lines(report)
         retention = {key[: -len("_retention")]: value for key, value in report["ratios"].items()
                      if key.endswith("_retention")}
@@ -120,6 +121,19 @@ def markdown(reports: list[dict[str, Any]]) -> str:
         out += ["", f"`{report['invocation']}`", ""]
     out.append(END)
     return "\n".join(out)
+
+
+def _cost_lines(report: dict[str, Any]) -> list[str]:
+    """What the engines measured averaging to cost (``fedhog/averaging_cost``) and the period, where logged."""
+    measured = [
+        f"{method} {figures['averaging_cost']:.1%} at period {figures.get('period', 0):.0f}"
+        for method, r in report["results"].items()
+        if "averaging_cost" in (figures := r.get("fedhog") or {})
+    ]
+    if not measured:
+        return []
+    return ["", "Share of the workers' throughput the rounds took, as the engines measured it (step rate over"
+            " everything against stretches with no round in flight; median over repeats): " + ", ".join(measured) + "."]
 
 
 def _averaging_lines(report: dict[str, Any]) -> list[str]:

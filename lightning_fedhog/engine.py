@@ -10,6 +10,10 @@ depends only on its number; pausing is agreed *inside* the round's message: a le
 flag, and in the round where any flag is set, every leader parks. Parked, the engine only does what its main
 thread asks, and all main threads ask the same things in the same order at consensus points:
 ``full_average`` (an exact average of the whole vector), then ``resume`` or ``stop``.
+
+With ``rounds_in_flight`` = D > 1, a leader starts round t + D - 1 before it finishes round t, so it learns of a
+pause agreed in round t with rounds t + 1 .. t + D - 1 started, on every leader alike: each finishes them, then
+parks (:mod:`~lightning_fedhog.rounds`).
 """
 
 from __future__ import annotations

@@ -96,22 +96,21 @@ class Rounds:
         live = self.flat[start:stop]
         began = time.monotonic()
         stats: dict[str, float] = {}
-        if self._topology is None and self.shared is not None:
-            pending = self.shared.start_(live, block, (start, stop), self._group, self._world_size, control)
-            finish_exchange = lambda: pending(accept=self.accept, stats=stats)  # noqa: E731
-        elif self._topology is None:
-            pending_average = start_average(live, self._group, self._world_size, control)
-            finish_exchange = lambda: pending_average(stats=stats, accept=self.accept)  # noqa: E731
+        if self._topology is None:
+            pending = (
+                self.shared.start_(live, block, (start, stop), self._group, self._world_size, control)
+                if self.shared is not None
+                else start_average(live, self._group, self._world_size, control)
+            )
         else:
-            summed = sum_control(control, self._group)
+            gossiped = sum_control(control, self._group)
             schedule = peers(self._world_size, self.exchanges[block], self._topology, self._seed + block)
             peer = schedule[self._group.rank()]
-            if peer is not None and self.accept(summed):
+            if peer is not None and self.accept(gossiped):
                 exchange_with_peer_(live, self._group, peer, tag=index % 65536, stats=stats)
-            finish_exchange = lambda: summed  # noqa: E731
 
         def finish() -> Tensor:
-            summed = finish_exchange()
+            summed = pending(accept=self.accept, stats=stats) if self._topology is None else gossiped
             self.figures.round_done(block, time.monotonic() - began, stats, device_steps())
             if self._reference is not None:
                 self._reference[start:stop].copy_(live)
