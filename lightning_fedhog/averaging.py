@@ -70,11 +70,15 @@ def exchange_average_(
 
 
 def start_average(
-    live: Tensor, group: Any, world_size: int, control: Tensor | None = None
+    live: Tensor, group: Any, world_size: int, control: Tensor | None = None, nonfinite_slot: int | None = None
 ) -> Callable[..., Tensor | None]:
     """:func:`exchange_average_` in two halves: takes the snapshot and issues the all-reduce without waiting for
     it; returns the second half, which waits, then applies the correction (same keywords: ``exact``, ``stats``,
-    ``accept``). Between the two, the workers keep writing ``live``: the correction keeps their steps."""
+    ``accept``). Between the two, the workers keep writing ``live``: the correction keeps their steps.
+
+    ``nonfinite_slot``: the control entry set to 1 when the snapshot (what is sent, not the live block, which a
+    worker may change after a check) holds NaN/Inf.
+    """
     flat = live.view(-1)
     extra = 0 if control is None else control.numel()
     message = torch.empty(flat.numel() + extra, dtype=live.dtype, device=live.device)
@@ -82,6 +86,8 @@ def start_average(
     if control is not None:
         message[flat.numel() :].copy_(control)
     snapshot = message[: flat.numel()].clone()
+    if nonfinite_slot is not None and not all_finite(snapshot):
+        message[flat.numel() + nonfinite_slot] = 1
     work = dist.all_reduce(message, op=dist.ReduceOp.SUM, group=group, async_op=True)
 
     def finish(
@@ -123,6 +129,13 @@ def group_backend(group: Any) -> str:
     return str(dist.get_backend(group))
 
 
+def staged_through_host(tensor: Tensor, group: Any) -> bool:
+    """Whether ``tensor`` must travel through host memory: gloo's point-to-point calls and all-gathers take host
+    tensors, so a CUDA block exchanged that way on a gloo group (several devices on one GPU) is copied there and
+    back."""
+    return tensor.is_cuda and group_backend(group) == "gloo"
+
+
 def post_pair(group: Any, send: Tensor, receive: Tensor, peer: int, tag: int = 0) -> list[Any]:
     """Posts the send to and the receive from ``peer`` (a rank within ``group``) together; returns their works.
 
@@ -153,7 +166,7 @@ def exchange_with_peer_(
     """
     flat = live.view(-1)
     snapshot = flat.clone()
-    staged = live.is_cuda and group_backend(group) == "gloo"
+    staged = staged_through_host(live, group)
     outgoing = snapshot.cpu() if staged else snapshot
     incoming = torch.empty_like(outgoing)
     for work in post_pair(group, outgoing, incoming, peer, tag):

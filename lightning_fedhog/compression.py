@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_fedhog.averaging import group_backend
+from lightning_fedhog.averaging import all_finite, staged_through_host
 
 Compression = Literal["none", "bf16", "int8"]
 """What a background round sends: fp32 (``"none"``), bf16, or int8 codes with a scale per chunk."""
@@ -92,7 +92,7 @@ def decode(payload: Tensor, numel: int, codec: Compression) -> Tensor:
 def _start_all_gather(message: Tensor, group: Any, world_size: int) -> Callable[[], list[Tensor]]:
     """Issues the all-gather of every leader's message; returns what waits for them, in leader order. A CUDA
     message travels through host memory on a gloo group."""
-    staged = message.is_cuda and group_backend(group) == "gloo"
+    staged = staged_through_host(message, group)
     outgoing = message.cpu() if staged else message
     gathered = torch.empty(world_size * outgoing.numel(), dtype=outgoing.dtype, device=outgoing.device)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in newer torch
@@ -136,14 +136,25 @@ def exchange_compressed_(
 
 
 def start_compressed(
-    live: Tensor, reference: Tensor, group: Any, world_size: int, control: Tensor, codec: Compression
+    live: Tensor,
+    reference: Tensor,
+    group: Any,
+    world_size: int,
+    control: Tensor,
+    codec: Compression,
+    nonfinite_slot: int | None = None,
 ) -> Callable[..., Tensor]:
     """:func:`exchange_compressed_` in two halves: encodes and issues the all-gather; returns the second half
     (keywords ``accept``, ``stats``), which waits, decodes and applies. The correction ``mean(q) - q_i`` does not
-    depend on the live values, so the workers' steps in between are kept."""
+    depend on the live values, so the workers' steps in between are kept. ``nonfinite_slot``: the control entry
+    set to 1 when what is sent holds NaN/Inf."""
     flat, ref = live.view(-1), reference.view(-1)
     numel = flat.numel()
-    payload = encode(flat.float() - ref.float(), codec)  # the live block is read once, by the subtraction
+    difference = flat.float() - ref.float()  # the live block is read once, by the subtraction
+    if nonfinite_slot is not None and not all_finite(difference):
+        control = control.clone()
+        control[nonfinite_slot] = 1
+    payload = encode(difference, codec)
     head = control.to(_CONTROL_DTYPE).contiguous().view(torch.uint8)
     padding = torch.zeros(-payload.numel() % 4, dtype=torch.uint8, device=payload.device)  # every part 4-aligned
     message = torch.cat([head, payload, padding])
@@ -189,13 +200,20 @@ class SharedReference:
         self._ready = [False] * num_blocks
 
     def start_(
-        self, live: Tensor, block: int, bounds: tuple[int, int], group: Any, world_size: int, control: Tensor
+        self,
+        live: Tensor,
+        block: int,
+        bounds: tuple[int, int],
+        group: Any,
+        world_size: int,
+        control: Tensor,
+        nonfinite_slot: int | None = None,
     ) -> Callable[..., Tensor]:
         """Starts one round of ``block`` (at ``bounds`` of the flat vector); returns its second half, which takes
         ``accept`` and ``stats`` (see :func:`start_compressed`). Rounds in flight together hold distinct blocks."""
         start, stop = bounds
         codec = self.codec if self._ready[block] else "none"
-        finish = start_compressed(live, self.values[start:stop], group, world_size, control, codec)
+        finish = start_compressed(live, self.values[start:stop], group, world_size, control, codec, nonfinite_slot)
 
         def finish_and_record(*, accept: Callable[[Tensor], bool], stats: dict[str, float]) -> Tensor:
             summed = finish(accept=accept, stats=stats)

@@ -118,7 +118,9 @@ class FedHogConfig:
             the next block is on its way meanwhile, so blocks are mixed up to that many times as often. It needs
             `averaging="allreduce"`, `block_rule="round_robin"` and `num_blocks` >= this (the blocks in flight are
             distinct). A consensus point then waits for the rounds already started. On a link whose bandwidth is
-            the limit it changes nothing: the rounds share the bytes.
+            the limit it changes nothing: the rounds share the bytes. Between GPUs with NCCL the collectives of
+            one group run one after the other, so rounds queue rather than overlap; the overlap is gloo's (CPU
+            devices, several devices on one GPU).
     """
 
     workers_per_device: int = 2

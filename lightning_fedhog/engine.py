@@ -116,7 +116,15 @@ class AveragingEngine:
             flat, group, len(group_ranks), self._bounds, topology=gossip_topology, seed=seed,
             compression=compression, track_change=block_rule == "largest_change", figures=self.figures,
         )
+        if rounds_in_flight > 1 and (gossip_topology is not None or block_rule != "round_robin"
+                                     or num_blocks < rounds_in_flight):
+            raise ValueError(
+                f"rounds_in_flight={rounds_in_flight} needs all-reduce rounds of distinct blocks: round-robin and"
+                f" num_blocks >= {rounds_in_flight} (got gossip={gossip_topology is not None},"
+                f" block_rule={block_rule!r}, num_blocks={num_blocks}). HINT: see `FedHogConfig.rounds_in_flight`."
+            )
         self._max_in_flight = rounds_in_flight
+        self._in_flight: deque[InFlight] = deque()  # started, not yet finished (oldest first)
         self._started = 0  # rounds started (``rounds`` counts the finished ones)
         self._timeout = timeout.total_seconds()
         self._poll_interval = poll_interval
@@ -171,10 +179,12 @@ class AveragingEngine:
         """Ends the thread. Parked, it leaves cleanly; otherwise (an error path) it is abandoned without collectives.
 
         Returns:
-            Whether the thread has ended; a thread still blocked in a collective ends with the process.
+            Whether the thread has ended with no collective of its left unfinished (an abandoned thread may leave
+            started rounds behind, which a peer may never match); a thread still blocked in a collective ends with
+            the process.
         """
         if not self._thread.is_alive():
-            return True
+            return not self._in_flight
         if self._state == "parked":
             self._command_and_wait("stop")
         else:
@@ -182,7 +192,7 @@ class AveragingEngine:
                 self._abandon = True
                 self._cond.notify_all()
         self._thread.join(timeout=1.0)
-        return not self._thread.is_alive()
+        return not self._thread.is_alive() and not self._in_flight
 
     def take_stats(self) -> dict[str, float]:
         """The averaging figures since the previous call (:meth:`~lightning_fedhog.telemetry.RoundFigures.take`)."""
@@ -244,7 +254,7 @@ class AveragingEngine:
     def _loop(self) -> None:
         last = self._device_steps()
         scores: list[float] | None = None
-        in_flight: deque[InFlight] = deque()
+        in_flight = self._in_flight
         while True:
             gap = self._wait_for_trigger(last)
             if gap is None:
@@ -268,6 +278,8 @@ class AveragingEngine:
             if len(in_flight) < self._max_in_flight:
                 continue
             paused, scores = self._finish(in_flight.popleft())
+            while self._pacing.probing and in_flight and not paused:  # a probe's gap has no round in flight
+                paused, scores = self._finish(in_flight.popleft())
             if paused:
                 while in_flight:  # started before the pause was known, by every leader alike: finished alike
                     self._finish(in_flight.popleft(), draining=True)

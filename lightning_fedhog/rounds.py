@@ -77,7 +77,7 @@ class Rounds:
         start, stop = self._bounds[block]
         rank = self._group.rank()
         values = [float(want_pause)] + [0.0] * self._world_size
-        if not all_finite(self.flat[start:stop]):
+        if self._topology is not None and not all_finite(self.flat[start:stop]):  # all-reduce: checked as sent
             values[1 + rank] = 1.0
         proposals = [0.0] * self._world_size  # one slot per leader
         proposals[rank] = proposal
@@ -97,10 +97,11 @@ class Rounds:
         began = time.monotonic()
         stats: dict[str, float] = {}
         if self._topology is None:
+            mine = 1 + self._group.rank()  # this leader's "not finite" entry: set if what it sends is not
             pending = (
-                self.shared.start_(live, block, (start, stop), self._group, self._world_size, control)
+                self.shared.start_(live, block, (start, stop), self._group, self._world_size, control, mine)
                 if self.shared is not None
-                else start_average(live, self._group, self._world_size, control)
+                else start_average(live, self._group, self._world_size, control, mine)
             )
         else:
             gossiped = sum_control(control, self._group)

@@ -190,9 +190,10 @@ def test_leaders_of_very_different_speed_agree_to_pause_average_and_resume(engin
     assert all(not engine._thread.is_alive() for engine in engines)
 
 
-def test_with_two_rounds_in_flight_the_next_round_starts_before_the_last_one_is_finished() -> None:
+@pytest.mark.parametrize("compression", ["none", "int8"])
+def test_with_two_rounds_in_flight_the_next_round_starts_before_the_last_one_is_finished(compression: str) -> None:
     # leader 1 takes no step, so it starts no round: leader 0 starts two, of distinct blocks, and finishes none
-    _store, vectors, steps, engines = _engine_fleet(2, 64, 2, period=1, rounds_in_flight=2)
+    _store, vectors, steps, engines = _engine_fleet(2, 64, 2, period=1, rounds_in_flight=2, compression=compression)
     mean = torch.stack(vectors).mean(0)
     for engine in engines:
         engine.start()
@@ -202,13 +203,27 @@ def test_with_two_rounds_in_flight_the_next_round_starts_before_the_last_one_is_
     _wait_until(lambda: engines[0]._started == 2, seconds=5)
     time.sleep(0.05)
     assert engines[0]._started == 2 and engines[0].rounds == 0
-    # leader 1 asks to pause: it starts its two rounds, the first says "pause", and both leaders finish the second
-    # (already started by leader 0) before they park, so they end with the same rounds
+    step = torch.linspace(-1, 1, 64)
+    vectors[0].add_(step)  # device 0 trains while both its rounds are in flight: the late corrections keep it
+    # both ask to pause: leader 1 starts its two rounds, the first carries the pause, and both leaders finish the
+    # second (which leader 0 had started already) before they park: the same rounds on both
     run_in_threads(lambda r: engines[r].pause(), 2)
     assert engines[0].rounds == engines[1].rounds == engines[0]._started == 2
-    torch.testing.assert_close(torch.stack(vectors).mean(0), mean)
-    torch.testing.assert_close(vectors[0], vectors[1])  # both blocks exchanged once, nobody wrote meanwhile
+    torch.testing.assert_close(torch.stack(vectors).mean(0), mean + step / 2)  # the mean gained half the step
+    torch.testing.assert_close(vectors[0] - vectors[1], step)  # averaged as sent, then the step on top
     run_in_threads(lambda r: engines[r].stop(), 2)
+
+
+def test_rounds_in_flight_are_refused_where_blocks_in_flight_could_repeat() -> None:
+    _store, groups = thread_groups(2)
+    refused = ({"num_blocks": 1}, {"num_blocks": 2, "block_rule": "random"},
+               {"num_blocks": 2, "gossip_topology": "ring"})
+    for kwargs in refused:
+        with pytest.raises(ValueError, match=r"rounds_in_flight=2 needs all-reduce rounds of distinct blocks"):
+            AveragingEngine(
+                torch.zeros(8), lambda: 0, groups[0], [0, 1], period=1, timeout=timedelta(seconds=5),
+                rounds_in_flight=2, **kwargs,
+            )
 
 
 def test_a_failed_round_is_reported_to_the_main_thread_with_the_peers() -> None:
