@@ -67,11 +67,16 @@ def test_k_workers_share_one_gpu_copy(tmp_path: Path, workers: int) -> None:
     assert_every_step_landed(saved, reports, devices=1)
 
 
-@pytest.mark.parametrize("averaging", ["allreduce", "gossip"])
-def test_two_devices_on_one_gpu_average_over_gloo(tmp_path: Path, averaging: str) -> None:
+@pytest.mark.parametrize(
+    ("averaging", "extra"),
+    [("allreduce", ()), ("gossip", ()), ("allreduce", ("--compression", "int8", "--blocks", "2", "--in-flight", "2"))],
+    ids=["allreduce", "gossip", "int8-two-in-flight"],
+)
+def test_two_devices_on_one_gpu_average_over_gloo(tmp_path: Path, averaging: str, extra: tuple[str, ...]) -> None:
+    # int8: the compressed rounds' CUDA payloads travel through host memory for gloo's all-gather
     reports = run_on_gpu(
         tmp_path, "--gpu-ids", "0,0", "--workers", "2", "--kind", "bn", "--epochs", "2",
-        "--averaging", averaging, "--period", "1",
+        "--averaging", averaging, "--period", "1", *extra,
     )
     assert [r["root_device"] for r in reports] == ["cuda:0"] * 4
     assert {r["leader_backend"] for r in reports} == {"gloo"}
