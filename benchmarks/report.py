@@ -67,8 +67,10 @@ def _row(report: dict[str, Any]) -> list[str]:
         if limit and method != limit:
             extra = f", {ratios[f'{method}_over_{limit}']:.2f} of the limit"
         to_end = r.get("samples_per_s_to_end")
+        repeats = r.get("all_samples_per_s", [])
+        spread = f" ({_rate(min(repeats))}-{_rate(max(repeats))})" if len(repeats) > 1 else ""
         lines.append(
-            f"| {method} | {_rate(r['samples_per_s'])} | {_rate(to_end) if to_end else '-'} |"
+            f"| {method} | {_rate(r['samples_per_s'])}{spread} | {_rate(to_end) if to_end else '-'} |"
             f" {r['step_s'] * 1000:.1f} ms | "
             + ("baseline" if ratio is None else f"**{ratio:.2f}x**")
             + extra
@@ -94,7 +96,7 @@ def markdown(reports: list[dict[str, Any]]) -> str:
             out += [f"| method | time to {target:.2f} (spread) | epochs to {target:.2f} (seeds) | time per epoch |"
                     " final accuracy | vs DDP |", "|---|---|---|---|---|---|"]
         else:
-            out += ["| method | samples/s | samples/s to the end of `fit` | step | vs baseline |",
+            out += ["| method | samples/s (spread) | samples/s to the end of `fit` | step | vs baseline |",
                     "|---|---|---|---|---|"]
         out += _row(report)
         if report["benchmark"] == "p6_overhead":
