@@ -201,7 +201,9 @@ def p5_gpu(scale: Scale) -> dict[str, Any]:
 
 def p6_overhead(scale: Scale) -> dict[str, Any]:
     """P6: what the background averaging costs a worker's step, and how much it moves."""
-    fedhog = ["--model", "mlp", *_common(scale, 2), "--strategy", "fedhog", "--workers", "1", "--csv"]
+    # as long as P1's runs: "auto" needs a few probe cycles (each >= 64 device steps and 2 rounds) to measure costs
+    fedhog = ["--model", "mlp", *_common(scale, 2, epochs=scale.scaling_epochs), "--strategy", "fedhog", "--workers",
+              "1", "--csv"]
     methods: dict[str, Method] = {
         # a period longer than the run: no rounds at all, only the consensus at epoch ends
         "averaging_off": _throughput([*fedhog, "--period", str(10**9)], 2),
@@ -210,6 +212,7 @@ def p6_overhead(scale: Scale) -> dict[str, Any]:
     }
     return {"methods": methods, "baseline": "averaging_off",
             "settings": {"model": "mlp (1.6M parameters, 6.3 MB)", "devices": 2, "workers_per_device": 1,
+                         "epochs": scale.scaling_epochs,
                          "averaging_period": "16 (averaging_on), 'auto' (averaging_auto: averaging may cost 5% of the"
                          " workers' throughput)", "num_blocks": 1}}
 
