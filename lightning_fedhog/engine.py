@@ -341,9 +341,10 @@ class AveragingEngine:
                 )
                 seen_steps, seen_time = steps, now
                 first, latest = first or (float(steps), now), (float(steps), now)
-            remaining = self.current_period - (steps - last)
+            period = self.current_period
+            remaining = period - (steps - last)
             if self.period == "auto":  # a probe may hold the round back a little longer
-                remaining = self._pacing.remaining(self.current_period, steps - last, steps - gap_start)
+                remaining = self._pacing.remaining(period, steps - last, steps - gap_start)
             fine = probe and (first is None or remaining <= 1)
             delay = 0.05 * self._seconds_per_step if fine else 0.5 * remaining * self._seconds_per_step
             delay = min(max(delay, self._poll_interval), _MAX_POLL_SECONDS)

@@ -26,10 +26,9 @@ from lightning_fedhog.topology import Topology, peers
 
 @dataclass
 class InFlight:
-    """A started round: its block, when it started, and what finishes it (returns the summed control)."""
+    """A started round: its block, and what finishes it (returns the summed control)."""
 
     block: int
-    began: float
     finish: Callable[[], Tensor]
 
 
@@ -119,7 +118,7 @@ class Rounds:
             self.last_round[block] = index
             return summed  # type: ignore[return-value]  # never None when a control vector is sent
 
-        return InFlight(block, began, finish)
+        return InFlight(block, finish)
 
     def consensus_done(self) -> None:
         """After an exact average of the whole vector: it is every block's reference."""
