@@ -86,6 +86,36 @@ def step_seconds(ranks: Sequence[dict[str, Any]], skip: int = 3) -> float:
     return statistics.median(gaps) if gaps else float("nan")
 
 
+def paired_costs(ranks: Sequence[dict[str, Any]], skip: int = 8) -> list[float]:
+    """With ``--alternate``: the share of the throughput averaging took, once per phase with rounds, from its mean
+    step time against the mean of the phases without rounds on either side of it, on the same rank.
+
+    Phases a few seconds apart share the machine's load, so a drift that would swamp a comparison between runs
+    (this machine's speed moved +-20 % between repeats) cancels. The first ``skip`` steps of a phase are left out
+    (a round started just before a phase without rounds finishes in them: P6's rounds take up to ~6 steps); a step's
+    time is the gap to the next step of the same phase, so consensus points at epoch ends are in none.
+    """
+    costs = []
+    for rank in ranks:
+        phases: list[tuple[bool, list[float]]] = []  # in order: with rounds?, step times
+        current = None
+        for (phase, on), began, ended in zip(rank.get("phases", []), rank["times"], rank["times"][1:], strict=False):
+            if phase != current:
+                phases.append((bool(on), []))
+                current, seen = phase, 0
+            seen += 1
+            if seen > skip:
+                phases[-1][1].append(ended - began)
+        # the last step of a phase times the gap to the next phase's first step: drop it
+        means = [(on, statistics.mean(times[:-1])) for on, times in phases if len(times) > 2]
+        for index, (on, mean) in enumerate(means):
+            around = [other for rounds, other in means[max(index - 1, 0) : index] + means[index + 1 : index + 2]
+                      if not rounds]
+            if on and around:
+                costs.append(1.0 - statistics.mean(around) / mean)
+    return costs
+
+
 def threads_env(processes: int) -> dict[str, str]:
     """One share of the cores per process, set explicitly so that every method gets the same split.
 
@@ -219,6 +249,7 @@ def launch(
         "steps_per_rank": [len(rank["times"]) for rank in ranks],
         "process_wall_s": time.perf_counter() - began,
         "fedhog": fedhog_figures(out / "logs"),
+        "paired_costs": paired_costs(ranks),
     }
 
 
@@ -293,6 +324,10 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
         "process_wall_s": statistics.median(r["process_wall_s"] for r in results),
         "command": results[0]["command"],
     }
+    pairs = [cost for r in results for cost in r.get("paired_costs", [])]
+    if len(pairs) > 1:  # every pair of every repeat: the mean, and its standard error
+        summary["paired_cost"] = {"mean": statistics.mean(pairs), "se": statistics.stdev(pairs) / len(pairs) ** 0.5,
+                                  "pairs": len(pairs), "all": pairs}
     keys = set().union(*(r["fedhog"] for r in results))
     if keys:
         summary["fedhog"] = {k: statistics.median(r["fedhog"][k] for r in results if k in r["fedhog"]) for k in keys}

@@ -99,14 +99,7 @@ def markdown(reports: list[dict[str, Any]]) -> str:
             out += ["| method | samples/s (spread) | samples/s to the end of `fit` | step | vs baseline |",
                     "|---|---|---|---|---|"]
         out += _row(report)
-        if report["benchmark"] == "p6_overhead":
-            figures = report["results"]["averaging_on"].get("fedhog", {})
-            out.append("")
-            out.append(
-                f"Step time with averaging on / off: {report['ratios']['step_time_on_over_off']:.3f}; the averager"
-                f" ran {figures.get('rounds_per_s', 0):.1f} rounds/s, {figures.get('bytes_per_s', 0) / 1e6:.1f} MB/s"
-                " per leader."
-            )
+        out += _paired_lines(report)
         out += _cost_lines(report)
         out += _averaging_lines(report)
         retention = {key[: -len("_retention")]: value for key, value in report["ratios"].items()
@@ -123,6 +116,20 @@ def markdown(reports: list[dict[str, Any]]) -> str:
         out += ["", f"`{report['invocation']}`", ""]
     out.append(END)
     return "\n".join(out)
+
+
+def _paired_lines(report: dict[str, Any]) -> list[str]:
+    """P6's cost of averaging measured inside each run (:func:`benchmarks.harness.paired_costs`), where measured."""
+    paired = [
+        f"{method} **{cost['mean']:.1%}** +- {cost['se']:.1%} ({cost['pairs']} pairs)"
+        for method, r in report["results"].items()
+        if (cost := r.get("paired_cost"))
+    ]
+    if not paired:
+        return []
+    return ["", "Share of the workers' throughput averaging took, measured inside each run (each phase with rounds"
+            " against the phases without rounds next to it, on the same rank; mean +- standard error over the pairs"
+            " of all repeats): " + ", ".join(paired) + "."]
 
 
 def _cost_lines(report: dict[str, Any]) -> list[str]:

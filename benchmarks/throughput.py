@@ -39,7 +39,35 @@ def make_model(name: str) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 512), nn.ReLU(), nn.Linear(512, 10))
 
 
+def averaging_phase(epoch: int, batch_idx: int, length: int) -> bool:
+    """With ``--alternate``: whether the batch is in a phase with rounds. Phases are ``length`` batches long and
+    alternate; their order flips every epoch, so neither kind always follows a consensus point."""
+    return (batch_idx // length + epoch) % 2 == 1
+
+
+class Alternating(FedHogStrategy):
+    """fedhog whose leaders start no round in every other phase of ``length`` batches (the period is set out of
+    reach), so one run measures steps with and without averaging a few seconds apart, under the same machine load.
+    A round in flight when a phase without rounds begins still finishes; the measurement skips each phase's first
+    steps."""
+
+    def __init__(self, length: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.length = length
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        if self.engine is not None and not averaging_phase(self.lightning_module.current_epoch, batch_idx, self.length):
+            self.engine.period = 10**9
+
+
 def make_strategy(args: argparse.Namespace) -> Any:
+    if args.strategy == "fedhog" and args.alternate:
+        return Alternating(
+            args.alternate, workers_per_device=args.workers, averaging_period=args.period, num_blocks=args.blocks,
+            work_sharing=args.work_sharing,
+        )
     if args.strategy == "fedhog":
         return FedHogStrategy(
             workers_per_device=args.workers,
@@ -108,12 +136,16 @@ class Timed(L.LightningModule):
     """Records a wall-clock time per step; ``slow_rank`` sleeps ``slow_seconds`` per step, or ``(slow_factor - 1)``
     times its own step time."""
 
-    def __init__(self, model: str, lr: float, slow_rank: int, slow_factor: float, slow_seconds: float = 0.0) -> None:
+    def __init__(
+        self, model: str, lr: float, slow_rank: int, slow_factor: float, slow_seconds: float = 0.0, alternate: int = 0
+    ) -> None:
         super().__init__()
         self.net = make_model(model)
         self.lr = lr
         self.slow_rank, self.slow_factor, self.slow_seconds = slow_rank, slow_factor, slow_seconds
         self.times: list[float] = []
+        self.alternate = alternate
+        self.phases: list[list[int]] = []  # with --alternate: per step, [phase number, 1 if with rounds]
         self._step_time = 0.0
         self._slept = 0.0
 
@@ -130,6 +162,9 @@ class Timed(L.LightningModule):
             self._slept = (self.slow_factor - 1) * self._step_time
             time.sleep(self._slept)
         self.times.append(time.time())
+        if self.alternate:
+            epoch, length = self.current_epoch, self.alternate
+            self.phases.append([epoch * 10**6 + batch_idx // length, int(averaging_phase(epoch, batch_idx, length))])
         x, y = batch
         return nn.functional.cross_entropy(self.net(x), y)
 
@@ -158,6 +193,8 @@ def main() -> None:
     parser.add_argument("--slow-rank", type=int, default=-1)
     parser.add_argument("--slow-factor", type=float, default=1.0)
     parser.add_argument("--slow-seconds", type=float, default=0.0, help="a fixed sleep per step of --slow-rank")
+    parser.add_argument("--alternate", type=int, default=0,
+                        help="fedhog: no rounds in every other phase of this many batches (P6's paired measurement)")
     parser.add_argument("--csv", action="store_true", help="log to a CSVLogger under OUT/logs (fedhog's figures)")
     args = parser.parse_args()
 
@@ -171,7 +208,7 @@ def main() -> None:
     # inputs of norm ~1.7 (not ~55): plain SGD on random labels stays finite at this learning rate
     data = TensorDataset(torch.randn(args.samples, 3, 32, 32) / 32, torch.randint(0, 10, (args.samples,)))
     module = Timed(args.model, lr=0.01, slow_rank=args.slow_rank, slow_factor=args.slow_factor,
-                   slow_seconds=args.slow_seconds)
+                   slow_seconds=args.slow_seconds, alternate=args.alternate)
     trainer.fit(module, DataLoader(data, batch_size=args.batch, shuffle=True))
     if torch.cuda.is_available() and args.accelerator == "gpu":
         torch.cuda.synchronize()  # the queued kernels are part of the run
@@ -179,7 +216,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rank{trainer.global_rank}.json").write_text(
         json.dumps({"rank": trainer.global_rank, "batch": args.batch, "times": module.times, "pid": os.getpid(),
-                    "fit_end": fit_end})
+                    "fit_end": fit_end, "phases": module.phases})
     )
 
 

@@ -271,7 +271,7 @@ class AveragingEngine:
                 scores=scores,
                 last_exchanged=self._rounds.last_round,
             )
-            proposal = float(self._pacing.proposal()) if self.period == "auto" else 0.0
+            proposal = float(self._pacing.proposal(self.current_period)) if self.period == "auto" else 0.0
             control = self._rounds.control(want_pause, block, proposal, float(since))
             in_flight.append(self._rounds.start(block, self._started, control, self._device_steps))
             self._started += 1

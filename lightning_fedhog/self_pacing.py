@@ -39,38 +39,38 @@ START_PERIOD = 16
 
 MAX_PERIOD = 4096
 
-QUIET_STEPS = 8
+QUIET_STEPS = 16
 """The shortest probe: device steps with no round in flight, to measure the step rate without averaging."""
 
-CYCLE_STEPS = 64
-"""Device steps between two probes (at least): probes take about an eighth of the time at short periods."""
+CYCLE_STEPS = 96
+"""Device steps between two probes (at least): probes take about a seventh of the time at short periods."""
 
 MIN_CYCLE_ROUNDS = 2
+
+MIN_CYCLES = 3
+"""Cycles measured before a leader proposes a period: one cycle's estimate is mostly noise."""
+
+DECAY = 0.9
+"""Weight of the past cycles against a new one: the estimate averages about ten cycles."""
 
 
 @dataclass(frozen=True)
 class Pace:
-    """Decayed sums: steps and seconds of quiet windows, and the steps lost in cycles and the rounds they held."""
+    """Decayed sums over measured cycles: the steps they lost, the steps they took and the rounds they held."""
 
-    quiet_steps: float = 0.0
-    quiet_s: float = 0.0
     lost_steps: float = 0.0
     cycle_steps: float = 0.0
     rounds: float = 0.0
+    cycles: int = 0
 
-    def quiet(self, steps: float, seconds: float, decay: float = 0.8) -> Pace:
-        """The sums after one more quiet window of ``steps`` in ``seconds``."""
-        return Pace(decay * self.quiet_steps + steps, decay * self.quiet_s + seconds,
-                    self.lost_steps, self.cycle_steps, self.rounds)
-
-    def cycle(self, steps: float, seconds: float, rounds: int, decay: float = 0.8) -> Pace:
-        """The sums after one more cycle that took ``steps`` in ``seconds`` and held ``rounds`` rounds; the steps
-        it lost are counted at the quiet rate measured so far (a cycle before any quiet window is ignored)."""
-        if self.quiet_s <= 0 or rounds <= 0 or seconds <= 0:
+    def cycle(self, steps: float, seconds: float, rounds: int, quiet_rate: float, decay: float = DECAY) -> Pace:
+        """The sums after one more cycle that took ``steps`` in ``seconds`` and held ``rounds`` rounds, where the
+        quiet windows around it ran at ``quiet_rate`` steps per second (ignored when any of them is not positive)."""
+        if quiet_rate <= 0 or rounds <= 0 or seconds <= 0:
             return self
-        lost = self.quiet_steps / self.quiet_s * seconds - steps
-        return Pace(self.quiet_steps, self.quiet_s, decay * self.lost_steps + lost,
-                    decay * self.cycle_steps + steps, decay * self.rounds + rounds)
+        lost = quiet_rate * seconds - steps
+        return Pace(decay * self.lost_steps + lost, decay * self.cycle_steps + steps, decay * self.rounds + rounds,
+                    self.cycles + 1)
 
     @property
     def cost(self) -> float:
@@ -121,6 +121,7 @@ class SelfPacing:
         self._segment_rounds = 0
         self._cycle = (0.0, 0.0, 0)  # closed segments since the last probe: steps, seconds, rounds
         self._latest: Seen | None = None
+        self._quiet: tuple[float, float] | None = None  # the last quiet window: steps, seconds
 
     def remaining(self, period: int, since_round: int, since_gap: int) -> int:
         """Device steps until the next round is due: ``period`` after the last round started (``since_round``),
@@ -129,9 +130,13 @@ class SelfPacing:
         due = period - since_round
         return max(due, QUIET_STEPS + 1 - since_gap) if self.probing else due
 
-    def proposal(self) -> int:
-        """This leader's period; 0 (no opinion) until it has measured a cycle, so it holds no one back."""
-        return self.pace.period(self.budget) if self.pace.rounds > 0 else 0
+    def proposal(self, current: int) -> int:
+        """This leader's period, at most twice or half the ``current`` one (the agreed period now), so a noisy
+        estimate moves it step by step; 0 (no opinion) until it has measured :data:`MIN_CYCLES` cycles, so it holds
+        no one back."""
+        if self.pace.cycles < MIN_CYCLES or self.pace.rounds <= 0:
+            return 0
+        return min(max(self.pace.period(self.budget), max(current // 2, 1)), 2 * current)
 
     def gap(self, first: Seen | None, latest: Seen | None, look: Seen) -> None:
         """A gap ended (its round starts): the ``first`` and ``latest`` step completions seen in it, if any, and the
@@ -141,11 +146,14 @@ class SelfPacing:
             if first is not None:  # the cycle ends with the step that carried the last round's spill-over
                 self._close(first)
             self._segment, self._segment_rounds = None, 0
-            steps, seconds, rounds = self._cycle
-            if rounds > 0 and seconds > 0:
-                self.pace = self.pace.cycle(steps, seconds, rounds)
+            before, after = self._quiet, None
             if first is not None and latest is not None and latest[0] - first[0] >= QUIET_STEPS // 2:
-                self.pace = self.pace.quiet(latest[0] - first[0], latest[1] - first[1])
+                after = self._quiet = (latest[0] - first[0], latest[1] - first[1])
+            windows = [window for window in (before, after) if window is not None and window[1] > 0]
+            steps, seconds, rounds = self._cycle
+            if windows and rounds > 0 and seconds > 0:  # the quiet rate around the cycle: a drift cancels out
+                rate = sum(window[0] for window in windows) / sum(window[1] for window in windows)
+                self.pace = self.pace.cycle(steps, seconds, rounds, rate)
             self._cycle, self._cycle_rounds, self._agreed_steps = (0.0, 0.0, 0), 0, 0.0
             self._segment = latest
             self.probing = False

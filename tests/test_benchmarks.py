@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from benchmarks import report
 from benchmarks.accuracy import median_reached
-from benchmarks.harness import aggregate
+from benchmarks.harness import aggregate, paired_costs
 from benchmarks.suite import ACCURACY, BENCHMARKS, RESULTS, SMOKE_METHODS
 from tests.conftest import smoke_results
 
@@ -28,6 +29,27 @@ def test_aggregate_counts_idle_time_behind_a_straggler() -> None:
     slow = {"batch": 10, "times": [0, 2.5, 5, 7.5, 10]}
     # window from the last warm-up step (t=2.5 with skip=1) to the last step of anyone (t=10)
     assert aggregate([fast, slow], skip=1) == pytest.approx((2 * 10 + 3 * 10) / 7.5)
+
+
+def _alternating_rank(phases: list[tuple[int, float]], steps: int = 12) -> dict[str, Any]:
+    """One rank's times and phases: ``steps`` per phase at ``(with rounds?, seconds per step)``, each phase's first 8
+    steps 9 s long (a round's spill-over: the measurement must leave them out)."""
+    times, marks, clock = [], [], 0.0
+    for phase, (on, step) in enumerate(phases):
+        for index in range(steps):
+            times.append(clock)
+            marks.append([phase, on])
+            clock += 9.0 if index < 8 else step
+    return {"times": times, "phases": marks, "batch": 1}
+
+
+def test_paired_costs_compare_each_phase_with_rounds_with_its_neighbours_on_the_same_rank() -> None:
+    # the machine slows from 1.0 to 1.5 s per step around a phase with rounds at 1.5: against the neighbours' mean
+    # (1.25 s) it lost a sixth of its throughput; against the phase before it alone it would seem to lose a third
+    assert paired_costs([_alternating_rank([(0, 1.0), (1, 1.5), (0, 1.5)])]) == [pytest.approx(1 / 6)]
+    costs = paired_costs([_alternating_rank([(1, 1.0), (0, 1.25), (1, 1.5)]), _alternating_rank([(0, 2.0), (1, 2.0)])])
+    assert costs == [pytest.approx(-0.25), pytest.approx(1 / 6), pytest.approx(0.0)], "each pair, on its own rank"
+    assert paired_costs([{"times": [0.0, 1.0, 2.0], "batch": 1}]) == [], "a run without phases has no pairs"
 
 
 def test_a_seed_that_never_reached_the_target_counts_as_the_slowest() -> None:
@@ -72,7 +94,7 @@ def test_smoke_mode_runs_every_benchmark_and_its_methods(smoke: Path) -> None:
         if result["baseline"] in result["results"] and len(result["results"]) > 1:
             assert result["ratios"], name
     overhead = json.loads((smoke / "p6_overhead.json").read_text())
-    assert overhead["results"]["averaging_on"]["fedhog"]["rounds_per_s"] > 0  # fedhog's own figures were read
+    assert overhead["results"]["alternating_16"]["fedhog"]["rounds_per_s"] > 0  # fedhog's own figures were read
 
 
 @pytest.mark.slow
