@@ -14,14 +14,23 @@ What a round costs is measured where it lands, in the workers' step rate, by com
   it), at least :data:`CYCLE_STEPS` device steps (the leaders' mean, sent in the rounds' control messages) and
   :data:`MIN_CYCLE_ROUNDS` rounds.
 
-The steps lost in a cycle are those the quiet rate would have taken in its time less those taken; per round, they
-are what one round costs, in steps, whatever the reason: CPU taken from the workers, the interpreter lock, a step
+The steps lost in a cycle are those the quiet rate would have taken in its time less those taken, where the quiet
+rate is that of the two quiet windows on either side of the cycle: the machine's speed drifts by more than the cost
+being measured over a few seconds (+-10 % on two busy cores), and a drift that is linear over the cycle cancels
+against the windows around it, where it would not against the windows before it alone. Per round, they are what one
+round costs, in steps, whatever the reason: CPU taken from the workers, the interpreter lock, a step
 stretched by a round shorter than it (a window that counted only the steps completed while a round is in flight
 cannot see that one: the stretched step completes after the round). Rounds that cost ``lost`` steps each stay
 within the budget when they are ``lost / budget`` steps apart; that is this leader's proposal, sent in the round's
 control message, and every leader uses the largest proposal, so the budget holds on every device. A leader that
 waits in a round for slower devices loses nothing by it (its workers keep stepping), so waiting is not counted as
-cost. Sums decay by half every few probes, so the period follows a link or step time that changes mid-run.
+cost.
+
+One cycle's estimate is mostly noise (a quiet window of 16 steps varies by several percent, the cost sought is a few),
+so the sums weigh the last ten or so cycles (:data:`DECAY`), a leader proposes nothing before :data:`MIN_CYCLES`
+cycles, and a proposal is at most twice or half the period in use: the period follows a link or step time that
+changes mid-run within a few probes, without swinging from 1 to hundreds on one noisy cycle (the earlier rule, with
+8-step probes and a decay by half every few, did on P6's model).
 
 Windows start and end at observed step completions, and the time a device is parked (consensus points) is in
 neither: a cycle stops at the last completion seen before a pause and restarts at the first one after it. With a
