@@ -86,32 +86,29 @@ def step_seconds(ranks: Sequence[dict[str, Any]], skip: int = 3) -> float:
     return statistics.median(gaps) if gaps else float("nan")
 
 
-def paired_costs(ranks: Sequence[dict[str, Any]], skip: int = 8) -> list[float]:
+def paired_costs(ranks: Sequence[dict[str, Any]], phase_s: float, settle_s: float = 0.4) -> list[float]:
     """With ``--alternate``: the share of the throughput averaging took, once per phase with rounds, from its mean
     step time against the mean of the phases without rounds on either side of it, on the same rank.
 
-    Phases a few seconds apart share the machine's load, so a drift that would swamp a comparison between runs
-    (this machine's speed moved +-20 % between repeats) cancels. The first ``skip`` steps of a phase are left out
-    (a round started just before a phase without rounds finishes in them: P6's rounds take up to ~6 steps); a step's
-    time is the gap to the next step of the same phase, so consensus points at epoch ends are in none.
+    Phases seconds apart share the machine's load, so a drift that would swamp a comparison between runs (this
+    machine's speed moved +-20 % between repeats) cancels, to first order where the phases on both sides are
+    measured. A step's time is the gap to the rank's next step in the same phase and epoch; the first ``settle_s`` of
+    a phase are left out (a round started just before a phase without rounds finishes there: P6's rounds take
+    0.15-0.3 s).
     """
     costs = []
     for rank in ranks:
-        phases: list[tuple[bool, list[float]]] = []  # in order: with rounds?, step times
-        current = None
-        for (phase, on), began, ended in zip(rank.get("phases", []), rank["times"], rank["times"][1:], strict=False):
-            if phase != current:
-                phases.append((bool(on), []))
-                current, seen = phase, 0
-            seen += 1
-            if seen > skip:
-                phases[-1][1].append(ended - began)
-        # the last step of a phase times the gap to the next phase's first step: drop it
-        means = [(on, statistics.mean(times[:-1])) for on, times in phases if len(times) > 2]
-        for index, (on, mean) in enumerate(means):
-            around = [other for rounds, other in means[max(index - 1, 0) : index] + means[index + 1 : index + 2]
-                      if not rounds]
-            if on and around:
+        gaps: dict[int, list[float]] = {}
+        kinds: dict[int, bool] = {}
+        steps = list(zip(rank.get("phases", []), rank["times"], strict=False))
+        for ((number, on, epoch), began), ((next_number, _, next_epoch), ended) in itertools.pairwise(steps):
+            kinds[number] = bool(on)
+            if (number, epoch) == (next_number, next_epoch) and began >= number * phase_s + settle_s:
+                gaps.setdefault(number, []).append(ended - began)
+        means = {number: statistics.mean(times) for number, times in gaps.items() if len(times) >= 3}
+        for number, mean in means.items():
+            around = [means[other] for other in (number - 1, number + 1) if other in means and not kinds[other]]
+            if kinds[number] and around:
                 costs.append(1.0 - statistics.mean(around) / mean)
     return costs
 
@@ -249,8 +246,14 @@ def launch(
         "steps_per_rank": [len(rank["times"]) for rank in ranks],
         "process_wall_s": time.perf_counter() - began,
         "fedhog": fedhog_figures(out / "logs"),
-        "paired_costs": paired_costs(ranks),
+        "paired_costs": paired_costs(ranks, phase_s) if (phase_s := _alternate(args)) else [],
     }
+
+
+def _alternate(args: Sequence[str]) -> float:
+    """The ``--alternate`` seconds of a ``throughput.py`` command line (0: none)."""
+    args = list(args)
+    return float(args[args.index("--alternate") + 1]) if "--alternate" in args else 0.0
 
 
 def launch_independent(args: Sequence[str], out: Path, copies: int) -> dict[str, Any]:
@@ -324,10 +327,13 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
         "process_wall_s": statistics.median(r["process_wall_s"] for r in results),
         "command": results[0]["command"],
     }
-    pairs = [cost for r in results for cost in r.get("paired_costs", [])]
-    if len(pairs) > 1:  # every pair of every repeat: the mean, and its standard error
-        summary["paired_cost"] = {"mean": statistics.mean(pairs), "se": statistics.stdev(pairs) / len(pairs) ** 0.5,
-                                  "pairs": len(pairs), "all": pairs}
+    repeats = [statistics.mean(r["paired_costs"]) for r in results if r.get("paired_costs")]
+    if len(repeats) > 1:  # pairs of one run share its ranks and moments: the standard error is over the repeats
+        summary["paired_cost"] = {
+            "mean": statistics.mean(repeats), "se": statistics.stdev(repeats) / len(repeats) ** 0.5,
+            "repeats": repeats, "pairs": sum(len(r.get("paired_costs", [])) for r in results),
+            "all": [cost for r in results for cost in r.get("paired_costs", [])],
+        }
     keys = set().union(*(r["fedhog"] for r in results))
     if keys:
         summary["fedhog"] = {k: statistics.median(r["fedhog"][k] for r in results if k in r["fedhog"]) for k in keys}

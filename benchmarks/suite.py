@@ -204,23 +204,23 @@ def p6_overhead(scale: Scale) -> dict[str, Any]:
     """P6: what the background averaging costs the workers' throughput, and how much it moves.
 
     Runs minutes apart differ by more than the cost measured (this machine's speed moved +-20 % between repeats),
-    so the cost is measured inside each run: phases of half an epoch with and without rounds alternate
-    (``--alternate``), and each phase with rounds is compared with its neighbours (:func:`harness.paired_costs`).
+    so the cost is measured inside each run: phases of 2 s with and without rounds alternate (``--alternate``), and
+    each phase with rounds is compared with its neighbours (:func:`harness.paired_costs`).
     """
     # as long as P1's runs: "auto" needs a few probe cycles (each >= 96 device steps and 2 rounds) to measure costs
     fedhog = ["--model", "mlp", *_common(scale, 2, epochs=scale.scaling_epochs), "--strategy", "fedhog", "--workers",
               "1", "--csv"]
-    half_epoch = str(max(scale.samples // 64 // 2 // 2, 4))  # batches of 64, 2 devices
+    phase_s = "2.0"  # ~80 steps of this model on 2 busy cores: a few rounds at period 16, 0.4 s left out at the start
     methods: dict[str, Method] = {
         # a period longer than the run: no rounds at all, only the consensus at epoch ends
         "averaging_off": _throughput([*fedhog, "--period", str(10**9)], 2),
-        "alternating_16": _throughput([*fedhog, "--period", "16", "--alternate", half_epoch], 2),
-        "alternating_auto": _throughput([*fedhog, "--period", "auto", "--alternate", half_epoch], 2),
+        "alternating_16": _throughput([*fedhog, "--period", "16", "--alternate", phase_s], 2),
+        "alternating_auto": _throughput([*fedhog, "--period", "auto", "--alternate", phase_s], 2),
     }
     return {"methods": methods, "baseline": "averaging_off",
             "settings": {"model": "mlp (1.6M parameters, 6.3 MB)", "devices": 2, "workers_per_device": 1,
-                         "epochs": scale.scaling_epochs, "alternate": f"phases of {half_epoch} batches, every other"
-                         " one with no rounds (alternating_*: half of their steps average)",
+                         "epochs": scale.scaling_epochs, "alternate": f"phases of {phase_s} s of the machine's clock,"
+                         " every other one with no rounds (alternating_*: half of their steps average)",
                          "averaging_period": "16, or 'auto' (averaging may cost 5% of the workers' throughput)",
                          "num_blocks": 1}}
 

@@ -10,12 +10,14 @@ Strategies: ``fedhog``, ``ddp``, ``post_local`` (DDP with post-local SGD: local 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -28,6 +30,7 @@ from typing_extensions import override
 
 import lightning_fedhog  # noqa: F401 - registers strategy names
 from lightning_fedhog import FedHogStrategy
+from lightning_fedhog.config import FedHogConfig
 from recipes.models import resnet20
 
 
@@ -39,27 +42,39 @@ def make_model(name: str) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 512), nn.ReLU(), nn.Linear(512, 10))
 
 
-def averaging_phase(epoch: int, batch_idx: int, length: int) -> bool:
-    """With ``--alternate``: whether the batch is in a phase with rounds. Phases are ``length`` batches long and
-    alternate; their order flips every epoch, so neither kind always follows a consensus point."""
-    return (batch_idx // length + epoch) % 2 == 1
+def averaging_phase(now: float, seconds: float) -> tuple[int, bool]:
+    """With ``--alternate``: the phase the moment ``now`` (``time.time()``) falls in, and whether it has rounds.
+
+    Phases are ``seconds`` of the machine's clock, so every rank of one machine switches at the same moment: counted
+    in batches, the ranks' phases would drift apart (nothing makes them wait for each other between consensus
+    points), and a leader in a phase with rounds would wait in the collective for one in a phase without.
+    """
+    number = int(now // seconds)
+    return number, number % 2 == 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlternatingConfig(FedHogConfig):
+    """fedhog's settings, with no round in every other phase of ``phase_s`` seconds (the period set out of reach)."""
+
+    phase_s: float = 2.0
+
+    @override
+    def period_at(self, epoch: int) -> int | Literal["auto"]:
+        with_rounds = averaging_phase(time.time(), self.phase_s)[1]
+        return super().period_at(epoch) if with_rounds else 10**9
 
 
 class Alternating(FedHogStrategy):
-    """fedhog whose leaders start no round in every other phase of ``length`` batches (the period is set out of
-    reach), so one run measures steps with and without averaging a few seconds apart, under the same machine load.
-    A round in flight when a phase without rounds begins still finishes; the measurement skips each phase's first
-    steps."""
+    """fedhog with :class:`AlternatingConfig`: one run measures steps with and without averaging seconds apart, under
+    the same load on the machine (:func:`benchmarks.harness.paired_costs`). The strategy sets the engine's period at
+    every batch start from ``period_at``, once. A round in flight when a phase without rounds begins still finishes:
+    the measurement leaves out the start of each phase."""
 
-    def __init__(self, length: int, **kwargs: Any) -> None:
+    def __init__(self, phase_s: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.length = length
-
-    @override
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        super().on_train_batch_start(batch, batch_idx)
-        if self.engine is not None and not averaging_phase(self.lightning_module.current_epoch, batch_idx, self.length):
-            self.engine.period = 10**9
+        given = {field.name: getattr(self.config, field.name) for field in dataclasses.fields(FedHogConfig)}
+        self.config = AlternatingConfig(**given, phase_s=phase_s)
 
 
 def make_strategy(args: argparse.Namespace) -> Any:
@@ -137,7 +152,8 @@ class Timed(L.LightningModule):
     times its own step time."""
 
     def __init__(
-        self, model: str, lr: float, slow_rank: int, slow_factor: float, slow_seconds: float = 0.0, alternate: int = 0
+        self, model: str, lr: float, slow_rank: int, slow_factor: float, slow_seconds: float = 0.0,
+        alternate: float = 0.0,
     ) -> None:
         super().__init__()
         self.net = make_model(model)
@@ -145,7 +161,7 @@ class Timed(L.LightningModule):
         self.slow_rank, self.slow_factor, self.slow_seconds = slow_rank, slow_factor, slow_seconds
         self.times: list[float] = []
         self.alternate = alternate
-        self.phases: list[list[int]] = []  # with --alternate: per step, [phase number, 1 if with rounds]
+        self.phases: list[list[int]] = []  # with --alternate: per step, [phase number, 1 if with rounds, epoch]
         self._step_time = 0.0
         self._slept = 0.0
 
@@ -163,8 +179,8 @@ class Timed(L.LightningModule):
             time.sleep(self._slept)
         self.times.append(time.time())
         if self.alternate:
-            epoch, length = self.current_epoch, self.alternate
-            self.phases.append([epoch * 10**6 + batch_idx // length, int(averaging_phase(epoch, batch_idx, length))])
+            number, with_rounds = averaging_phase(self.times[-1], self.alternate)
+            self.phases.append([number, int(with_rounds), self.current_epoch])
         x, y = batch
         return nn.functional.cross_entropy(self.net(x), y)
 
@@ -193,8 +209,8 @@ def main() -> None:
     parser.add_argument("--slow-rank", type=int, default=-1)
     parser.add_argument("--slow-factor", type=float, default=1.0)
     parser.add_argument("--slow-seconds", type=float, default=0.0, help="a fixed sleep per step of --slow-rank")
-    parser.add_argument("--alternate", type=int, default=0,
-                        help="fedhog: no rounds in every other phase of this many batches (P6's paired measurement)")
+    parser.add_argument("--alternate", type=float, default=0.0,
+                        help="fedhog: no rounds in every other phase of this many seconds (P6's paired measurement)")
     parser.add_argument("--csv", action="store_true", help="log to a CSVLogger under OUT/logs (fedhog's figures)")
     args = parser.parse_args()
 

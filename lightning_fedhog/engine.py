@@ -260,7 +260,8 @@ class AveragingEngine:
             if gap is None:
                 return
             want_pause, first, latest, look = gap
-            self._pacing.gap(first, latest, look)
+            auto = self.period == "auto"  # read once: the main thread may change it meanwhile
+            self._pacing.gap(first, latest, look, period=self.paced_period or START_PERIOD)
             steps = self._device_steps()  # the period counts device steps from one round's start to the next's
             since, last = steps - last, steps
             block = next_block(
@@ -271,7 +272,7 @@ class AveragingEngine:
                 scores=scores,
                 last_exchanged=self._rounds.last_round,
             )
-            proposal = float(self._pacing.proposal(self.current_period)) if self.period == "auto" else 0.0
+            proposal = float(self._pacing.proposal()) if auto else 0.0
             control = self._rounds.control(want_pause, block, proposal, float(since))
             in_flight.append(self._rounds.start(block, self._started, control, self._device_steps))
             self._started += 1

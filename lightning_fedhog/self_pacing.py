@@ -131,6 +131,7 @@ class SelfPacing:
         self._cycle = (0.0, 0.0, 0)  # closed segments since the last probe: steps, seconds, rounds
         self._latest: Seen | None = None
         self._quiet: tuple[float, float] | None = None  # the last quiet window: steps, seconds
+        self._anchor = START_PERIOD  # the agreed period at the last probe: proposals stay within 2x of it
 
     def remaining(self, period: int, since_round: int, since_gap: int) -> int:
         """Device steps until the next round is due: ``period`` after the last round started (``since_round``),
@@ -139,25 +140,27 @@ class SelfPacing:
         due = period - since_round
         return max(due, QUIET_STEPS + 1 - since_gap) if self.probing else due
 
-    def proposal(self, current: int) -> int:
-        """This leader's period, at most twice or half the ``current`` one (the agreed period now), so a noisy
-        estimate moves it step by step; 0 (no opinion) until it has measured :data:`MIN_CYCLES` cycles, so it holds
-        no one back."""
+    def proposal(self) -> int:
+        """This leader's period, at most twice or half the period agreed at the last probe, so a noisy estimate
+        moves it step by step (the estimate, and so the proposal, changes only at probes); 0 (no opinion) until it
+        has measured :data:`MIN_CYCLES` cycles, so it holds no one back."""
         if self.pace.cycles < MIN_CYCLES or self.pace.rounds <= 0:
             return 0
-        return min(max(self.pace.period(self.budget), max(current // 2, 1)), 2 * current)
+        return min(max(self.pace.period(self.budget), max(self._anchor // 2, 1)), 2 * self._anchor)
 
-    def gap(self, first: Seen | None, latest: Seen | None, look: Seen) -> None:
-        """A gap ended (its round starts): the ``first`` and ``latest`` step completions seen in it, if any, and the
-        engine's first ``look`` at the counters when it began."""
+    def gap(self, first: Seen | None, latest: Seen | None, look: Seen, period: int = START_PERIOD) -> None:
+        """A gap ended (its round starts): the ``first`` and ``latest`` step completions seen in it, if any, the
+        engine's first ``look`` at the counters when it began, and the self-paced ``period`` agreed so far."""
         self._latest = latest
         if self.probing:
+            self._anchor = period
             if first is not None:  # the cycle ends with the step that carried the last round's spill-over
                 self._close(first)
             self._segment, self._segment_rounds = None, 0
             before, after = self._quiet, None
             if first is not None and latest is not None and latest[0] - first[0] >= QUIET_STEPS // 2:
-                after = self._quiet = (latest[0] - first[0], latest[1] - first[1])
+                after = (latest[0] - first[0], latest[1] - first[1])
+            self._quiet = after  # a probe cut short (a pause) leaves no window: the next cycle has one side only
             windows = [window for window in (before, after) if window is not None and window[1] > 0]
             steps, seconds, rounds = self._cycle
             if windows and rounds > 0 and seconds > 0:  # the quiet rate around the cycle: a drift cancels out

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks import report
+from benchmarks import report, throughput
 from benchmarks.accuracy import median_reached
 from benchmarks.harness import aggregate, paired_costs
 from benchmarks.suite import ACCURACY, BENCHMARKS, RESULTS, SMOKE_METHODS
@@ -31,25 +31,49 @@ def test_aggregate_counts_idle_time_behind_a_straggler() -> None:
     assert aggregate([fast, slow], skip=1) == pytest.approx((2 * 10 + 3 * 10) / 7.5)
 
 
-def _alternating_rank(phases: list[tuple[int, float]], steps: int = 12) -> dict[str, Any]:
-    """One rank's times and phases: ``steps`` per phase at ``(with rounds?, seconds per step)``, each phase's first 8
-    steps 9 s long (a round's spill-over: the measurement must leave them out)."""
-    times, marks, clock = [], [], 0.0
-    for phase, (on, step) in enumerate(phases):
-        for index in range(steps):
-            times.append(clock)
-            marks.append([phase, on])
-            clock += 9.0 if index < 8 else step
+PHASE_S = 10.0
+
+
+def _alternating_rank(phases: list[tuple[int, float]]) -> dict[str, Any]:
+    """One rank's step times and phases as ``throughput.py --alternate 10`` writes them: phase ``k`` (of ``phases``:
+    with rounds?, seconds per step) starts at ``10 k`` s with two 0.3 s steps (a round's spill-over: inside the
+    0.4 s the measurement leaves out), then steps at its rate until the phase ends."""
+    times: list[float] = []
+    marks: list[list[int]] = []
+    for number, (on, step) in enumerate(phases):
+        start = number * PHASE_S
+        times += [start, start + 0.3] + [start + 0.6 + index * step for index in range(int((PHASE_S - 0.6) / step))]
+        marks += [[number, on, 0]] * (len(times) - len(marks))
     return {"times": times, "phases": marks, "batch": 1}
 
 
 def test_paired_costs_compare_each_phase_with_rounds_with_its_neighbours_on_the_same_rank() -> None:
     # the machine slows from 1.0 to 1.5 s per step around a phase with rounds at 1.5: against the neighbours' mean
     # (1.25 s) it lost a sixth of its throughput; against the phase before it alone it would seem to lose a third
-    assert paired_costs([_alternating_rank([(0, 1.0), (1, 1.5), (0, 1.5)])]) == [pytest.approx(1 / 6)]
-    costs = paired_costs([_alternating_rank([(1, 1.0), (0, 1.25), (1, 1.5)]), _alternating_rank([(0, 2.0), (1, 2.0)])])
+    assert paired_costs([_alternating_rank([(0, 1.0), (1, 1.5), (0, 1.5)])], PHASE_S) == [pytest.approx(1 / 6)]
+    costs = paired_costs(
+        [_alternating_rank([(1, 1.0), (0, 1.25), (1, 1.5)]), _alternating_rank([(0, 2.0), (1, 2.0)])], PHASE_S
+    )
     assert costs == [pytest.approx(-0.25), pytest.approx(1 / 6), pytest.approx(0.0)], "each pair, on its own rank"
-    assert paired_costs([{"times": [0.0, 1.0, 2.0], "batch": 1}]) == [], "a run without phases has no pairs"
+    assert paired_costs([_alternating_rank([(1, 1.0)])], PHASE_S) == [], "no phase without rounds next to it"
+    assert paired_costs([{"times": [0.0, 1.0, 2.0], "batch": 1}], PHASE_S) == [], "a run without phases"
+
+
+def test_paired_costs_leave_out_the_gaps_between_epochs() -> None:
+    rank = _alternating_rank([(0, 1.0), (1, 1.0), (0, 1.0)])
+    middle = [index for index, (number, _, _) in enumerate(rank["phases"]) if number == 1]
+    for index in middle[3:]:  # an epoch ends in the middle phase, after 0.5 s at a consensus point
+        rank["times"][index] += 0.5
+        rank["phases"][index] = [rank["phases"][index][0], rank["phases"][index][1], 1]
+    assert paired_costs([rank], PHASE_S) == [pytest.approx(0.0)]
+
+
+def test_alternating_runs_switch_the_period_on_the_machines_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = throughput.AlternatingConfig(averaging_period=16, phase_s=2.0)
+    for now, period in [(100.0, 10**9), (101.9, 10**9), (102.0, 16), (103.99, 16), (104.5, 10**9)]:
+        monkeypatch.setattr(throughput.time, "time", lambda now=now: now)
+        assert config.period_at(3) == period, now
+    assert throughput.averaging_phase(102.5, 2.0) == (51, True)
 
 
 def test_a_seed_that_never_reached_the_target_counts_as_the_slowest() -> None:
