@@ -122,15 +122,15 @@ def markdown(reports: list[dict[str, Any]]) -> str:
 def _paired_lines(report: dict[str, Any]) -> list[str]:
     """P6's cost of averaging measured inside each run (:func:`benchmarks.harness.paired_costs`), where measured."""
     paired = [
-        f"{method} **{cost['mean']:.1%}** +- {cost['se']:.1%} ({cost['pairs']} pairs)"
+        f"{method} **{cost['mean']:.1%}** +- {cost['se']:.1%} ({cost['pairs']} pairs in {len(cost['repeats'])} runs)"
         for method, r in report["results"].items()
         if (cost := r.get("paired_cost"))
     ]
     if not paired:
         return []
-    return ["", "Share of the workers' throughput averaging took, measured inside each run (each phase with rounds"
-            " against the phases without rounds next to it, on the same rank; mean +- standard error over the pairs"
-            " of all repeats): " + ", ".join(paired) + "."]
+    return ["", "Share of the workers' throughput averaging took, measured inside each run (phases of the machine's"
+            " clock with and without rounds alternate; each phase with rounds against the phases without rounds next to"
+            " it, on the same rank; mean over runs +- its standard error): " + ", ".join(paired) + "."]
 
 
 def _cost_lines(report: dict[str, Any]) -> list[str]:
