@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from benchmarks import report, throughput
-from benchmarks.accuracy import median_reached
+from benchmarks.accuracy import median_reached, summarize
 from benchmarks.harness import aggregate, paired_costs
 from benchmarks.suite import ACCURACY, BENCHMARKS, RESULTS, SMOKE_METHODS
 from tests.conftest import smoke_results
@@ -66,6 +66,14 @@ def test_paired_costs_leave_out_the_gaps_between_epochs() -> None:
         rank["times"][index] += 0.5
         rank["phases"][index] = [rank["phases"][index][0], rank["phases"][index][1], 1]
     assert paired_costs([rank], PHASE_S) == [pytest.approx(0.0)]
+
+
+def test_a_figure_some_seeds_lack_is_summarized_over_the_others() -> None:
+    # "auto" reports its cost only once it has measured a cycle: a short seed may end before that (P9 stopped here)
+    run = {"seconds_to_target": 7.0, "epochs_to_target": 4, "final_accuracy": 0.9, "train_s": 9.0,
+           "process_wall_s": 20.0, "curve": [], "command": "c"}
+    runs = [{**run, "fedhog": {"period": 16.0}}, {**run, "fedhog": {"period": 24.0, "averaging_cost": 0.04}}]
+    assert summarize(runs)["fedhog"] == {"period": 20.0, "averaging_cost": 0.04}
 
 
 def test_alternating_runs_switch_the_period_on_the_machines_clock(monkeypatch: pytest.MonkeyPatch) -> None:
