@@ -151,11 +151,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "curve": runs[len(runs) // 2]["curve"],  # one run's curve, for the plot
         "command": runs[0]["command"],
     }
-    if all(r.get("fedhog") for r in runs):  # a figure some runs lack (a cost not yet measured): over the others
-        keys = set().union(*(r["fedhog"] for r in runs))
-        summary["fedhog"] = {
-            key: statistics.median(r["fedhog"][key] for r in runs if key in r["fedhog"]) for key in sorted(keys)
-        }
+    if all(r.get("fedhog") for r in runs):
+        summary["fedhog"] = harness.median_figures(runs)
     return summary
 
 

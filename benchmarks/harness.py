@@ -86,9 +86,10 @@ def step_seconds(ranks: Sequence[dict[str, Any]], skip: int = 3) -> float:
     return statistics.median(gaps) if gaps else float("nan")
 
 
-def paired_costs(ranks: Sequence[dict[str, Any]], phase_s: float, settle_s: float = 0.4) -> list[float]:
+def paired_costs(ranks: Sequence[dict[str, Any]], settle_s: float = 0.4) -> list[float]:
     """With ``--alternate``: the share of the throughput averaging took, once per phase with rounds, from its mean
-    step time against the mean of the phases without rounds on either side of it, on the same rank.
+    step time against the mean of the phases without rounds on either side of it, on the same rank (each rank's
+    data holds its phases and their length in seconds, ``"alternate"``).
 
     Phases seconds apart share the machine's load, so a drift that would swamp a comparison between runs (this
     machine's speed moved +-20 % between repeats) cancels, to first order where the phases on both sides are
@@ -98,6 +99,7 @@ def paired_costs(ranks: Sequence[dict[str, Any]], phase_s: float, settle_s: floa
     """
     costs = []
     for rank in ranks:
+        phase_s = rank.get("alternate", 0.0)
         gaps: dict[int, list[float]] = {}
         kinds: dict[int, bool] = {}
         steps = list(zip(rank.get("phases", []), rank["times"], strict=False))
@@ -246,14 +248,8 @@ def launch(
         "steps_per_rank": [len(rank["times"]) for rank in ranks],
         "process_wall_s": time.perf_counter() - began,
         "fedhog": fedhog_figures(out / "logs"),
-        "paired_costs": paired_costs(ranks, phase_s) if (phase_s := _alternate(args)) else [],
+        "paired_costs": paired_costs(ranks),
     }
-
-
-def _alternate(args: Sequence[str]) -> float:
-    """The ``--alternate`` seconds of a ``throughput.py`` command line (0: none)."""
-    args = list(args)
-    return float(args[args.index("--alternate") + 1]) if "--alternate" in args else 0.0
 
 
 def launch_independent(args: Sequence[str], out: Path, copies: int) -> dict[str, Any]:
@@ -334,10 +330,16 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
             "repeats": repeats, "pairs": sum(len(r.get("paired_costs", [])) for r in results),
             "all": [cost for r in results for cost in r.get("paired_costs", [])],
         }
-    keys = set().union(*(r["fedhog"] for r in results))
-    if keys:
-        summary["fedhog"] = {k: statistics.median(r["fedhog"][k] for r in results if k in r["fedhog"]) for k in keys}
+    if figures := median_figures(results):
+        summary["fedhog"] = figures
     return summary
+
+
+def median_figures(runs: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """fedhog's figures of several runs, each the median over the runs that have it ("auto" reports its cost only
+    once it has measured a cycle, which a short run may not reach)."""
+    keys = set().union(*(r.get("fedhog", {}) for r in runs))
+    return {key: statistics.median(r["fedhog"][key] for r in runs if key in r["fedhog"]) for key in sorted(keys)}
 
 
 def _median_or_none(values: list[float | None]) -> float | None:

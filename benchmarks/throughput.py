@@ -232,7 +232,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rank{trainer.global_rank}.json").write_text(
         json.dumps({"rank": trainer.global_rank, "batch": args.batch, "times": module.times, "pid": os.getpid(),
-                    "fit_end": fit_end, "phases": module.phases})
+                    "fit_end": fit_end, "phases": module.phases, "alternate": args.alternate})
     )
 
 

@@ -162,10 +162,9 @@ class SelfPacing:
                 after = (latest[0] - first[0], latest[1] - first[1])
             self._quiet = after  # a probe cut short (a pause) leaves no window: the next cycle has one side only
             windows = [window for window in (before, after) if window is not None and window[1] > 0]
-            steps, seconds, rounds = self._cycle
-            if windows and rounds > 0 and seconds > 0:  # the quiet rate around the cycle: a drift cancels out
-                rate = sum(window[0] for window in windows) / sum(window[1] for window in windows)
-                self.pace = self.pace.cycle(steps, seconds, rounds, rate)
+            # the quiet rate around the cycle (a drift cancels out); none measured: the cycle is not counted
+            rate = sum(w[0] for w in windows) / sum(w[1] for w in windows) if windows else 0.0
+            self.pace = self.pace.cycle(*self._cycle, quiet_rate=rate)
             self._cycle, self._cycle_rounds, self._agreed_steps = (0.0, 0.0, 0), 0, 0.0
             self._segment = latest
             self.probing = False

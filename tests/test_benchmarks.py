@@ -44,19 +44,19 @@ def _alternating_rank(phases: list[tuple[int, float]]) -> dict[str, Any]:
         start = number * PHASE_S
         times += [start, start + 0.3] + [start + 0.6 + index * step for index in range(int((PHASE_S - 0.6) / step))]
         marks += [[number, on, 0]] * (len(times) - len(marks))
-    return {"times": times, "phases": marks, "batch": 1}
+    return {"times": times, "phases": marks, "batch": 1, "alternate": PHASE_S}
 
 
 def test_paired_costs_compare_each_phase_with_rounds_with_its_neighbours_on_the_same_rank() -> None:
     # the machine slows from 1.0 to 1.5 s per step around a phase with rounds at 1.5: against the neighbours' mean
     # (1.25 s) it lost a sixth of its throughput; against the phase before it alone it would seem to lose a third
-    assert paired_costs([_alternating_rank([(0, 1.0), (1, 1.5), (0, 1.5)])], PHASE_S) == [pytest.approx(1 / 6)]
+    assert paired_costs([_alternating_rank([(0, 1.0), (1, 1.5), (0, 1.5)])]) == [pytest.approx(1 / 6)]
     costs = paired_costs(
-        [_alternating_rank([(1, 1.0), (0, 1.25), (1, 1.5)]), _alternating_rank([(0, 2.0), (1, 2.0)])], PHASE_S
+        [_alternating_rank([(1, 1.0), (0, 1.25), (1, 1.5)]), _alternating_rank([(0, 2.0), (1, 2.0)])]
     )
     assert costs == [pytest.approx(-0.25), pytest.approx(1 / 6), pytest.approx(0.0)], "each pair, on its own rank"
-    assert paired_costs([_alternating_rank([(1, 1.0)])], PHASE_S) == [], "no phase without rounds next to it"
-    assert paired_costs([{"times": [0.0, 1.0, 2.0], "batch": 1}], PHASE_S) == [], "a run without phases"
+    assert paired_costs([_alternating_rank([(1, 1.0)])]) == [], "no phase without rounds next to it"
+    assert paired_costs([{"times": [0.0, 1.0, 2.0], "batch": 1}]) == [], "a run without phases"
 
 
 def test_paired_costs_leave_out_the_gaps_between_epochs() -> None:
@@ -65,7 +65,7 @@ def test_paired_costs_leave_out_the_gaps_between_epochs() -> None:
     for index in middle[3:]:  # an epoch ends in the middle phase, after 0.5 s at a consensus point
         rank["times"][index] += 0.5
         rank["phases"][index] = [rank["phases"][index][0], rank["phases"][index][1], 1]
-    assert paired_costs([rank], PHASE_S) == [pytest.approx(0.0)]
+    assert paired_costs([rank]) == [pytest.approx(0.0)]
 
 
 def test_a_figure_some_seeds_lack_is_summarized_over_the_others() -> None:
