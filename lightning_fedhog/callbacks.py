@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import lightning as L
 from typing_extensions import override
+
+from lightning_fedhog import internals
 
 
 class WallClock(L.Callback):
@@ -31,16 +34,41 @@ class WallClock(L.Callback):
 
 
 class ConsensusFirst(L.Callback):
-    """Takes fedhog's consensus point before any user callback or module hook looks at the model.
+    """Takes fedhog's meetings before any user callback or module hook: consensus points and the epoch-end meeting.
 
     Lightning calls callbacks, then the LightningModule, then the strategy at ``on_validation_start`` and
     ``on_train_end``; an EMA callback, a probe or an export there would see a device's own copy while other workers
-    still write it. The strategy puts this callback first in ``trainer.callbacks`` for ``fit`` and removes it after.
-    A consensus point is a collective: every rank reaches these hooks at the same points, in the same order.
+    still write it. The epoch-end meeting (where a stop is agreed) must come before any epoch-end collective, the
+    first of which can be a reloaded validation loader's set-up, right after the last batch. The strategy puts this
+    callback first in ``trainer.callbacks`` for ``fit`` and removes it after. These are collectives: every rank
+    reaches these hooks at the same points, in the same order.
+
+    Args:
+        consensus: the consensus point.
+        epoch_starts, epoch_ends: the epoch-end meeting is ahead; this worker's epoch ends (meet once per epoch).
     """
 
-    def __init__(self, consensus: Callable[[], None]) -> None:
+    def __init__(
+        self, consensus: Callable[[], None], epoch_starts: Callable[[], None], epoch_ends: Callable[[], None]
+    ) -> None:
         self._consensus = consensus
+        self._epoch_starts = epoch_starts
+        self._epoch_ends = epoch_ends
+
+    @override
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_starts()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if internals.epoch_ends_after_this_batch(trainer):
+            self._epoch_ends()
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_ends()  # an epoch whose last batch was skipped (`on_train_batch_start` returned -1)
 
     @override
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

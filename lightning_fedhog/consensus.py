@@ -129,6 +129,18 @@ class ConsensusPoints:
         self.at_consensus = False
         return False
 
+    def agree_on_stop(self) -> bool:
+        """Whether any worker asked to stop: one number over every worker, without parking or averaging.
+
+        A collective that every worker runs once per epoch after its last batch (and at a batch start when it knows
+        of a stop), so a stop is agreed before any epoch-end collective, whatever a worker's place in its epoch.
+        """
+        began = self._clock()
+        self._arrive()
+        stop = self._agree("meet the other workers at the end of the epoch")
+        self.parked_seconds += self._clock() - began
+        return stop
+
     def reset(self) -> None:
         """A new ``fit``: no consensus point met yet."""
         self.at_consensus, self.meetings, self.parked_seconds = False, 0, 0.0

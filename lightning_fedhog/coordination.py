@@ -8,11 +8,17 @@ the same on every rank whatever its data, speed or timing:
 1. at a consensus point: ``ConsensusPoints.enter`` (agree on a stop, average exactly), then, only if this worker
    trained since the last point, the stragglers' gather (every rank trained or none did), then the telemetry
    gather (every rank has telemetry once training started);
-2. before a batch after a consensus point: ``ConsensusPoints.leave`` (agree again on a stop).
+2. before a batch after a consensus point: ``ConsensusPoints.leave`` (agree again on a stop);
+3. once per epoch, after the worker's last batch and before any epoch-end collective of Lightning's or the user's
+   (metric syncs, checkpoint decisions, a reloaded validation loader): the epoch-end meeting, one number that says
+   whether anyone asked to stop. A worker that learns of a stop at a batch start holds the same meeting there.
 
 A stop (SIGTERM on any rank) is agreed inside those collectives, so every rank saves the same checkpoint at the
-same point and ends the same way. The collaborators come in from outside, so the order can be tested with fakes
-(tests/test_coordination.py) instead of processes.
+same point and ends the same way. The epoch-end meeting is what makes that hold when workers are at different
+places of an epoch: a worker at its epoch end cannot pass the meeting until every other worker has either trained
+its last batch or learnt of the stop, so the stop meeting of a worker still training pairs with it, and after it
+every rank runs the same consensus point and stop. The collaborators come in from outside, so the order can be
+tested with fakes (tests/test_coordination.py) instead of processes.
 """
 
 from __future__ import annotations
@@ -82,6 +88,7 @@ class Coordination:
         self._engine = engine
         self._publish = publish
         self._device = device
+        self._met_this_epoch = False
 
     def training_starts(self) -> None:
         """The figures start (at ``on_train_start``, before anything there waits for the other ranks)."""
@@ -106,11 +113,31 @@ class Coordination:
             if self.stragglers is not None:
                 self.stragglers.left_consensus()
         elif self.faults.stop_requested:
-            self.consensus()  # agrees on the stop with every rank, saves a checkpoint there and ends `fit`
+            self._meet_on_stop()  # pairs with the others' meetings, then a consensus point that ends `fit`
         self.telemetry.count(batch)
         engine = self._engine()
         if engine is not None:
             self.faults.run_engine_command(engine.raise_if_failed, "average with the other devices")
+
+    def epoch_starts(self) -> None:
+        """A new epoch: its epoch-end meeting is still ahead."""
+        self._met_this_epoch = False
+
+    def epoch_ends(self) -> None:
+        """This worker trained its last batch of the epoch: the epoch-end meeting (once per epoch)."""
+        if self._met_this_epoch:
+            return
+        self._met_this_epoch = True
+        if self.stragglers is not None:
+            self.stragglers.arrived()
+        self._meet_on_stop()
+
+    def _meet_on_stop(self) -> None:
+        """One number over every worker: if anyone asked to stop, every rank goes on to a consensus point and stops
+        there (its checkpoint saved); otherwise nothing more happens."""
+        if self.points.agree_on_stop():
+            self.faults.request_stop()
+            self.consensus()
 
     def consensus(self) -> None:
         """Makes every device hold the exact average of all devices' copies, with every worker parked.

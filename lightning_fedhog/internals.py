@@ -27,6 +27,11 @@ The list (what, and why no public API does it):
   (for ``fit`` only, undone at teardown).
 - ``trainer.fit_loop.epoch_progress`` and a checkpoint's ``loops`` entry: the epoch a training loader starts in
   (what Lightning passes to ``set_epoch``), needed before Lightning calls ``set_epoch``.
+- ``trainer.fit_loop._data_fetcher``: the training iterator, built again when the one Lightning built before a
+  checkpoint was restored began the wrong epoch; ``trainer.fit_loop.epoch_loop.done``: whether the training epoch
+  ends after the current batch (where every worker meets once per epoch).
+- ``DistributedSamplerWrapper.dataset._sampler``: the user's own sampler inside the one Lightning puts around it,
+  whose indices dynamic work sharing hands out.
 - ``LightningModule._trainer``: whether a module is attached, without the error ``module.trainer`` raises.
 - ``_SubprocessScriptLauncher._call_children_scripts`` and ``procs``: starting and watching the workers.
 - ``trainer._logger_connector._first_loop_iter``: whether a training batch is in progress (``sync_dist`` inside a
@@ -47,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 from lightning.fabric.strategies import _StrategyRegistry as StrategyRegistry
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.fabric.utilities.distributed import _init_dist_connection as init_dist_connection
 from lightning.fabric.utilities.distributed import _set_num_threads_if_needed as set_num_threads_if_needed
 from lightning.fabric.utilities.distributed import _sync_ddp_if_available as sync_ddp_if_available
@@ -208,6 +214,25 @@ def restore_trainer_class(trainer: pl.Trainer) -> None:
 def epochs_done(trainer: pl.Trainer) -> int:
     """The epoch number Lightning gives the training sampler's ``set_epoch`` at the start of the next epoch."""
     return int(trainer.fit_loop.epoch_progress.current.processed)
+
+
+def restart_training_iterator(trainer: pl.Trainer) -> None:
+    """Builds the training loader's iterator again, as Lightning does at the start of an epoch."""
+    fetcher = trainer.fit_loop._data_fetcher
+    if fetcher is not None:
+        iter(fetcher)
+
+
+def epoch_ends_after_this_batch(trainer: pl.Trainer) -> bool:
+    """Whether the training epoch loop stops after the batch in progress (its end, ``max_steps``, a stop)."""
+    return bool(trainer.fit_loop.epoch_loop.done)
+
+
+def sampler_inside_wrapper(sampler: object) -> Any | None:
+    """The user's sampler that Lightning wrapped for distributed training, or None if ``sampler`` is no wrapper."""
+    if isinstance(sampler, DistributedSamplerWrapper):
+        return sampler.dataset._sampler
+    return None
 
 
 def checkpoint_epochs_done(checkpoint: Any) -> int | None:

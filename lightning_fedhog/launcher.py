@@ -8,7 +8,9 @@ it here, in the launching process, so a model fedhog cannot share fails before a
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
@@ -30,6 +32,11 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 
+LAUNCHER_PID = "FEDHOG_LAUNCHER_PID"
+"""Environment variable that tells the workers this launcher started which process started them."""
+
+_PR_SET_PDEATHSIG = 1  # prctl(2)
+
 _FAILURE_GRACE = 10.0
 """Seconds the workers get to stop on their own after a failure in the launching process, before they are killed."""
 
@@ -50,6 +57,9 @@ class FedHogLauncher(ScriptLauncher):
         # Lightning's launcher, with fedhog's observer of the workers instead of Lightning's (see `_Observer`)
         self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
         if not self.cluster_environment.creates_processes_externally:
+            if threading.current_thread() is threading.main_thread():  # the workers die with this thread
+                os.environ[LAUNCHER_PID] = str(os.getpid())  # the children's copy of the environment carries it
+                atexit.register(self._wait_for_children)
             self._call_children_scripts()
             _Observer(self.procs, self._config.timeout.total_seconds()).start()
         set_num_threads_if_needed(num_processes=self.num_processes)
@@ -63,6 +73,11 @@ class FedHogLauncher(ScriptLauncher):
             self._end_children(timeout if isinstance(error, SIGTERMException) else min(timeout, _FAILURE_GRACE))
             raise
 
+    def _wait_for_children(self) -> None:
+        """At this process's normal exit: the workers die with it (:func:`exit_with_launcher`), so it waits for them
+        to finish first (at most `timeout`, then they are ended)."""
+        self._end_children(self._config.timeout.total_seconds())
+
     def _end_children(self, grace: float) -> None:
         """After a failure (or SIGTERM) in this process: waits up to ``grace`` seconds for the workers it started
         to stop on their own (they notice within seconds and print why), then kills the ones still running, so
@@ -75,6 +90,25 @@ class FedHogLauncher(ScriptLauncher):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def exit_with_launcher() -> None:
+    """In a worker this launcher started: die with the launching process, however it ends.
+
+    The launching process is rank 0 and hosts the rendezvous store. Killed from outside (SIGKILL, as a job time limit
+    or the out-of-memory killer does), it cannot end its workers, and a worker that is not in a collective at that
+    moment (a long step, a data loader, a user hook) would go on alone. The kernel sends the worker SIGKILL when its
+    parent dies (Linux ``PR_SET_PDEATHSIG``); a parent already gone when this runs ends the worker here. Nothing
+    happens elsewhere: under torchrun and SLURM the agent or ``srun`` ends the workers of a failed run.
+    """
+    launcher = os.environ.get(LAUNCHER_PID)
+    if launcher is None or int(launcher) == os.getpid() or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return  # best effort: the liveness checks still find a dead launcher from the training loop
+    if os.getppid() != int(launcher):  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _Observer(threading.Thread):

@@ -76,19 +76,27 @@ class StragglerWatch:
         self._report = report
         self._clock = clock
         self._since: float | None = None
+        self._stopped: float | None = None  # the training time when this worker reached the epoch-end meeting
         self.warned = False
 
     def left_consensus(self) -> None:
         """Training resumes: the clock of this span starts."""
-        self._since = self._clock()
+        self._since, self._stopped = self._clock(), None
+
+    def arrived(self) -> None:
+        """This worker trained its last batch of the epoch and waits for the others: its training time stops here."""
+        if self._since is not None and self._stopped is None:
+            self._stopped = self._clock() - self._since
 
     def trained(self) -> float | None:
-        """Seconds trained since leaving the last consensus point (taken before waiting at the next one)."""
-        return None if self._since is None else self._clock() - self._since
+        """Seconds trained since leaving the last consensus point (taken before waiting for the others)."""
+        if self._since is None:
+            return None
+        return self._stopped if self._stopped is not None else self._clock() - self._since
 
     def at_consensus(self, trained: float | None) -> None:
         """Gathers every worker's ``trained`` (a collective, only after a span of training) and reports once."""
-        self._since = None
+        self._since, self._stopped = None, None
         if self.warned or trained is None or self._devices < 2:
             return
         busy = self._gather((trained, self._device))

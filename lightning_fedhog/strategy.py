@@ -40,7 +40,7 @@ from lightning_fedhog.device_copy import release, share_parameters
 from lightning_fedhog.device_sync import AveragingBackend, leader_backend, settle
 from lightning_fedhog.engine import AveragingEngine
 from lightning_fedhog.faults import check_sigterm_locally, install_stop_handler
-from lightning_fedhog.launcher import FedHogLauncher
+from lightning_fedhog.launcher import FedHogLauncher, exit_with_launcher
 from lightning_fedhog.layout import DeviceLayout, join_default_group, store_key
 from lightning_fedhog.partial import PartialSteps
 from lightning_fedhog.shared_buffer import SharedFlatBuffer, unbind_module
@@ -115,6 +115,7 @@ class FedHogStrategy(PerWorkerCheckpoints):
         self._generation = 0
         self._consensus_first: ConsensusFirst | None = None
         self._stragglers: StragglerWatch | None = None  # with static shards, during fit
+        self._carried_budget: dict[str, Any] | None = None  # dynamic sharing's budget as the last fit left it
         self._partial = (
             PartialSteps(partial_backprop, workers_per_device, partition, rotate_ownership)
             if partial_backprop is not None
@@ -175,16 +176,17 @@ class FedHogStrategy(PerWorkerCheckpoints):
 
     @override
     def setup_environment(self) -> None:
+        exit_with_launcher()
         super().setup_environment()
         self._generation += 1  # store keys unique to this fit: loaders may be set up before `setup`
         trainer = self._trainer()
         if trainer.state.fn != TrainerFn.FITTING:
             return
         # before the user's `setup` hook, which may already read `trainer.estimated_stepping_batches`
-        self._consensus_first = ConsensusFirst(self.consensus)
+        self._consensus_first = ConsensusFirst(self.consensus, self._epoch_starts, self._epoch_ends)
         trainer.callbacks.insert(0, self._consensus_first)
         if self.config.work_sharing == "dynamic":
-            self.work = DynamicWork(self.world_size, self.global_rank)
+            self.work = DynamicWork(self.world_size, self.global_rank, carried=self._carried_budget)
             self.work.attach(trainer)
         else:
             self._stragglers = StragglerWatch(  # `num_devices` counts every node's devices
@@ -256,6 +258,8 @@ class FedHogStrategy(PerWorkerCheckpoints):
                 check_equal_batches(self.gather_object(trainer.num_training_batches))
             install_stop_handler(self.coordination.faults, internals.user_sigterm_handler(trainer))
             self.coordination.first_span_starts()
+        if self.work is not None:
+            self.work.on_train_start(trainer)
         if self._partial is not None:
             self._partial.start(self._module())
 
@@ -314,6 +318,16 @@ class FedHogStrategy(PerWorkerCheckpoints):
         if self.coordination is not None:
             self.coordination.consensus()
 
+    def _epoch_starts(self) -> None:
+        if self.coordination is not None:
+            self.coordination.epoch_starts()
+
+    def _epoch_ends(self) -> None:
+        """Every worker meets once per epoch after its last batch, before any epoch-end collective (the stop is
+        agreed there, :class:`~lightning_fedhog.coordination.Coordination`)."""
+        if self.coordination is not None:
+            self.coordination.epoch_ends()
+
     def _stop(self) -> NoReturn:
         """Every rank agreed to stop (SIGTERM): saves a resumable checkpoint of the consensus model and stops.
 
@@ -336,7 +350,7 @@ class FedHogStrategy(PerWorkerCheckpoints):
     @override
     def load_extra_checkpoint_state(self, checkpoint: Mapping[str, Any]) -> None:
         if self.work is not None:
-            self.work.resume_from(checkpoint)
+            self.work.resume_from(checkpoint, self._trainer())
 
     # ----------------------------------------------------------------------------------------------- teardown
     @override
@@ -367,6 +381,7 @@ class FedHogStrategy(PerWorkerCheckpoints):
             if self._consensus_first in trainer.callbacks:
                 trainer.callbacks.remove(self._consensus_first)
             if self.work is not None:
+                self._carried_budget = self.work.carried_budget()
                 self.work.detach(trainer, self.lr_scheduler_configs)
         self.work, self._stragglers, self._consensus_first = None, None, None
         if self._partial is not None:

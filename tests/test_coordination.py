@@ -138,13 +138,44 @@ def test_a_stop_agreed_when_leaving_a_point_stops_every_rank_there() -> None:
     assert calls == ["agree", "stop"]
 
 
-def test_a_signal_between_points_makes_a_consensus_point_at_the_next_batch() -> None:
+def test_a_signal_between_points_meets_the_others_at_the_next_batch_then_stops_at_a_consensus_point() -> None:
+    """The meeting pairs with a peer's epoch-end meeting (or its own stop meeting), then every rank runs the point."""
     calls = Calls()
     coordination = _coordination(calls, training=True)
     coordination.faults.request_stop()
     with pytest.raises(StoppedError):
         coordination.before_batch(batch=[1])
-    assert calls[:3] == ["settle", "agree", "barrier"] and calls[-1] == "stop"
+    assert calls[:4] == ["agree", "settle", "agree", "barrier"] and calls[-1] == "stop"
+
+
+def test_every_epoch_ends_with_one_meeting_before_anything_else() -> None:
+    calls = Calls()
+    coordination = _coordination(calls, training=True)
+    coordination.epoch_ends()  # after the last batch
+    coordination.epoch_ends()  # `on_train_epoch_end`: already met
+    assert calls == ["agree"]
+    coordination.epoch_starts()
+    coordination.epoch_ends()
+    assert calls == ["agree", "agree"]
+
+
+def test_a_stop_learnt_at_the_epoch_end_meeting_takes_every_rank_to_one_consensus_point_and_stop() -> None:
+    """A peer still training got SIGTERM and met this rank at its epoch end: the same sequence follows on both."""
+    calls = Calls()
+    coordination = _coordination(calls, anyone_stops=True, training=True)
+    with pytest.raises(StoppedError):
+        coordination.epoch_ends()
+    assert calls[:4] == ["agree", "settle", "agree", "barrier"] and calls[-1] == "stop"
+    assert coordination.faults.stop_requested
+
+
+def test_waiting_at_the_epoch_end_meeting_is_not_counted_as_training() -> None:
+    """Static shards: the idle report compares training times; the wait for a straggler happens at the meeting."""
+    clock = iter([0.0, 1.0, 5.0])  # leaves the point at 0, meets at 1, reaches the next point at 5
+    watch = StragglerWatch(lambda what: [what], device=0, devices=2, report=True, clock=lambda: next(clock))
+    watch.left_consensus()
+    watch.arrived()
+    assert watch.trained() == 1.0
 
 
 def test_a_failed_engine_thread_is_raised_in_the_training_loop() -> None:

@@ -54,6 +54,11 @@ class Net(L.LightningModule):
         sigterm_step: int = -1,
         sigterm_group: bool = False,
         schedule: str = "none",
+        sigterm_epoch_end: int = -1,
+        skip_batches: bool = False,
+        kill_main_epoch: int = -1,
+        estimate_in_setup: bool = False,
+        out: str = "",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -68,6 +73,9 @@ class Net(L.LightningModule):
         self.val_acc = torchmetrics.classification.MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
         self.step_times: list[float] = []
         self.seen: dict[int, list[int]] = {}  # epoch -> sample indices this worker trained on
+        self.batches: dict[int, list[list[int]]] = {}  # epoch -> the sample indices of each batch, in order
+        self.sched_steps: list[int] = []  # the per-step schedule's position (`last_epoch`) at every step
+        self.setup_estimate: float | None = None  # trainer.estimated_stepping_batches, read in `setup()`
         self.started: dict[str, float] = {}
         self.estimated: float | None = None  # trainer.estimated_stepping_batches, read in configure_optimizers
         self.lr_trace: list[float] = []  # the LR of every step this worker took
@@ -76,10 +84,31 @@ class Net(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def setup(self, stage: str) -> None:
+        if self.hparams.estimate_in_setup and stage == "fit":  # before Lightning restores a checkpoint
+            self.setup_estimate = float(self.trainer.estimated_stepping_batches)
+
+    def on_train_epoch_start(self) -> None:
+        if self.global_rank == 0 and self.current_epoch == self.hparams.kill_main_epoch:
+            print(f"KILLED rank 0 at {time.time()}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)  # the launching process dies without a word, as a job limit does
+
+    def on_train_batch_start(self, batch: object, batch_idx: int) -> int | None:
+        return -1 if self.hparams.skip_batches else None  # -1: Lightning skips the rest of the epoch
+
+    def on_train_epoch_end(self) -> None:
+        if self.global_rank == self.hparams.sigterm_rank and self.current_epoch == self.hparams.sigterm_epoch_end:
+            print(f"SIGTERM rank {self.global_rank} at {time.time()}", flush=True)
+            for pid_file in (Path(self.hparams.out) / "pids").iterdir():  # every rank, as SLURM does on preemption
+                os.kill(int(pid_file.read_text()), signal.SIGTERM)
+
     def on_train_start(self) -> None:
         # where this attempt starts (epoch 0, step 0 when fresh; the checkpoint's epoch and step when resumed) and
         # when, on the wall clock, to compare with file times across restarts
         self.started = {"epoch": self.current_epoch, "global_step": self.global_step, "time": time.time()}
+        pids = Path(self.hparams.out) / "pids"
+        pids.mkdir(parents=True, exist_ok=True)
+        (pids / str(self.global_rank)).write_text(str(os.getpid()))  # for a SIGTERM to every rank of this run
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         if self.global_rank == self.hparams.sleep_rank:
@@ -107,8 +136,15 @@ class Net(L.LightningModule):
             print(f"NAN rank {self.global_rank} at {time.time()}", flush=True)
             with torch.no_grad():
                 self.net[0].weight[0, 0] = float("nan")  # corrupt this device's shared copy
+        if isinstance(batch, dict):  # several training loaders: record every loader's batch, train on the first
+            for loader_batch in list(batch.values())[1:]:
+                self.seen.setdefault(self.current_epoch, []).extend(loader_batch[2].tolist())
+            batch = next(iter(batch.values()))
         x, y, index = batch
         self.seen.setdefault(self.current_epoch, []).extend(index.tolist())
+        self.batches.setdefault(self.current_epoch, []).append(index.tolist())
+        if self.trainer.lr_scheduler_configs:
+            self.sched_steps.append(int(self.trainer.lr_scheduler_configs[0].scheduler.last_epoch))
         loss = nn.functional.cross_entropy(self(x), y)
         if not self.automatic_optimization:
             optimizer = self.optimizers()
@@ -168,6 +204,19 @@ class ModelProbe(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self.record(module, "callback.on_train_end")
+
+
+class _InOrder(torch.utils.data.Sampler[int]):
+    """A user's own sequential sampler (not torch's ``SequentialSampler``, which Lightning replaces for DDP)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __iter__(self):
+        return iter(range(self.size))
+
+    def __len__(self) -> int:
+        return self.size
 
 
 class _Stream(torch.utils.data.IterableDataset):
@@ -231,6 +280,20 @@ def main() -> None:
                         help="iterable: an IterableDataset without length; uneven: rank 0 gets one batch more")
     parser.add_argument("--max-time", default=None, help="Trainer(max_time=...), e.g. 00:00:10:00")
     parser.add_argument("--resume", default=None, help="a checkpoint path, or 'last'")
+    parser.add_argument("--sampler", default="default", choices=["default", "subset", "weighted", "in_order"],
+                        help="the training loader's sampler: subset (the even indices, shuffled), weighted (even"
+                        " indices only, with replacement, half the data set's size), in_order (a custom sequential)")
+    parser.add_argument("--no-val", action="store_true", help="no validation loader")
+    parser.add_argument("--loaders", type=int, default=1, help="training loaders, as a dict")
+    parser.add_argument("--estimate-in-setup", action="store_true",
+                        help="read trainer.estimated_stepping_batches in the module's setup()")
+    parser.add_argument("--refit-max-steps", type=int, default=None,
+                        help="after fit, raise max_steps to this and fit again with the same Trainer")
+    parser.add_argument("--sigterm-epoch-end", type=int, default=-1,
+                        help="--sigterm-rank SIGTERMs every process at the end of this epoch (on_train_epoch_end)")
+    parser.add_argument("--skip-batches", action="store_true", help="on_train_batch_start returns -1: nothing trains")
+    parser.add_argument("--kill-main-epoch", type=int, default=-1,
+                        help="rank 0 (the launching process) SIGKILLs itself at the start of this epoch")
     parser.add_argument("--strategy", default="object", help="'object', or a registered name")
     args = parser.parse_args()
     if args.gpu_ids:
@@ -241,6 +304,7 @@ def main() -> None:
     model = Net(
         args.kind, world_size, args.lr, args.sleep_rank, args.sleep, args.crash_rank, args.nan_rank, args.kill_rank,
         args.kill_step, args.sigterm_rank, args.sigterm_step, args.sigterm_group, args.schedule,
+        args.sigterm_epoch_end, args.skip_batches, args.kill_main_epoch, args.estimate_in_setup, str(args.out),
     )
     strategy = (
         FedHogStrategy(
@@ -287,8 +351,17 @@ def main() -> None:
         use_distributed_sampler=args.data != "uneven",
         reload_dataloaders_every_n_epochs=args.reload,
     )
+    dataset = make_data(args.samples, seed=1)
+    sampler = None
+    if args.sampler == "subset":
+        sampler = torch.utils.data.SubsetRandomSampler(range(0, args.samples, 2))
+    elif args.sampler == "weighted":
+        weights = torch.tensor([float(i % 2 == 0) * (1 + i % 7) for i in range(args.samples)])
+        sampler = torch.utils.data.WeightedRandomSampler(weights, num_samples=args.samples // 2, replacement=True)
+    elif args.sampler == "in_order":
+        sampler = _InOrder(args.samples)
     data = DataLoader(
-        make_data(args.samples, seed=1), batch_size=args.batch, shuffle=True, num_workers=args.num_workers,
+        dataset, batch_size=args.batch, shuffle=sampler is None, sampler=sampler, num_workers=args.num_workers,
         persistent_workers=args.num_workers > 0 and args.persistent,
     )
     if args.data == "iterable":
@@ -297,8 +370,13 @@ def main() -> None:
         rank = int(os.environ.get("LOCAL_RANK", "0"))
         shard = torch.utils.data.Subset(make_data(args.samples, seed=1), range(args.batch * (4 + (rank == 0))))
         data = DataLoader(shard, batch_size=args.batch)
-    val = DataLoader(make_data(100, seed=2), batch_size=10)
+    if args.loaders > 1:
+        data = {f"loader{i}": data for i in range(args.loaders)}
+    val = None if args.no_val else DataLoader(make_data(100, seed=2), batch_size=10)
     trainer.fit(model, data, val, ckpt_path=args.resume)
+    if args.refit_max_steps is not None:
+        trainer.fit_loop.epoch_loop.max_steps = args.refit_max_steps
+        trainer.fit(model, data, val)
 
     rank = trainer.global_rank
     optimizer_states = [opt.state_dict() for opt in trainer.optimizers]
@@ -316,6 +394,9 @@ def main() -> None:
         "started": model.started,
         "attempt": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
         "seen": model.seen,
+        "batches": model.batches,
+        "sched_steps": model.sched_steps,
+        "setup_estimate": model.setup_estimate,
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         "lrs": [group["lr"] for opt in trainer.optimizers for group in opt.param_groups],
         "estimated": model.estimated,
