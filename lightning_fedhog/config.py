@@ -91,7 +91,7 @@ class FedHogConfig:
             cannot be formed).
         averaging_period: device steps (optimizer steps summed over the K workers of a device) between two
             averaging rounds once the warm-up is over. The paper's H, 8 to 16. ``"auto"`` chooses it while
-            training, as often as averaging can run while costing the workers at most 5% of their throughput
+            training, as often as averaging can run while costing the workers about 5% of their throughput
             (the workers' step rate over everything against short stretches with no round in flight); it follows
             the link and the step time as they change, and is logged as ``fedhog/period``. Use it on a thin or
             shared link, or when you do not know the right H.
@@ -110,9 +110,10 @@ class FedHogConfig:
             one scale per 1024 elements) send each copy's difference from the last average of that block, which
             every device holds (one more fp32 copy of the vector per device), so the mean of the copies is still
             preserved and what quantisation drops goes out with the next round of that block. Consensus points stay
-            exact fp32. Use it on links slower than about 1 Gbit/s between devices. The rounds become all-gathers,
-            whose bytes per device grow with the number of devices: against an fp32 all-reduce, int8 sends a quarter
-            with 2 devices and less up to 7, bf16 half with 2 devices and less up to 3.
+            full averages in the model's dtype. Use it on links slower than about 1 Gbit/s between devices. The
+            rounds become all-gathers, whose bytes per device grow with the number of devices: against an fp32
+            all-reduce, int8 sends a quarter with 2 devices and less up to 7, bf16 half with 2 devices and less up
+            to 3.
         rounds_in_flight: background rounds started before the oldest one is finished. A round whose time goes to
             waiting (a link with latency: each all-reduce needs round trips) leaves the link idle; with 2 or more,
             the next block is on its way meanwhile, so blocks are mixed up to that many times as often. It needs

@@ -70,7 +70,7 @@ class AveragingEngine:
         period: device steps between rounds, or ``"auto"`` to choose them from the measured step and round times
             (:mod:`~lightning_fedhog.self_pacing`); the main thread may change it at any time.
         compression: what all-reduce rounds send (:mod:`~lightning_fedhog.compression`); consensus averages
-            stay exact fp32.
+            stay full averages in the model's dtype.
         pacing_budget: with ``period="auto"``, the share of the workers' throughput averaging may cost.
         rounds_in_flight: rounds started before the oldest is finished (:mod:`~lightning_fedhog.rounds`); more
             than one needs all-reduce rounds, round-robin blocks and at least that many blocks.

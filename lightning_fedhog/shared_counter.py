@@ -99,7 +99,7 @@ class SharedCounterSampler(Sampler[int]):
         # Lightning iterates a length-less loader once when it sets it up (to know the epoch's last batch), before
         # `set_epoch`: the epoch the run is at must be known from the start, or that first pass would be epoch 0's
         self.epoch = epoch
-        self.claimed_through = 0  # the run's chunks handed out up to this worker's latest claim (its progress)
+        self.trained_through = 0  # the run's chunks handed out up to the latest one this worker trained (progress)
         self._pass: _Pass | None = None
         self._passes = 0
         self._reserved_trained = -1  # the latest epoch whose reserved chunk this worker trained
@@ -128,6 +128,7 @@ class SharedCounterSampler(Sampler[int]):
             return
         chunk = current.yielded[current.trained]
         current.trained += 1
+        self.trained_through = max(self.trained_through, current.spent + chunk + 1)
         if chunk < self.budget.world_size:  # numbers below the world size are the workers' reserved chunks
             self._reserved_trained = current.epoch
         _, last = self.budget.begin_epoch(current.epoch, self.chunks_per_epoch)
@@ -157,7 +158,6 @@ class SharedCounterSampler(Sampler[int]):
 
     def _yield(self, current: _Pass, chunk: int, order: list[int]) -> Iterator[int]:
         current.yielded.append(chunk)
-        self.claimed_through = max(self.claimed_through, current.spent + chunk + 1)
         start = (chunk % self.num_chunks) * self.chunk_size  # wraps only when the data has < 1 batch per worker
         yield from order[start : start + self.chunk_size]
 

@@ -229,10 +229,14 @@ class DynamicWork:
             self.sampler.batch_trained()
 
     def progress(self) -> float:
-        """The run's progress in average-worker optimizer steps, as of this worker's latest claim."""
+        """The run's progress in average-worker optimizer steps, as of the batch this worker trained last.
+
+        Chunks are numbered in the order the run hands them out, so the chunk a worker trains tells how far the
+        whole run has come (not counting batches other workers have claimed and still train).
+        """
         if self.sampler is None:
             return 0.0
-        return self.sampler.claimed_through / (self.world_size * self._accumulate)
+        return self.sampler.trained_through / (self.world_size * self._accumulate)
 
 
 def refuse_several_loaders(trainer: pl.Trainer) -> None:

@@ -16,6 +16,7 @@ import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies.ddp import DDPStrategy
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
@@ -143,3 +144,17 @@ def test_estimated_stepping_batches_can_be_overridden_per_trainer_and_given_back
     assert other.estimated_stepping_batches == 7, "other trainers are untouched"
     internals.restore_trainer_class(trainer)
     assert type(trainer) is L.Trainer
+
+
+def test_training_loop_internals_for_dynamic_work_sharing(trainer: L.Trainer) -> None:
+    _has(trainer.fit_loop, "_data_fetcher", internals.restart_training_iterator)
+    internals.restart_training_iterator(trainer)  # no iterator before `fit`: nothing to do
+    assert isinstance(type(trainer.fit_loop.epoch_loop).__dict__.get("done"), property), (
+        "the training epoch loop's `done` is no longer a property: update"
+        " lightning_fedhog.internals.epoch_ends_after_this_batch"
+    )
+    user_sampler = torch.utils.data.SubsetRandomSampler(range(4))
+    wrapped = DistributedSamplerWrapper(user_sampler, num_replicas=2, rank=0)
+    _has(wrapped.dataset, "_sampler", internals.sampler_inside_wrapper)
+    assert internals.sampler_inside_wrapper(wrapped) is user_sampler
+    assert internals.sampler_inside_wrapper(user_sampler) is None

@@ -12,6 +12,7 @@ import itertools
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import run_app, run_outcome
 
@@ -58,9 +59,29 @@ def test_prefetching_loaders_train_every_sample_exactly_once_per_epoch(
         assert len(seen) == per_epoch, f"epoch {epoch}: {len(seen)} samples trained, not {per_epoch}"
 
 
+def _reference_lrs(schedule: str, total: int) -> list[float]:
+    """The LR the user's schedule gives after 0, 1, ..., ``total`` steps (as the app configures it; Lightning steps
+    it after the last step too, which leaves it at ``total``)."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.125)
+    if schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    else:
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.125, total_steps=total)
+    lrs = [optimizer.param_groups[0]["lr"]]
+    for _ in range(total):
+        scheduler.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    return lrs
+
+
 @pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
 def test_schedules_sized_by_estimated_stepping_batches_span_the_run(tmp_path: Path, schedule: str) -> None:
-    """A 2x slower worker does fewer steps, a fast one more; both schedules run their whole course, never past it."""
+    """A 2x slower worker does fewer steps, a fast one more; each worker's schedule follows the run's progress.
+
+    Which steps a worker takes depends on timing, so nothing here looks at a particular step: at every step the LR
+    is the user's schedule at the run's progress, the progress never goes back or past the end, and the workers
+    together walk the whole schedule (the peak included) to its end.
+    """
     reports = run_app(
         tmp_path, "--devices", "2", *DYNAMIC, "--samples", "320", "--epochs", "3", *SLOW_RANK_1,
         "--schedule", schedule,
@@ -68,13 +89,18 @@ def test_schedules_sized_by_estimated_stepping_batches_span_the_run(tmp_path: Pa
     assert [r["estimated"] for r in reports] == [30.0, 30.0], "20 batches an epoch / 2 workers x 3 epochs"
     fast, slow = reports
     assert len(fast["lr_trace"]) > len(slow["lr_trace"]), "the fast worker took more batches"
+    reference = _reference_lrs(schedule, 30)
     for report in reports:
-        trace = report["lr_trace"]
-        assert max(trace) > 0.9 * 0.125, f"rank {report['rank']}: never near the peak LR: {trace}"
-        if schedule == "cosine":
-            assert min(trace[: len(trace) // 2]) > 0.05, f"rank {report['rank']}: LR low halfway through: {trace}"
-            assert all(b <= a for a, b in itertools.pairwise(trace)), f"rank {report['rank']}: LR went up: {trace}"
-        assert trace[-1] < 0.25 * max(trace), f"rank {report['rank']}: the schedule did not reach its end: {trace}"
+        positions, trace = report["sched_steps"], report["lr_trace"]
+        assert all(b >= a for a, b in itertools.pairwise(positions)), f"rank {report['rank']}: went back {positions}"
+        assert positions[-1] <= 30, f"rank {report['rank']}: the schedule ran past its end: {positions}"
+        for position, lr in zip(positions, trace, strict=True):
+            assert lr == pytest.approx(reference[position]), f"rank {report['rank']}: step {position}: LR {lr}"
+    walked = sorted({position for report in reports for position in report["sched_steps"]})
+    assert walked[0] == 0 and walked[-1] >= 28, f"the run did not walk the schedule to its end: {walked}"
+    gaps = [b - a for a, b in itertools.pairwise(walked)]
+    assert max(gaps) <= 2, f"the run skipped part of the schedule: {walked}"
+    assert max(lr for report in reports for lr in report["lr_trace"]) > 0.9 * 0.125, "never near the peak"
 
 
 def test_max_steps_alone_ends_the_run(tmp_path: Path) -> None:

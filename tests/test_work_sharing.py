@@ -137,14 +137,17 @@ def test_the_short_last_chunk_is_the_last_batch_of_the_pass_that_claims_it() -> 
     assert sorted(i for worker in batches for batch in worker for i in batch) == list(range(42))
 
 
-def test_progress_counts_the_previous_epoch_from_the_first_claim_of_the_next() -> None:
-    """A per-step schedule follows `claimed_through`: it must not fall back at an epoch start, then jump."""
+def test_progress_counts_the_previous_epoch_from_the_first_batch_of_the_next() -> None:
+    """A per-step schedule follows `trained_through`: it must not stall at an epoch start, then jump."""
     _store, (sampler,) = _samplers(1, num_samples=40, chunk_size=4)
     _train(sampler, _batches(sampler))
-    assert sampler.claimed_through == 10
+    assert sampler.trained_through == 10
     sampler.set_epoch(1)
-    next(_batches(sampler))
-    assert sampler.claimed_through == 11
+    batches = _batches(sampler)
+    next(batches), next(batches)  # claimed ahead (a prefetching loader): progress moves only as batches train
+    assert sampler.trained_through == 10
+    sampler.batch_trained()
+    assert sampler.trained_through == 11
 
 
 def test_a_pass_begun_for_another_epoch_or_budget_is_stale() -> None:
