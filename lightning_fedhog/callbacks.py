@@ -45,30 +45,26 @@ class ConsensusFirst(L.Callback):
 
     Args:
         consensus: the consensus point.
-        epoch_starts, epoch_ends: the epoch-end meeting is ahead; this worker's epoch ends (meet once per epoch).
+        epoch_ends: this worker's epoch ends: ``epoch_ends(epoch, skipped)`` meets the others (once per epoch);
+            ``skipped``: the epoch ended because ``on_train_batch_start`` returned -1.
     """
 
-    def __init__(
-        self, consensus: Callable[[], None], epoch_starts: Callable[[], None], epoch_ends: Callable[[], None]
-    ) -> None:
+    def __init__(self, consensus: Callable[[], None], epoch_ends: Callable[[int, bool], None]) -> None:
         self._consensus = consensus
-        self._epoch_starts = epoch_starts
         self._epoch_ends = epoch_ends
-
-    @override
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._epoch_starts()
 
     @override
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if internals.epoch_ends_after_this_batch(trainer):
-            self._epoch_ends()
+            self._epoch_ends(trainer.current_epoch, False)
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._epoch_ends()  # an epoch whose last batch was skipped (`on_train_batch_start` returned -1)
+        # no batch end said so: the epoch's last batch was skipped (`on_train_batch_start` returned -1), or a stop
+        # was set after the last batch end
+        self._epoch_ends(trainer.current_epoch, internals.skipped_rest_of_epoch(trainer))
 
     @override
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

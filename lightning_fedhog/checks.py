@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch.nn import Module
 
 from lightning_fedhog.config import FedHogConfig
@@ -36,7 +37,13 @@ def check_before_launch(trainer: pl.Trainer, config: FedHogConfig) -> None:
             for callback in trainer.checkpoint_callbacks
             if isinstance(callback, ModelCheckpoint) and (trigger := step_or_time_trigger(callback))
         ]
-        check_dynamic_compatible(trainer.val_check_interval, step_based, max_time=has_timer(trainer))
+        takes_iterator = module is not None and is_param_in_hook_signature(
+            module.training_step, "dataloader_iter", explicit=True
+        )
+        check_dynamic_compatible(
+            trainer.val_check_interval, step_based, max_time=has_timer(trainer), min_steps=trainer.min_steps,
+            dataloader_iter=takes_iterator,
+        )
     for message in lockstep_hazards(trainer):
         rank_zero_warn(message)
 

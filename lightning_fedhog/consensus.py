@@ -25,10 +25,13 @@ from lightning_fedhog.faults import FaultWatch
 
 
 class Collectives(Protocol):
-    """The two collectives over all workers that consensus points use."""
+    """The collectives over all workers that consensus points and the epoch-end meeting use."""
 
     def agree(self, flag: bool) -> bool:
         """True on every rank when any rank passed True (a sum all-reduce of one number)."""
+
+    def count(self, flags: tuple[bool, ...]) -> tuple[int, ...]:
+        """How many ranks passed True, per flag (a sum all-reduce of a few numbers)."""
 
     def barrier(self, name: str) -> None: ...
 
@@ -37,9 +40,12 @@ class AllWorkers:
     """:class:`Collectives` over the default process group (gloo, CPU tensors), which every worker belongs to."""
 
     def agree(self, flag: bool) -> bool:
-        total = torch.tensor([float(flag)])
-        dist.all_reduce(total)
-        return bool(total.item() > 0)
+        return self.count((flag,))[0] > 0
+
+    def count(self, flags: tuple[bool, ...]) -> tuple[int, ...]:
+        totals = torch.tensor([float(flag) for flag in flags])
+        dist.all_reduce(totals)
+        return tuple(int(total) for total in totals.tolist())
 
     def barrier(self, name: str) -> None:
         dist.barrier()
@@ -129,17 +135,32 @@ class ConsensusPoints:
         self.at_consensus = False
         return False
 
-    def agree_on_stop(self) -> bool:
-        """Whether any worker asked to stop: one number over every worker, without parking or averaging.
+    def meet(self, skipped: bool = False) -> bool:
+        """Whether any worker asked to stop: a few numbers over every worker, without parking or averaging.
 
         A collective that every worker runs once per epoch after its last batch (and at a batch start when it knows
         of a stop), so a stop is agreed before any epoch-end collective, whatever a worker's place in its epoch.
+
+        Args:
+            skipped: this worker's epoch ended because ``on_train_batch_start`` returned -1. Lightning then skips the
+                epoch's validation on that rank only, so unless every rank skipped, the ranks' collectives would part
+                ways right after this meeting: every rank fails here instead, with the reason.
         """
         began = self._clock()
         self._arrive()
-        stop = self._agree("meet the other workers at the end of the epoch")
+        stops, skips, ranks = self._counted(
+            "meet the other workers at the end of the epoch", (self._faults.stop_requested, skipped, True)
+        )
         self.parked_seconds += self._clock() - began
-        return stop
+        if not stops and 0 < skips < ranks:
+            raise RuntimeError(
+                f"fedhog: `on_train_batch_start` returned -1 (skip the rest of the epoch) on {skips} of the {ranks}"
+                f" workers in this epoch but not on the others; Lightning then skips validation on those workers only,"
+                f" and the workers would wait for each other in different collectives. HINT: return -1 on every worker"
+                f" in the same epoch (a condition on the epoch or on a value synced over workers, not on `batch_idx`,"
+                f" which differs between workers), or end training with `trainer.should_stop = True`."
+            )
+        return stops > 0
 
     def reset(self) -> None:
         """A new ``fit``: no consensus point met yet."""
@@ -152,6 +173,13 @@ class ConsensusPoints:
     def _agree(self, what: str) -> bool:
         stop = self._faults.stop_requested
         return self._collective(what, lambda: self._collectives.agree(stop))
+
+    def _counted(self, what: str, flags: tuple[bool, ...]) -> tuple[int, ...]:
+        began = self._clock()
+        try:
+            return self._collectives.count(flags)
+        except RuntimeError as error:
+            raise self._faults.collective_failed(what, error, elapsed=self._clock() - began) from error
 
     def _collective(self, what: str, call: Callable[[], bool | None]) -> bool:
         began = self._clock()

@@ -88,7 +88,7 @@ class Coordination:
         self._engine = engine
         self._publish = publish
         self._device = device
-        self._met_this_epoch = False
+        self._met_epoch: int | None = None  # the latest epoch whose epoch-end meeting this worker held
 
     def training_starts(self) -> None:
         """The figures start (at ``on_train_start``, before anything there waits for the other ranks)."""
@@ -119,24 +119,26 @@ class Coordination:
         if engine is not None:
             self.faults.run_engine_command(engine.raise_if_failed, "average with the other devices")
 
-    def epoch_starts(self) -> None:
-        """A new epoch: its epoch-end meeting is still ahead."""
-        self._met_this_epoch = False
+    def epoch_ends(self, epoch: int, skipped: bool = False) -> None:
+        """This worker trained its last batch of ``epoch``: the epoch-end meeting (once per epoch).
 
-    def epoch_ends(self) -> None:
-        """This worker trained its last batch of the epoch: the epoch-end meeting (once per epoch)."""
-        if self._met_this_epoch:
+        Args:
+            skipped: the epoch ended because ``on_train_batch_start`` returned -1 (checked at the meeting).
+        """
+        if self._met_epoch == epoch:
             return
-        self._met_this_epoch = True
+        self._met_epoch = epoch
         if self.stragglers is not None:
             self.stragglers.arrived()
-        self._meet_on_stop()
+        self._meet_on_stop(skipped)
 
-    def _meet_on_stop(self) -> None:
-        """One number over every worker: if anyone asked to stop, every rank goes on to a consensus point and stops
-        there (its checkpoint saved); otherwise nothing more happens."""
-        if self.points.agree_on_stop():
+    def _meet_on_stop(self, skipped: bool = False) -> None:
+        """A few numbers over every worker: if anyone asked to stop, every rank goes on to a consensus point and
+        stops there (its checkpoint saved); otherwise nothing more happens."""
+        if self.points.meet(skipped):
             self.faults.request_stop()
+            if self.points.at_consensus:  # every rank is (points are collectives): stop here, all alike
+                self._stop()
             self.consensus()
 
     def consensus(self) -> None:

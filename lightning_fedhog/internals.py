@@ -28,8 +28,10 @@ The list (what, and why no public API does it):
 - ``trainer.fit_loop.epoch_progress`` and a checkpoint's ``loops`` entry: the epoch a training loader starts in
   (what Lightning passes to ``set_epoch``), needed before Lightning calls ``set_epoch``.
 - ``trainer.fit_loop._data_fetcher``: the training iterator, built again when the one Lightning built before a
-  checkpoint was restored began the wrong epoch; ``trainer.fit_loop.epoch_loop.done``: whether the training epoch
-  ends after the current batch (where every worker meets once per epoch).
+  checkpoint was restored began the wrong epoch; ``trainer.fit_loop.epoch_loop._is_training_done`` (and ``done``):
+  whether the training epoch ends after the current batch (where every worker meets once per epoch);
+  ``epoch_loop.batch_progress.current``: whether the epoch's last batch was skipped (``on_train_batch_start``
+  returned -1).
 - ``DistributedSamplerWrapper.dataset._sampler``: the user's own sampler inside the one Lightning puts around it,
   whose indices dynamic work sharing hands out.
 - ``LightningModule._trainer``: whether a module is attached, without the error ``module.trainer`` raises.
@@ -224,8 +226,19 @@ def restart_training_iterator(trainer: pl.Trainer) -> None:
 
 
 def epoch_ends_after_this_batch(trainer: pl.Trainer) -> bool:
-    """Whether the training epoch loop stops after the batch in progress (its end, ``max_steps``, a stop)."""
-    return bool(trainer.fit_loop.epoch_loop.done)
+    """Whether the training epoch loop stops after the batch in progress (its last batch, ``max_steps``, a stop).
+
+    ``done`` alone is False on the first batch after a restart while validation is still to run, though that batch
+    may be the epoch's last; ``_is_training_done`` says so without that condition.
+    """
+    epoch_loop = trainer.fit_loop.epoch_loop
+    return bool(epoch_loop._is_training_done or epoch_loop.done)
+
+
+def skipped_rest_of_epoch(trainer: pl.Trainer) -> bool:
+    """Whether the training epoch ended because ``on_train_batch_start`` returned -1 (its batch was never started)."""
+    current = trainer.fit_loop.epoch_loop.batch_progress.current
+    return current.started < current.ready
 
 
 def sampler_inside_wrapper(sampler: object) -> Any | None:

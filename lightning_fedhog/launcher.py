@@ -57,10 +57,14 @@ class FedHogLauncher(ScriptLauncher):
         # Lightning's launcher, with fedhog's observer of the workers instead of Lightning's (see `_Observer`)
         self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
         if not self.cluster_environment.creates_processes_externally:
-            if threading.current_thread() is threading.main_thread():  # the workers die with this thread
-                os.environ[LAUNCHER_PID] = str(os.getpid())  # the children's copy of the environment carries it
+            tie = threading.current_thread() is threading.main_thread()  # the workers die with this thread
+            if tie:  # only the children's copy of the environment carries it: later processes must not
+                os.environ[LAUNCHER_PID] = str(os.getpid())
                 atexit.register(self._wait_for_children)
-            self._call_children_scripts()
+            try:
+                self._call_children_scripts()
+            finally:
+                os.environ.pop(LAUNCHER_PID, None)
             _Observer(self.procs, self._config.timeout.total_seconds()).start()
         set_num_threads_if_needed(num_processes=self.num_processes)
         try:
@@ -101,14 +105,26 @@ def exit_with_launcher() -> None:
     parent dies (Linux ``PR_SET_PDEATHSIG``); a parent already gone when this runs ends the worker here. Nothing
     happens elsewhere: under torchrun and SLURM the agent or ``srun`` ends the workers of a failed run.
     """
-    launcher = os.environ.get(LAUNCHER_PID)
-    if launcher is None or int(launcher) == os.getpid() or not sys.platform.startswith("linux"):
+    launcher = os.environ.pop(LAUNCHER_PID, None)  # read once: processes this worker starts are not its workers
+    if launcher is None or not sys.platform.startswith("linux") or os.getppid() != int(launcher):
+        if launcher is not None and not _alive(int(launcher)):  # it died before this worker got here
+            os.kill(os.getpid(), signal.SIGKILL)
         return
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         return  # best effort: the liveness checks still find a dead launcher from the training loop
     if os.getppid() != int(launcher):  # it died before the request took effect
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class _Observer(threading.Thread):

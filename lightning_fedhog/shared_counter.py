@@ -168,8 +168,8 @@ class SharedCounterSampler(Sampler[int]):
             yield self.rank
         while True:
             chunk = self.budget.world_size + int(self.store.add(f"{prefix}/next", 1)) - 1
-            if chunk >= current.limit:
-                break
+            if chunk >= current.limit:  # spent past the end; fine since an epoch's limit never grows between passes
+                break  # (a restored checkpoint can only have spent more of the budget)
             yield chunk
         seen = 0
         while (returned := int(self.store.add(f"{prefix}/returned", 0))) > seen:

@@ -183,7 +183,7 @@ class FedHogStrategy(PerWorkerCheckpoints):
         if trainer.state.fn != TrainerFn.FITTING:
             return
         # before the user's `setup` hook, which may already read `trainer.estimated_stepping_batches`
-        self._consensus_first = ConsensusFirst(self.consensus, self._epoch_starts, self._epoch_ends)
+        self._consensus_first = ConsensusFirst(self.consensus, self._epoch_ends)
         trainer.callbacks.insert(0, self._consensus_first)
         if self.config.work_sharing == "dynamic":
             self.work = DynamicWork(self.world_size, self.global_rank, carried=self._carried_budget)
@@ -318,15 +318,11 @@ class FedHogStrategy(PerWorkerCheckpoints):
         if self.coordination is not None:
             self.coordination.consensus()
 
-    def _epoch_starts(self) -> None:
-        if self.coordination is not None:
-            self.coordination.epoch_starts()
-
-    def _epoch_ends(self) -> None:
+    def _epoch_ends(self, epoch: int, skipped: bool) -> None:
         """Every worker meets once per epoch after its last batch, before any epoch-end collective (the stop is
         agreed there, :class:`~lightning_fedhog.coordination.Coordination`)."""
         if self.coordination is not None:
-            self.coordination.epoch_ends()
+            self.coordination.epoch_ends(epoch, skipped)
 
     def _stop(self) -> NoReturn:
         """Every rank agreed to stop (SIGTERM): saves a resumable checkpoint of the consensus model and stops.

@@ -108,6 +108,12 @@ class DynamicWork:
                 " (not an `IterableDataset`, not a custom `batch_sampler`); this training loader keeps static shards."
             )
             return dataloader
+        if getattr(dataloader, "in_order", True) is False:
+            raise ValueError(
+                "fedhog: `work_sharing='dynamic'` counts the batches each worker trains in the order its sampler"
+                " claimed them, but the training loader has `in_order=False`. HINT: leave `in_order=True` (the"
+                " default), or use `work_sharing='static'`."
+            )
         indices = EpochIndices(dataloader.sampler, len(dataloader.dataset))  # type: ignore[arg-type]
         self.take_over(trainer)
 
@@ -252,15 +258,37 @@ def refuse_several_loaders(trainer: pl.Trainer) -> None:
         )
 
 
-def check_dynamic_compatible(val_check_interval: object, step_checkpoints: list[str], max_time: bool = False) -> None:
-    """Refuses Trainer settings that need every worker to reach the same step (dynamic sharing breaks that).
+def check_dynamic_compatible(
+    val_check_interval: object,
+    step_checkpoints: list[str],
+    max_time: bool = False,
+    min_steps: int | None = None,
+    dataloader_iter: bool = False,
+) -> None:
+    """Refuses settings that need every worker to reach the same step, or batches in claim order.
 
     Args:
         val_check_interval: the Trainer's ``val_check_interval``.
         step_checkpoints: descriptions of callbacks that act every N steps or every T seconds.
         max_time: the Trainer has a ``Timer`` (``max_time=...``), which broadcasts after every step.
+        min_steps: the Trainer's ``min_steps``: compared with each worker's own step count, so workers would
+            disagree on whether an early stop may end the run.
+        dataloader_iter: ``training_step`` takes the loader's iterator (it fetches batches itself, so fedhog
+            cannot tell which batch a step trains).
     """
     hint = "HINT: keep validation and checkpoints at epoch ends, or use `work_sharing='static'`."
+    if min_steps:
+        raise ValueError(
+            f"`work_sharing='dynamic'` gives workers different step counts, so `Trainer(min_steps={min_steps})` would"
+            f" let an early stop end `fit` on some workers and not on others. HINT: use `min_epochs`, or"
+            f" `work_sharing='static'`."
+        )
+    if dataloader_iter:
+        raise ValueError(
+            "`work_sharing='dynamic'` counts which of its claimed batches each worker trains, but this"
+            " `training_step` takes `dataloader_iter` and fetches batches itself. HINT: take `batch` in"
+            " `training_step`, or use `work_sharing='static'`."
+        )
     if max_time:
         raise ValueError(
             "`work_sharing='dynamic'` gives workers different step counts, but `Trainer(max_time=...)` (the `Timer`"

@@ -17,14 +17,25 @@ class Calls(list):
 
 
 class FakeCollectives:
-    def __init__(self, calls: Calls, anyone_stops: bool = False, fail_at: str | None = None) -> None:
-        self.calls, self.anyone_stops, self.fail_at = calls, anyone_stops, fail_at
+    def __init__(
+        self, calls: Calls, anyone_stops: bool = False, fail_at: str | None = None, peer_skips: bool = False
+    ) -> None:
+        self.calls, self.anyone_stops, self.fail_at, self.peer_skips = calls, anyone_stops, fail_at, peer_skips
 
     def agree(self, flag: bool) -> bool:
         self.calls.append("agree")
         if self.fail_at == "agree":
             raise RuntimeError("Connection closed by peer")
         return flag or self.anyone_stops
+
+    def count(self, flags: tuple[bool, ...]) -> tuple[int, ...]:
+        """The epoch-end meeting's flags (stop, skipped, present) summed with one peer's: it stops if any stops,
+        skips if ``peer_skips``."""
+        self.calls.append("meet")
+        if self.fail_at == "meet":
+            raise RuntimeError("Connection closed by peer")
+        peer = (self.anyone_stops, self.peer_skips, True)
+        return tuple(int(mine) + int(theirs) for mine, theirs in zip(flags, peer, strict=True))
 
     def barrier(self, name: str) -> None:
         self.calls.append("barrier")

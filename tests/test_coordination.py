@@ -145,18 +145,17 @@ def test_a_signal_between_points_meets_the_others_at_the_next_batch_then_stops_a
     coordination.faults.request_stop()
     with pytest.raises(StoppedError):
         coordination.before_batch(batch=[1])
-    assert calls[:4] == ["agree", "settle", "agree", "barrier"] and calls[-1] == "stop"
+    assert calls[:4] == ["meet", "settle", "agree", "barrier"] and calls[-1] == "stop"
 
 
 def test_every_epoch_ends_with_one_meeting_before_anything_else() -> None:
     calls = Calls()
     coordination = _coordination(calls, training=True)
-    coordination.epoch_ends()  # after the last batch
-    coordination.epoch_ends()  # `on_train_epoch_end`: already met
-    assert calls == ["agree"]
-    coordination.epoch_starts()
-    coordination.epoch_ends()
-    assert calls == ["agree", "agree"]
+    coordination.epoch_ends(0)  # after the last batch
+    coordination.epoch_ends(0)  # `on_train_epoch_end`: already met
+    assert calls == ["meet"]
+    coordination.epoch_ends(1)
+    assert calls == ["meet", "meet"]
 
 
 def test_a_stop_learnt_at_the_epoch_end_meeting_takes_every_rank_to_one_consensus_point_and_stop() -> None:
@@ -164,9 +163,34 @@ def test_a_stop_learnt_at_the_epoch_end_meeting_takes_every_rank_to_one_consensu
     calls = Calls()
     coordination = _coordination(calls, anyone_stops=True, training=True)
     with pytest.raises(StoppedError):
-        coordination.epoch_ends()
-    assert calls[:4] == ["agree", "settle", "agree", "barrier"] and calls[-1] == "stop"
+        coordination.epoch_ends(0)
+    assert calls[:4] == ["meet", "settle", "agree", "barrier"] and calls[-1] == "stop"
     assert coordination.faults.stop_requested
+
+
+def test_a_stop_agreed_while_parked_stops_there_on_every_rank() -> None:
+    calls = Calls()
+    coordination = _coordination(calls, training=True)
+    coordination.consensus()
+    coordination.points._collectives.anyone_stops = True
+    calls.clear()
+    with pytest.raises(StoppedError):
+        coordination.epoch_ends(0)
+    assert calls == ["meet", "stop"]
+
+
+@pytest.mark.parametrize(("mine", "peer", "fails"), [(True, False, True), (False, True, True), (True, True, False)])
+def test_an_epoch_skipped_on_some_workers_only_fails_on_every_worker(mine: bool, peer: bool, fails: bool) -> None:
+    """`on_train_batch_start` returning -1 on some workers: they would skip validation, the others not."""
+    calls = Calls()
+    coordination = _coordination(calls, training=True)
+    coordination.points._collectives.peer_skips = peer
+    if fails:
+        with pytest.raises(RuntimeError, match=r"returned -1 .* on 1 of the 2 workers.*HINT"):
+            coordination.epoch_ends(0, skipped=mine)
+    else:
+        coordination.epoch_ends(0, skipped=mine)
+    assert calls == ["meet"]
 
 
 def test_waiting_at_the_epoch_end_meeting_is_not_counted_as_training() -> None:

@@ -149,10 +149,15 @@ def test_estimated_stepping_batches_can_be_overridden_per_trainer_and_given_back
 def test_training_loop_internals_for_dynamic_work_sharing(trainer: L.Trainer) -> None:
     _has(trainer.fit_loop, "_data_fetcher", internals.restart_training_iterator)
     internals.restart_training_iterator(trainer)  # no iterator before `fit`: nothing to do
-    assert isinstance(type(trainer.fit_loop.epoch_loop).__dict__.get("done"), property), (
-        "the training epoch loop's `done` is no longer a property: update"
-        " lightning_fedhog.internals.epoch_ends_after_this_batch"
-    )
+    for name in ("done", "_is_training_done"):
+        assert isinstance(type(trainer.fit_loop.epoch_loop).__dict__.get(name), property), (
+            f"the training epoch loop's `{name}` is no longer a property: update"
+            " lightning_fedhog.internals.epoch_ends_after_this_batch"
+        )
+    current = trainer.fit_loop.epoch_loop.batch_progress.current
+    for name in ("ready", "started"):
+        _has(current, name, internals.skipped_rest_of_epoch)
+    assert internals.skipped_rest_of_epoch(trainer) is False
     user_sampler = torch.utils.data.SubsetRandomSampler(range(4))
     wrapped = DistributedSamplerWrapper(user_sampler, num_replicas=2, rank=0)
     _has(wrapped.dataset, "_sampler", internals.sampler_inside_wrapper)

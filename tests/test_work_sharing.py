@@ -219,6 +219,10 @@ def test_settings_that_need_equal_step_counts_are_refused() -> None:
         check_dynamic_compatible(0.5, [])
     with pytest.raises(ValueError, match=r"every N steps .*ModelCheckpoint\(every_n_train_steps=5\)"):
         check_dynamic_compatible(1.0, ["ModelCheckpoint(every_n_train_steps=5)"])
+    with pytest.raises(ValueError, match=r"`Trainer\(min_steps=100\)`.*HINT: use `min_epochs`"):
+        check_dynamic_compatible(1.0, [], min_steps=100)
+    with pytest.raises(ValueError, match=r"`dataloader_iter`.*HINT"):
+        check_dynamic_compatible(1.0, [], dataloader_iter=True)
 
 
 def test_a_2x_slower_device_does_less_and_nobody_waits_at_the_epoch_end(tmp_path: Path) -> None:
