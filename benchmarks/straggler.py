@@ -21,17 +21,19 @@ from typing_extensions import override
 
 
 class Straggler(L.Callback):
-    """Sleeps ``seconds`` before each training batch on the ranks in ``slow_ranks``."""
+    """Sleeps ``seconds`` before each training batch on the ranks in ``slow_ranks``, from epoch ``from_epoch`` on."""
 
-    def __init__(self, slow_ranks: list[int] | None = None, seconds: float = 0.0) -> None:
+    def __init__(self, slow_ranks: list[int] | None = None, seconds: float = 0.0, from_epoch: int = 0) -> None:
         self.slow_ranks = set(slow_ranks or [])
         self.seconds = seconds
+        self.from_epoch = from_epoch
 
     @override
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if trainer.global_rank in self.slow_ranks and self.seconds > 0:
+        slow = trainer.global_rank in self.slow_ranks and trainer.current_epoch >= self.from_epoch
+        if slow and self.seconds > 0:
             time.sleep(self.seconds)
 
 

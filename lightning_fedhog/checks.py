@@ -19,7 +19,7 @@ from torch.nn import Module
 from lightning_fedhog.config import FedHogConfig
 from lightning_fedhog.internals import saves_by_time, step_or_time_trigger, time_based_val_check
 from lightning_fedhog.shared_buffer import FlatLayout, flat_layout
-from lightning_fedhog.work_sharing import check_dynamic_compatible
+from lightning_fedhog.work_sharing import dynamic_blocker
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -31,21 +31,27 @@ def check_before_launch(trainer: pl.Trainer, config: FedHogConfig) -> None:
     if module is not None and trainer.state.fn == TrainerFn.FITTING:
         checked_layout(config, module, built=not is_overridden("configure_model", module))
     check_no_time_based_validation(trainer)
-    if config.work_sharing == "dynamic":
-        step_based = [
-            f"{type(callback).__name__}({trigger})"
-            for callback in trainer.checkpoint_callbacks
-            if isinstance(callback, ModelCheckpoint) and (trigger := step_or_time_trigger(callback))
-        ]
-        takes_iterator = module is not None and is_param_in_hook_signature(
-            module.training_step, "dataloader_iter", explicit=True
-        )
-        check_dynamic_compatible(
-            trainer.val_check_interval, step_based, max_time=has_timer(trainer), min_steps=trainer.min_steps,
-            dataloader_iter=takes_iterator,
-        )
+    if config.work_sharing == "dynamic" and (blocker := settings_blocking_dynamic_sharing(trainer)) is not None:
+        raise ValueError(f"`work_sharing='dynamic'`: {blocker}")
     for message in lockstep_hazards(trainer):
         rank_zero_warn(message)
+
+
+def settings_blocking_dynamic_sharing(trainer: pl.Trainer) -> str | None:
+    """Why the Trainer's settings (and the module's ``training_step``) rule dynamic sharing out, or None."""
+    module = trainer.lightning_module
+    step_based = [
+        f"{type(callback).__name__}({trigger})"
+        for callback in trainer.checkpoint_callbacks
+        if isinstance(callback, ModelCheckpoint) and (trigger := step_or_time_trigger(callback))
+    ]
+    takes_iterator = module is not None and is_param_in_hook_signature(
+        module.training_step, "dataloader_iter", explicit=True
+    )
+    return dynamic_blocker(
+        trainer.val_check_interval, step_based, max_time=has_timer(trainer), min_steps=trainer.min_steps,
+        dataloader_iter=takes_iterator,
+    )
 
 
 def checked_layout(config: FedHogConfig, module: Module, *, built: bool = True) -> FlatLayout:

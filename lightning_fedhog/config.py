@@ -84,7 +84,10 @@ class FedHogConfig:
         work_sharing: ``"static"``: Lightning's equal shards (reproducible; every worker takes the same number
             of steps). ``"dynamic"``: every worker claims the epoch's batches one at a time from a counter shared
             by the run, so faster workers take more batches and nobody idles at the epoch end behind a straggler;
-            validation and checkpoints must then happen at epoch ends.
+            validation and checkpoints must then happen at epoch ends. ``"auto"`` (the default): static until an
+            epoch end measures the fastest device idling 20% or more of the slowest one's training time, then
+            dynamic from the next epoch on, on every worker at once (where the run's settings allow it; otherwise
+            static, with one message that says why). Checkpoints record the switch and a resumed run keeps it.
         nonfinite: an averaging round in which a device's block holds NaN/Inf is never applied, so the values
             do not spread to healthy devices. ``"stop"`` then ends the run with an error naming the device;
             ``"skip"`` carries on (the next consensus point still stops: a consensus of non-finite copies
@@ -136,7 +139,7 @@ class FedHogConfig:
     partial_backprop: int | None = None
     partition: Partition = "numel"
     rotate_ownership: bool = False
-    work_sharing: WorkSharing = "static"
+    work_sharing: WorkSharing = "auto"
     nonfinite: Literal["stop", "skip"] = "stop"
     averaging_backend: AveragingBackend = "auto"
     compression: Compression = "none"
@@ -154,7 +157,7 @@ class FedHogConfig:
         _require_choice("topology", self.topology, TOPOLOGIES)
         _require_choice("block_rule", self.block_rule, BLOCK_RULES)
         _require_choice("partition", self.partition, PARTITIONS)
-        _require_choice("work_sharing", self.work_sharing, ("static", "dynamic"))
+        _require_choice("work_sharing", self.work_sharing, ("static", "dynamic", "auto"))
         _require_choice("nonfinite", self.nonfinite, ("stop", "skip"))
         _require_choice("averaging_backend", self.averaging_backend, AVERAGING_BACKENDS)
         _require_choice("compression", self.compression, COMPRESSIONS)

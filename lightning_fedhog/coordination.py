@@ -5,13 +5,13 @@ that follows a consensus point (leave it together, or stop together), and at the
 (validation start, checkpoint save, end of ``fit``). :class:`Coordination` runs those meetings in one fixed order,
 the same on every rank whatever its data, speed or timing:
 
-1. at a consensus point: ``ConsensusPoints.enter`` (agree on a stop, average exactly), then, only if this worker
-   trained since the last point, the stragglers' gather (every rank trained or none did), then the telemetry
-   gather (every rank has telemetry once training started);
+1. at a consensus point: ``ConsensusPoints.enter`` (agree on a stop, average exactly), then the telemetry gather
+   (every rank has telemetry once training started);
 2. before a batch after a consensus point: ``ConsensusPoints.leave`` (agree again on a stop);
 3. once per epoch, after the worker's last batch and before any epoch-end collective of Lightning's or the user's
-   (metric syncs, checkpoint decisions, a reloaded validation loader): the epoch-end meeting, one number that says
-   whether anyone asked to stop. A worker that learns of a stop at a batch start holds the same meeting there.
+   (metric syncs, checkpoint decisions, a reloaded validation loader): the epoch-end meeting, a few numbers that
+   say whether anyone asked to stop, then (static shards, until acted on) the stragglers' gather of every worker's
+   training time. A worker that learns of a stop at a batch start holds the same meeting there.
 
 A stop (SIGTERM on any rank) is agreed inside those collectives, so every rank saves the same checkpoint at the
 same point and ends the same way. The epoch-end meeting is what makes that hold when workers are at different
@@ -62,7 +62,7 @@ class Coordination:
         stop: saves the stop checkpoint and ends ``fit``; called on every rank when the ranks agreed to stop.
         engine: returns this worker's averaging engine (device leaders with peers), else None.
         publish: rank 0 logs the gathered telemetry through the Trainer's loggers; None on other ranks.
-        stragglers: with static shards, measures idle devices between consensus points; None otherwise.
+        stragglers: with static shards, measures idle devices at each epoch-end meeting; None otherwise.
         device: this worker's device index among the run's devices (telemetry groups by it).
     """
 
@@ -97,7 +97,7 @@ class Coordination:
     def first_span_starts(self) -> None:
         """The straggler clock starts, once set-up is done (without a sanity check, the first span starts here)."""
         if self.stragglers is not None:
-            self.stragglers.left_consensus()
+            self.stragglers.span_starts()
 
     def before_batch(self, batch: Any) -> None:
         """Looks at the peers; after a consensus point, resumes training with every worker, or stops with them.
@@ -111,7 +111,7 @@ class Coordination:
             if self.points.leave():
                 self._stop()
             if self.stragglers is not None:
-                self.stragglers.left_consensus()
+                self.stragglers.span_starts()
         elif self.faults.stop_requested:
             self._meet_on_stop()  # pairs with the others' meetings, then a consensus point that ends `fit`
         self.telemetry.count(batch)
@@ -128,9 +128,11 @@ class Coordination:
         if self._met_epoch == epoch:
             return
         self._met_epoch = epoch
-        if self.stragglers is not None:
-            self.stragglers.arrived()
+        trained = self.stragglers.trained() if self.stragglers is not None else None  # before waiting for anyone
         self._meet_on_stop(skipped)
+        if self.stragglers is not None:
+            self.stragglers.at_meeting(trained)  # every rank trained since the span started or none did
+            self.stragglers.span_starts()  # all leave the meeting together
 
     def _meet_on_stop(self, skipped: bool = False) -> None:
         """A few numbers over every worker: if anyone asked to stop, every rank goes on to a consensus point and
@@ -146,20 +148,20 @@ class Coordination:
 
         Nothing happens when the workers are still parked at the previous point (validation, then a checkpoint).
         """
-        trained = self.stragglers.trained() if self.stragglers is not None else None
         stop = self.points.enter()
         if stop is None:
             return
         if stop:
             self._stop()
         if self.stragglers is not None:
-            self.stragglers.at_consensus(trained)
+            self.stragglers.pause()  # validation and checkpoints are not training
         if self.telemetry.enabled:
             engine = self._engine()
             mine = self.telemetry.take(
                 self._device, self.points.parked_seconds, engine.take_stats() if engine is not None else None
             )
             self.points.parked_seconds = 0.0
+            mine["idle_share"] = self.stragglers.take_measured() if self.stragglers is not None else None
             gathered = self._gather(mine)  # a collective at a consensus point: every rank is here
             if self._publish is not None:
                 self._publish(gathered)

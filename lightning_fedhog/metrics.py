@@ -16,8 +16,9 @@ def fedhog_metrics(workers: list[dict[str, Any]], wall_time: float) -> dict[str,
     """Turns the per-worker figures of one consensus interval into logger metrics.
 
     Args:
-        workers: one dict per global rank: ``device``, ``samples_per_s``, ``parked_s`` and, for device leaders,
-            ``engine`` (the averaging engine's :meth:`take_stats`, or None without peers).
+        workers: one dict per global rank: ``device``, ``samples_per_s``, ``parked_s``, ``idle_share`` (the share
+            of the slowest worker's training time the fastest waited, with static shards; None when not measured)
+            and, for device leaders, ``engine`` (the averaging engine's :meth:`take_stats`, or None without peers).
         wall_time: seconds since training started, to plot anything against wall-clock.
 
     Returns:
@@ -29,6 +30,8 @@ def fedhog_metrics(workers: list[dict[str, Any]], wall_time: float) -> dict[str,
         f"{PREFIX}samples_per_s": sum(w["samples_per_s"] for w in workers),
         f"{PREFIX}parked_s": max(w["parked_s"] for w in workers),
     }
+    if workers[0].get("idle_share") is not None:  # the same figure on every rank (static shards, while measured)
+        metrics[f"{PREFIX}idle_share"] = workers[0]["idle_share"]
     devices: dict[int, float] = {}
     for rank, worker in enumerate(workers):
         metrics[f"{PREFIX}worker{rank}/samples_per_s"] = worker["samples_per_s"]

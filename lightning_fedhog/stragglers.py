@@ -1,9 +1,11 @@
-"""Telling the user once when equal static shards leave devices idle behind a slow one.
+"""Idle devices behind a slow one under equal static shards: measured at epoch ends, then acted on once.
 
-With ``work_sharing="static"`` every worker trains the same number of batches per epoch, so at each consensus
-point (validation, checkpoint, end of ``fit``) the faster workers wait for the slowest, as DDP's ranks do at every
-step. Every worker knows how long it trained since the last consensus point; gathered there, the spread says how
-much of the fast workers' time went to waiting, and :func:`idle_report` words it with the fix.
+With static shards every worker trains the same number of batches per epoch, so at each epoch end the faster
+workers wait for the slowest, as DDP's ranks do at every step. Every worker knows how long it trained in the epoch;
+gathered at the epoch-end meeting (:mod:`~lightning_fedhog.coordination`), the spread says how much of the fast
+workers' time went to waiting. With ``work_sharing="auto"`` a large enough share turns on dynamic sharing
+from the next epoch (:class:`StragglerWatch`); with ``"static"``, or where the run's settings rule dynamic sharing
+out, :func:`idle_report` words it once with the fix.
 """
 
 from __future__ import annotations
@@ -11,48 +13,85 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 IDLE_FRACTION = 0.2
-"""Report when the fastest worker idled at least this share of the slowest worker's training time."""
+"""Act when the fastest worker idled at least this share of the slowest worker's training time (switch to dynamic
+sharing under ``"auto"``, else report). Runs without a straggler measure far less (docs/configuration.md)."""
 
 MIN_SECONDS = 0.5
 """...and the slowest trained at least this long since the previous consensus point (shorter spans are noise)."""
 
 
-def idle_report(busy_seconds: list[float], devices: list[int]) -> str | None:
+def idle_report(busy_seconds: list[float], devices: list[int], blocker: str | None = None) -> str | None:
     """A warning when static shards made the fastest worker idle, else None.
 
     Args:
-        busy_seconds: each rank's training time since the previous consensus point (index = global rank).
+        busy_seconds: each rank's training time in the span just measured (index = global rank).
         devices: each rank's device index.
+        blocker: why the run cannot switch to dynamic sharing by itself (``work_sharing="auto"``), if it cannot.
     """
+    idle = idle_share(busy_seconds, devices)
+    if idle is None or idle.fraction < IDLE_FRACTION:
+        return None
+    fix = (
+        f"fedhog cannot switch to `work_sharing='dynamic'` by itself here: {blocker}"
+        if blocker is not None
+        else "HINT: `FedHogStrategy(work_sharing='dynamic')` lets faster devices take more batches so nobody waits"
+    )
+    return (
+        f"fedhog: with equal static shards the workers waited for the slowest at the end of the epoch: {idle}."
+        f" {fix} (see the straggler notes in docs/configuration.md)."
+    )
+
+
+@dataclass(frozen=True)
+class IdleShare:
+    """How long the fastest worker waited for the slowest in one span of training (static shards)."""
+
+    slowest: int
+    fastest: int
+    longest: float
+    shortest: float
+    devices: tuple[int, ...]
+
+    @property
+    def fraction(self) -> float:
+        """The share of the slowest worker's training time the fastest spent waiting."""
+        return (self.longest - self.shortest) / self.longest
+
+    def __str__(self) -> str:
+        return (
+            f"rank {self.slowest} (device {self.devices[self.slowest]}) trained {self.longest:.2f} s since the"
+            f" previous meeting, rank {self.fastest} (device {self.devices[self.fastest]}) {self.shortest:.2f} s and"
+            f" then idled {self.fraction:.0%} of that time"
+        )
+
+
+def idle_share(busy_seconds: list[float], devices: list[int]) -> IdleShare | None:
+    """The fastest worker's idle share, or None where it means nothing (one device, a span too short to judge)."""
     if len(busy_seconds) < 2 or len(set(devices)) < 2:
         return None
     slowest = max(range(len(busy_seconds)), key=busy_seconds.__getitem__)
     fastest = min(range(len(busy_seconds)), key=busy_seconds.__getitem__)
     longest, shortest = busy_seconds[slowest], busy_seconds[fastest]
-    if longest < MIN_SECONDS or longest <= 0:
+    if longest < MIN_SECONDS:
         return None
-    idle = (longest - shortest) / longest
-    if idle < IDLE_FRACTION:
-        return None
-    return (
-        f"fedhog: with equal static shards the workers waited for the slowest at the consensus point: rank"
-        f" {slowest} (device {devices[slowest]}) trained {longest:.2f} s since the previous one, rank {fastest}"
-        f" (device {devices[fastest]}) {shortest:.2f} s and then idled {idle:.0%} of that time. HINT:"
-        f" `FedHogStrategy(work_sharing='dynamic')` lets faster devices take more batches so nobody waits"
-        f" (see the straggler notes in docs/configuration.md)."
-    )
+    return IdleShare(slowest, fastest, longest, shortest, tuple(devices))
 
 
 class StragglerWatch:
-    """Measures one worker's training time between consensus points and reports idle devices once (static shards).
+    """Measures one worker's training time per span and acts once on idle devices (static shards).
 
-    Every rank trained since the last consensus point or none did (leaving one is a collective), so every rank
-    gathers at the next one or none does, and the same gathered figures make the same decision everywhere.
+    A span of training starts when the workers leave a consensus point or an epoch-end meeting (collectives, so on
+    every rank alike) and ends at the next epoch-end meeting, where every rank gathers or none does, and the same
+    gathered figures make the same decision everywhere: with
+    ``switch`` (``work_sharing="auto"``), turn on dynamic sharing from the next epoch; otherwise, or when the run's
+    settings rule dynamic sharing out, warn once with the measurement and the fix. Either way it then stops
+    measuring (one collective fewer per consensus point).
 
     Args:
         gather: an all-gather of one Python object over every worker (a collective).
@@ -60,6 +99,7 @@ class StragglerWatch:
         devices: devices in the run (nothing to compare with one).
         report: whether this worker writes the report (rank 0).
         clock: injected for tests.
+        switch: turns on dynamic sharing from the next epoch; returns None when it did, else why it cannot.
     """
 
     def __init__(
@@ -69,39 +109,56 @@ class StragglerWatch:
         devices: int,
         report: bool,
         clock: Callable[[], float] = time.monotonic,
+        switch: Callable[[], str | None] | None = None,
     ) -> None:
         self._gather = gather
         self._device = device
         self._devices = devices
         self._report = report
         self._clock = clock
+        self._switch = switch
         self._since: float | None = None
-        self._stopped: float | None = None  # the training time when this worker reached the epoch-end meeting
-        self.warned = False
+        self.done = False  # acted (warned or switched): no more measuring
+        self.last: IdleShare | None = None  # the latest measurement (logged as `fedhog/idle_share`)
 
-    def left_consensus(self) -> None:
-        """Training resumes: the clock of this span starts."""
-        self._since, self._stopped = self._clock(), None
+    def span_starts(self) -> None:
+        """Training resumes (leaving a consensus point or an epoch-end meeting): the clock of a span starts."""
+        self._since = self._clock()
 
-    def arrived(self) -> None:
-        """This worker trained its last batch of the epoch and waits for the others: its training time stops here."""
-        if self._since is not None and self._stopped is None:
-            self._stopped = self._clock() - self._since
+    def pause(self) -> None:
+        """A consensus point: validation and checkpoints are not training; the span ends."""
+        self._since = None
 
     def trained(self) -> float | None:
-        """Seconds trained since leaving the last consensus point (taken before waiting for the others)."""
-        if self._since is None:
-            return None
-        return self._stopped if self._stopped is not None else self._clock() - self._since
+        """Seconds trained since the span started (read before waiting for the others), None outside a span."""
+        return None if self._since is None else self._clock() - self._since
 
-    def at_consensus(self, trained: float | None) -> None:
-        """Gathers every worker's ``trained`` (a collective, only after a span of training) and reports once."""
-        self._since, self._stopped = None, None
-        if self.warned or trained is None or self._devices < 2:
+    def take_measured(self) -> float | None:
+        """The idle share measured since the last call (``fedhog/idle_share``), if any."""
+        measured, self.last = self.last, None
+        return measured.fraction if measured is not None else None
+
+    def at_meeting(self, trained: float | None) -> None:
+        """Gathers every worker's ``trained`` at the epoch-end meeting (a collective, only after a span of training,
+        until acted on) and acts once."""
+        self._since = None
+        if self.done or trained is None or self._devices < 2:
             return
         busy = self._gather((trained, self._device))
-        report = idle_report([seconds for seconds, _ in busy], [device for _, device in busy])
-        if report is not None:
-            self.warned = True
-            if self._report:  # through logging: advice that a `warnings` filter should not swallow
-                log.warning(report)
+        seconds, devices = [seconds for seconds, _ in busy], [device for _, device in busy]
+        self.last = idle_share(seconds, devices)
+        if self.last is not None:
+            log.debug("fedhog: idle share %.3f (%s)", self.last.fraction, self.last)
+        if self.last is None or self.last.fraction < IDLE_FRACTION:
+            return
+        self.done = True
+        blocker = self._switch() if self._switch is not None else None
+        if self._switch is not None and blocker is None:
+            if self._report:
+                log.info(
+                    "fedhog: with equal static shards the workers waited for the slowest: %s. Work is shared"
+                    " dynamically from the next epoch on (`work_sharing='auto'`).", self.last,
+                )
+            return
+        if self._report:  # through logging: advice that a `warnings` filter should not swallow
+            log.warning(idle_report(seconds, devices, blocker))

@@ -32,7 +32,13 @@ from lightning_fedhog import internals
 from lightning_fedhog.blocks import BlockRule, Partition
 from lightning_fedhog.callbacks import ConsensusFirst
 from lightning_fedhog.checkpoints import PerWorkerCheckpoints, save_stop_checkpoint
-from lightning_fedhog.checks import check_accelerator, check_equal_batches, checked_layout, refuse_sync_batchnorm
+from lightning_fedhog.checks import (
+    check_accelerator,
+    check_equal_batches,
+    checked_layout,
+    refuse_sync_batchnorm,
+    settings_blocking_dynamic_sharing,
+)
 from lightning_fedhog.compression import Compression
 from lightning_fedhog.config import PRESETS, AveragingMode, FedHogConfig
 from lightning_fedhog.coordination import Coordination, meet_peers
@@ -47,7 +53,7 @@ from lightning_fedhog.shared_buffer import SharedFlatBuffer, unbind_module
 from lightning_fedhog.stragglers import StragglerWatch
 from lightning_fedhog.telemetry import Telemetry
 from lightning_fedhog.topology import Topology
-from lightning_fedhog.work_sharing import DynamicWork, WorkSharing
+from lightning_fedhog.work_sharing import SHARING_KEY, DynamicWork, WorkSharing, loader_blocker
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -87,7 +93,7 @@ class FedHogStrategy(PerWorkerCheckpoints):
         partial_backprop: int | None = None,
         partition: Partition = "numel",
         rotate_ownership: bool = False,
-        work_sharing: WorkSharing = "static",
+        work_sharing: WorkSharing = "auto",
         nonfinite: Literal["stop", "skip"] = "stop",
         averaging_backend: AveragingBackend = "auto",
         compression: Compression = "none",
@@ -116,6 +122,7 @@ class FedHogStrategy(PerWorkerCheckpoints):
         self._consensus_first: ConsensusFirst | None = None
         self._stragglers: StragglerWatch | None = None  # with static shards, during fit
         self._carried_budget: dict[str, Any] | None = None  # dynamic sharing's budget as the last fit left it
+        self._reload_setting: int | None = None  # the user's reload_dataloaders_every_n_epochs while "auto" switches
         self._partial = (
             PartialSteps(partial_backprop, workers_per_device, partition, rotate_ownership)
             if partial_backprop is not None
@@ -185,13 +192,36 @@ class FedHogStrategy(PerWorkerCheckpoints):
         # before the user's `setup` hook, which may already read `trainer.estimated_stepping_batches`
         self._consensus_first = ConsensusFirst(self.consensus, self._epoch_ends)
         trainer.callbacks.insert(0, self._consensus_first)
-        if self.config.work_sharing == "dynamic":
-            self.work = DynamicWork(self.world_size, self.global_rank, carried=self._carried_budget)
-            self.work.attach(trainer)
+        mode = self.config.work_sharing
+        if mode == "dynamic" or (mode == "auto" and self._carried_budget is not None):  # auto: the last fit switched
+            self._share_dynamically(trainer)
         else:
             self._stragglers = StragglerWatch(  # `num_devices` counts every node's devices
-                self.gather_object, self.layout.device_index, self.layout.num_devices, report=self.is_global_zero
+                self.gather_object, self.layout.device_index, self.layout.num_devices, report=self.is_global_zero,
+                switch=self._switch_to_dynamic if mode == "auto" else None,
             )
+
+    def _share_dynamically(self, trainer: pl.Trainer, attach: bool = True) -> None:
+        self.work = DynamicWork(self.world_size, self.global_rank, carried=self._carried_budget)
+        if attach:
+            self.work.attach(trainer)
+        self._stragglers = None
+
+    def _switch_to_dynamic(self) -> str | None:
+        """``work_sharing="auto"`` measured idle devices: dynamic sharing from the next epoch on (the loader is set up
+        again then). Called at the same consensus point on every rank, which all decide alike from the same figures.
+
+        Returns:
+            None when it switched, else why the run's settings rule dynamic sharing out.
+        """
+        trainer = self._trainer()
+        blocker = settings_blocking_dynamic_sharing(trainer) or loader_blocker(trainer)
+        if blocker is not None:
+            return blocker
+        self._share_dynamically(trainer, attach=False)  # the estimate stays Lightning's until the new loader exists
+        self._reload_setting = trainer.reload_dataloaders_every_n_epochs  # given back once the loader is new
+        trainer.reload_dataloaders_every_n_epochs = 1
+        return None
 
     # ------------------------------------------------------------------------------------------------ set-up
     @override
@@ -254,12 +284,13 @@ class FedHogStrategy(PerWorkerCheckpoints):
             self.engine.start()
         if self.buffer is not None and self.coordination is not None:
             self.coordination.training_starts()
-            if self.config.work_sharing == "static":  # one collective, once per fit
+            if self.work is None:  # static shards: one collective, once per fit
                 check_equal_batches(self.gather_object(trainer.num_training_batches))
             install_stop_handler(self.coordination.faults, internals.user_sigterm_handler(trainer))
             self.coordination.first_span_starts()
         if self.work is not None:
             self.work.on_train_start(trainer)
+        self._log_work_sharing(trainer)
         if self._partial is not None:
             self._partial.start(self._module())
 
@@ -303,10 +334,23 @@ class FedHogStrategy(PerWorkerCheckpoints):
 
     @override
     def process_dataloader(self, dataloader: object) -> object:
-        """With ``work_sharing="dynamic"``, gives the training loader a sampler fed by the run's shared counter."""
-        if self.work is None or not self._trainer().training:
+        """Under dynamic sharing, gives the training loader a sampler fed by the run's shared counter."""
+        trainer = self._trainer()
+        if self.work is None or not trainer.training:
             return dataloader
-        return self.work.loader(dataloader, self._trainer(), internals.default_store(), self._key("work"))
+        loader = self.work.loader(dataloader, trainer, internals.default_store(), self._key("work"))
+        if self._reload_setting is not None:  # the first loader after `"auto"` switched
+            trainer.reload_dataloaders_every_n_epochs, self._reload_setting = self._reload_setting, None
+            self.work.attach(trainer)
+            self.work.pace(trainer, self.lr_scheduler_configs)
+            self._log_work_sharing(trainer)
+        return loader
+
+    def _log_work_sharing(self, trainer: pl.Trainer) -> None:
+        """``fedhog/work_sharing`` through the Trainer's loggers: 1 once batches are shared dynamically, else 0."""
+        if self.is_global_zero and self.config.work_sharing == "auto":
+            for logger in trainer.loggers:
+                logger.log_metrics({"fedhog/work_sharing": float(self.work is not None)}, step=trainer.global_step)
 
     # ------------------------------------------------------------------------------------------- consensus
     def consensus(self) -> None:
@@ -340,11 +384,16 @@ class FedHogStrategy(PerWorkerCheckpoints):
 
     @override
     def extra_checkpoint_state(self) -> dict[str, Any]:
-        """Under dynamic sharing, what the run's ``max_steps`` budget has spent (the same on every rank)."""
-        return self.work.checkpoint_state() if self.work is not None else {}
+        """How work is shared (``"auto"`` resumes into it) and, under dynamic sharing, what the run's ``max_steps``
+        budget has spent (the same on every rank)."""
+        if self.work is None:
+            return {SHARING_KEY: "static"}
+        return {SHARING_KEY: "dynamic", **self.work.checkpoint_state()}
 
     @override
     def load_extra_checkpoint_state(self, checkpoint: Mapping[str, Any]) -> None:
+        if self.config.work_sharing == "auto" and self.work is None and checkpoint.get(SHARING_KEY) == "dynamic":
+            self._share_dynamically(self._trainer())  # before `setup`: the coordination is built without stragglers
         if self.work is not None:
             self.work.resume_from(checkpoint, self._trainer())
 
@@ -379,6 +428,8 @@ class FedHogStrategy(PerWorkerCheckpoints):
             if self.work is not None:
                 self._carried_budget = self.work.carried_budget()
                 self.work.detach(trainer, self.lr_scheduler_configs)
+            if self._reload_setting is not None:  # "auto" switched after the last epoch's loader was set up
+                trainer.reload_dataloaders_every_n_epochs, self._reload_setting = self._reload_setting, None
         self.work, self._stragglers, self._consensus_first = None, None, None
         if self._partial is not None:
             self._partial.clear()

@@ -11,7 +11,7 @@ that is already spent ends ``fit`` at once, and ``trainer.estimated_stepping_bat
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sized
 from typing import TYPE_CHECKING, Any, Literal
 
 from lightning.pytorch.trainer.states import RunningStage
@@ -28,10 +28,13 @@ from lightning_fedhog.work_budget import WorkBudget
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-WorkSharing = Literal["static", "dynamic"]
+WorkSharing = Literal["static", "dynamic", "auto"]
 
 CHECKPOINT_KEY = "fedhog_work"
 """The checkpoint entry of the dynamic work-sharing budget (chunks spent, epoch)."""
+
+SHARING_KEY = "fedhog_work_sharing"
+"""The checkpoint entry that says how work was shared when it was saved (``"static"`` or ``"dynamic"``)."""
 
 
 class DynamicWork:
@@ -258,14 +261,15 @@ def refuse_several_loaders(trainer: pl.Trainer) -> None:
         )
 
 
-def check_dynamic_compatible(
+def dynamic_blocker(
     val_check_interval: object,
     step_checkpoints: list[str],
     max_time: bool = False,
     min_steps: int | None = None,
     dataloader_iter: bool = False,
-) -> None:
-    """Refuses settings that need every worker to reach the same step, or batches in claim order.
+) -> str | None:
+    """Why the Trainer's settings rule dynamic sharing out (they need every worker to reach the same step, or batches
+    in claim order), with the fix; None when nothing does.
 
     Args:
         val_check_interval: the Trainer's ``val_check_interval``.
@@ -277,33 +281,58 @@ def check_dynamic_compatible(
             cannot tell which batch a step trains).
     """
     hint = "HINT: keep validation and checkpoints at epoch ends, or use `work_sharing='static'`."
+    if max_time:
+        return (
+            "dynamic sharing gives workers different step counts, but `Trainer(max_time=...)` (the `Timer` callback)"
+            " broadcasts from rank 0 after every step, so the workers' broadcasts would not pair up and the run would"
+            " hang at the first epoch end. HINT: bound the run with `max_epochs` or `max_steps`, or use"
+            " `work_sharing='static'`."
+        )
     if min_steps:
-        raise ValueError(
-            f"`work_sharing='dynamic'` gives workers different step counts, so `Trainer(min_steps={min_steps})` would"
-            f" let an early stop end `fit` on some workers and not on others. HINT: use `min_epochs`, or"
+        return (
+            f"dynamic sharing gives workers different step counts, so `Trainer(min_steps={min_steps})` would let an"
+            f" early stop end `fit` on some workers and not on others. HINT: use `min_epochs`, or"
             f" `work_sharing='static'`."
         )
     if dataloader_iter:
-        raise ValueError(
-            "`work_sharing='dynamic'` counts which of its claimed batches each worker trains, but this"
-            " `training_step` takes `dataloader_iter` and fetches batches itself. HINT: take `batch` in"
-            " `training_step`, or use `work_sharing='static'`."
-        )
-    if max_time:
-        raise ValueError(
-            "`work_sharing='dynamic'` gives workers different step counts, but `Trainer(max_time=...)` (the `Timer`"
-            " callback) broadcasts from rank 0 after every step, so the workers' broadcasts would not pair up and the"
-            " run would hang at the first epoch end. HINT: bound the run with `max_epochs` or `max_steps`, or use"
+        return (
+            "dynamic sharing counts which of its claimed batches each worker trains, but this `training_step` takes"
+            " `dataloader_iter` and fetches batches itself. HINT: take `batch` in `training_step`, or use"
             " `work_sharing='static'`."
         )
     if not (isinstance(val_check_interval, float) and val_check_interval == 1.0):
-        raise ValueError(
-            f"`work_sharing='dynamic'` gives workers different numbers of batches per epoch, so validation can only"
-            f" run at the end of an epoch, but `val_check_interval={val_check_interval!r}`. {hint}"
+        return (
+            f"dynamic sharing gives workers different numbers of batches per epoch, so validation can only run at the"
+            f" end of an epoch, but `val_check_interval={val_check_interval!r}`. {hint}"
         )
     if step_checkpoints:
-        raise ValueError(
-            f"`work_sharing='dynamic'` gives workers different step counts, so a checkpoint every N steps or T"
-            f" seconds would be taken at different moments on different workers: {', '.join(step_checkpoints)}."
-            f" {hint}"
+        return (
+            f"dynamic sharing gives workers different step counts, so a checkpoint every N steps or T seconds would"
+            f" be taken at different moments on different workers: {', '.join(step_checkpoints)}. {hint}"
         )
+    return None
+
+
+def loader_blocker(trainer: pl.Trainer) -> str | None:
+    """Why the run's training loader rules dynamic sharing out (for ``"auto"``, which decides during training)."""
+    loaders = trainer.train_dataloader
+    if loaders is None:
+        return "the training loader is not set up. HINT: use `work_sharing='static'` or `'dynamic'`."
+    flattened = CombinedLoader(loaders).flattened
+    if len(flattened) > 1:
+        return (
+            f"it shares out one training loader's batches and this run has {len(flattened)}. HINT: combine the data"
+            f" sets into one loader (`ConcatDataset`), or accept the idle time."
+        )
+    loader = flattened[0]
+    if not isinstance(loader, DataLoader) or loader.batch_size is None or isinstance(loader.dataset, IterableDataset):
+        return (
+            "it needs a `DataLoader` over a map-style data set with a `batch_size`. HINT: give the loader a"
+            " `batch_size` (not a custom `batch_sampler`) over a data set with `__getitem__` and `__len__`."
+        )
+    if getattr(loader, "in_order", True) is False:
+        return "it needs the loader's batches in order. HINT: leave `in_order=True` (the default)."
+    sampler = internals.sampler_inside_wrapper(loader.sampler) or loader.sampler
+    if not isinstance(sampler, Sized):
+        return f"it needs a sampler with a length, and {type(sampler).__name__} has none. HINT: give it `__len__`."
+    return None

@@ -77,15 +77,26 @@ def _coordination(
     return coordination
 
 
-def test_a_consensus_point_averages_then_gathers_stragglers_then_telemetry() -> None:
+def test_a_consensus_point_averages_then_gathers_telemetry() -> None:
     calls = Calls()
     engine = FakeEngine(calls)
     coordination = _coordination(calls, engine=engine, training=True)
     coordination.consensus()
     assert calls == [
         "settle", "engine.pause", "agree", "engine.full_average", "barrier",
-        ("gather", "stragglers"), "engine.take_stats", ("gather", "telemetry"), ("publish", 2),
+        "engine.take_stats", ("gather", "telemetry"), ("publish", 2),
     ]
+
+
+def test_an_epoch_end_meeting_agrees_on_a_stop_then_gathers_stragglers_once_per_span() -> None:
+    calls = Calls()
+    coordination = _coordination(calls, training=True)
+    coordination.epoch_ends(0)
+    assert calls == ["meet", ("gather", "stragglers")]
+    coordination.consensus()  # validation: the span paused, nothing measured until training resumes
+    calls.clear()
+    coordination.epoch_ends(1)  # an epoch whose every batch was skipped: no span, no gather, on every rank alike
+    assert calls == ["meet"]
 
 
 def test_the_second_point_in_a_row_costs_nothing_and_leaving_resumes_the_engine() -> None:
@@ -102,12 +113,11 @@ def test_the_second_point_in_a_row_costs_nothing_and_leaving_resumes_the_engine(
 
 
 def test_before_training_a_point_gathers_nothing() -> None:
-    """The sanity check's validation: no rank trained, no rank has telemetry, so no rank gathers."""
+    """The sanity check's validation: no rank has telemetry yet, so no rank gathers."""
     calls = Calls()
     coordination = _coordination(calls)
     coordination.consensus()
-    assert ("gather", "stragglers") not in calls
-    assert ("gather", "telemetry") not in calls
+    assert not any(isinstance(call, tuple) for call in calls)
 
 
 def test_rank_zero_publishes_and_the_others_only_gather() -> None:
@@ -150,7 +160,7 @@ def test_a_signal_between_points_meets_the_others_at_the_next_batch_then_stops_a
 
 def test_every_epoch_ends_with_one_meeting_before_anything_else() -> None:
     calls = Calls()
-    coordination = _coordination(calls, training=True)
+    coordination = _coordination(calls, stragglers=False, training=True)
     coordination.epoch_ends(0)  # after the last batch
     coordination.epoch_ends(0)  # `on_train_epoch_end`: already met
     assert calls == ["meet"]
@@ -183,7 +193,7 @@ def test_a_stop_agreed_while_parked_stops_there_on_every_rank() -> None:
 def test_an_epoch_skipped_on_some_workers_only_fails_on_every_worker(mine: bool, peer: bool, fails: bool) -> None:
     """`on_train_batch_start` returning -1 on some workers: they would skip validation, the others not."""
     calls = Calls()
-    coordination = _coordination(calls, training=True)
+    coordination = _coordination(calls, stragglers=False, training=True)
     coordination.points._collectives.peer_skips = peer
     if fails:
         with pytest.raises(RuntimeError, match=r"returned -1 .* on 1 of the 2 workers.*HINT"):
@@ -193,13 +203,14 @@ def test_an_epoch_skipped_on_some_workers_only_fails_on_every_worker(mine: bool,
     assert calls == ["meet"]
 
 
-def test_waiting_at_the_epoch_end_meeting_is_not_counted_as_training() -> None:
+def test_the_training_time_is_read_before_waiting_at_the_epoch_end_meeting() -> None:
     """Static shards: the idle report compares training times; the wait for a straggler happens at the meeting."""
-    clock = iter([0.0, 1.0, 5.0])  # leaves the point at 0, meets at 1, reaches the next point at 5
-    watch = StragglerWatch(lambda what: [what], device=0, devices=2, report=True, clock=lambda: next(clock))
-    watch.left_consensus()
-    watch.arrived()
-    assert watch.trained() == 1.0
+    calls = Calls()
+    coordination = _coordination(calls, training=True)  # the span started at clock 0
+    gathered: list[Any] = []
+    coordination.stragglers._gather = lambda mine: gathered.append(mine) or [mine, (mine[0] * 4, 1)]
+    coordination.epoch_ends(0)  # reads the clock (1), then meets and gathers
+    assert gathered == [(1.0, 0)]
 
 
 def test_a_failed_engine_thread_is_raised_in_the_training_loop() -> None:

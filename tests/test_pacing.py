@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightning_fedhog.pacing import PacedScheduler, pace_step_schedulers, unpace
-from lightning_fedhog.stragglers import idle_report
+from lightning_fedhog.stragglers import StragglerWatch, idle_report
 
 
 def _cosine(total: int) -> torch.optim.lr_scheduler.CosineAnnealingLR:
@@ -61,3 +61,39 @@ def test_the_straggler_report_names_the_idle_share_and_the_fix() -> None:
     assert idle_report([0.9, 1.0], devices=[0, 1]) is None, "10% is noise"
     assert idle_report([0.01, 0.1], devices=[0, 1]) is None, "too short to judge"
     assert idle_report([0.1, 1.0], devices=[0, 0]) is None, "one device: its workers share one copy anyway"
+
+
+def _watch(switch, busy: list[float]) -> tuple[StragglerWatch, list[str]]:
+    gathers: list[str] = []
+
+    def gather(mine: tuple[float, int]) -> list[tuple[float, int]]:
+        gathers.append("gather")
+        return [(seconds, rank) for rank, seconds in enumerate(busy)]
+
+    clock = iter(float(t) for t in range(100))
+    return StragglerWatch(gather, device=0, devices=2, report=True, clock=lambda: next(clock), switch=switch), gathers
+
+
+@pytest.mark.parametrize("blocker", [None, "dynamic sharing ... `max_time=...` ... HINT: bound the run"])
+def test_auto_switches_once_on_idle_devices_or_says_why_it_cannot(caplog, blocker: str | None) -> None:
+    switched: list[bool] = []
+    watch, gathers = _watch(lambda: switched.append(True) or blocker, busy=[0.3, 1.0])
+    with caplog.at_level("INFO", logger="lightning_fedhog.stragglers"):
+        for _ in range(3):  # three epoch-end meetings with training before each
+            watch.span_starts()
+            watch.at_meeting(watch.trained())
+    assert switched == [True] and gathers == ["gather"], "acts once, then measures no more (one collective fewer)"
+    message = caplog.text
+    if blocker is None:
+        assert "shared dynamically from the next epoch" in message and "idled 70%" in message
+    else:
+        assert "cannot switch to `work_sharing='dynamic'` by itself here" in message and "max_time" in message
+
+
+def test_auto_keeps_static_shards_while_the_devices_keep_pace() -> None:
+    switched: list[bool] = []
+    watch, gathers = _watch(lambda: switched.append(True), busy=[0.9, 1.0])
+    for _ in range(3):
+        watch.span_starts()
+        watch.at_meeting(watch.trained())
+    assert switched == [] and gathers == ["gather"] * 3 and watch.last is not None and watch.last.fraction < 0.2

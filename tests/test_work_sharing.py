@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from torch.utils.data import SubsetRandomSampler, WeightedRandomSampler
 from lightning_fedhog.epoch_indices import EpochIndices, draw, permutation
 from lightning_fedhog.shared_counter import SharedCounterSampler
 from lightning_fedhog.work_budget import WorkBudget, chunks_per_epoch
-from lightning_fedhog.work_sharing import check_dynamic_compatible
+from lightning_fedhog.work_sharing import dynamic_blocker
 from tests.conftest import run_app, run_in_threads
 
 
@@ -213,16 +214,15 @@ def test_a_resumed_budget_counts_the_saved_epoch_only_if_training_goes_on_after_
     assert mid_epoch.begin_epoch(0, 20) == (20, False) and mid_epoch.spent == 0  # the epoch restarts whole
 
 
-def test_settings_that_need_equal_step_counts_are_refused() -> None:
-    check_dynamic_compatible(1.0, [])
-    with pytest.raises(ValueError, match=r"`val_check_interval=0.5`.*HINT: .*work_sharing='static'"):
-        check_dynamic_compatible(0.5, [])
-    with pytest.raises(ValueError, match=r"every N steps .*ModelCheckpoint\(every_n_train_steps=5\)"):
-        check_dynamic_compatible(1.0, ["ModelCheckpoint(every_n_train_steps=5)"])
-    with pytest.raises(ValueError, match=r"`Trainer\(min_steps=100\)`.*HINT: use `min_epochs`"):
-        check_dynamic_compatible(1.0, [], min_steps=100)
-    with pytest.raises(ValueError, match=r"`dataloader_iter`.*HINT"):
-        check_dynamic_compatible(1.0, [], dataloader_iter=True)
+def test_settings_that_need_equal_step_counts_rule_dynamic_sharing_out() -> None:
+    assert dynamic_blocker(1.0, []) is None
+    assert re.search(r"`val_check_interval=0.5`.*HINT: .*work_sharing='static'", dynamic_blocker(0.5, []) or "")
+    step_based = dynamic_blocker(1.0, ["ModelCheckpoint(every_n_train_steps=5)"]) or ""
+    assert re.search(r"every N steps .*ModelCheckpoint\(every_n_train_steps=5\)", step_based)
+    min_steps = dynamic_blocker(1.0, [], min_steps=100) or ""
+    assert re.search(r"`Trainer\(min_steps=100\)`.*HINT: use `min_epochs`", min_steps)
+    assert re.search(r"`dataloader_iter`.*HINT", dynamic_blocker(1.0, [], dataloader_iter=True) or "")
+    assert re.search(r"`Trainer\(max_time=\.\.\.\)`.*HINT", dynamic_blocker(1.0, [], max_time=True) or "")
 
 
 def test_a_2x_slower_device_does_less_and_nobody_waits_at_the_epoch_end(tmp_path: Path) -> None:

@@ -59,6 +59,7 @@ class Net(L.LightningModule):
         kill_main_epoch: int = -1,
         estimate_in_setup: bool = False,
         out: str = "",
+        sleep_from_epoch: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -76,6 +77,7 @@ class Net(L.LightningModule):
         self.batches: dict[int, list[list[int]]] = {}  # epoch -> the sample indices of each batch, in order
         self.sched_steps: list[int] = []  # the per-step schedule's position (`last_epoch`) at every step
         self.setup_estimate: float | None = None  # trainer.estimated_stepping_batches, read in `setup()`
+        self.sharing: dict[int, str] = {}  # epoch -> how its batches were shared out ("static" or "dynamic")
         self.started: dict[str, float] = {}
         self.estimated: float | None = None  # trainer.estimated_stepping_batches, read in configure_optimizers
         self.lr_trace: list[float] = []  # the LR of every step this worker took
@@ -111,8 +113,10 @@ class Net(L.LightningModule):
         (pids / str(self.global_rank)).write_text(str(os.getpid()))  # for a SIGTERM to every rank of this run
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
-        if self.global_rank == self.hparams.sleep_rank:
-            if batch_idx == 0 and self.current_epoch == 0:
+        work = getattr(self.trainer.strategy, "work", None)
+        self.sharing[self.current_epoch] = "dynamic" if work is not None and work.sampler is not None else "static"
+        if self.global_rank == self.hparams.sleep_rank and self.current_epoch >= self.hparams.sleep_from_epoch:
+            if batch_idx == 0 and self.current_epoch == self.hparams.sleep_from_epoch:
                 print(f"SLEEP rank {self.global_rank} at {time.time()}", flush=True)
             time.sleep(self.hparams.sleep)
         if self.global_rank == self.hparams.crash_rank and self.global_step == 3:
@@ -252,6 +256,7 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--sleep-rank", type=int, default=-1)
     parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--sleep-from-epoch", type=int, default=0, help="--sleep-rank sleeps from this epoch on")
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--averaging", default="allreduce")
     parser.add_argument("--topology", default="exponential")
@@ -284,6 +289,8 @@ def main() -> None:
                         help="the training loader's sampler: subset (the even indices, shuffled), weighted (even"
                         " indices only, with replacement, half the data set's size), in_order (a custom sequential)")
     parser.add_argument("--no-val", action="store_true", help="no validation loader")
+    parser.add_argument("--no-checkpoint", action="store_true", help="no ModelCheckpoint")
+    parser.add_argument("--val-check", type=float, default=1.0, help="val_check_interval")
     parser.add_argument("--loaders", type=int, default=1, help="training loaders, as a dict")
     parser.add_argument("--estimate-in-setup", action="store_true",
                         help="read trainer.estimated_stepping_batches in the module's setup()")
@@ -305,6 +312,7 @@ def main() -> None:
         args.kind, world_size, args.lr, args.sleep_rank, args.sleep, args.crash_rank, args.nan_rank, args.kill_rank,
         args.kill_step, args.sigterm_rank, args.sigterm_step, args.sigterm_group, args.schedule,
         args.sigterm_epoch_end, args.skip_batches, args.kill_main_epoch, args.estimate_in_setup, str(args.out),
+        args.sleep_from_epoch,
     )
     strategy = (
         FedHogStrategy(
@@ -341,7 +349,8 @@ def main() -> None:
         max_time=args.max_time,
         limit_train_batches=args.limit_train,
         precision=args.precision,
-        callbacks=[ModelProbe(), checkpoint],
+        callbacks=[ModelProbe()] if args.no_checkpoint else [ModelProbe(), checkpoint],
+        enable_checkpointing=not args.no_checkpoint,
         logger=L.pytorch.loggers.CSVLogger(args.out / "logs", name="run") if args.csv else False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -350,6 +359,7 @@ def main() -> None:
         accumulate_grad_batches=args.accumulate,
         use_distributed_sampler=args.data != "uneven",
         reload_dataloaders_every_n_epochs=args.reload,
+        val_check_interval=args.val_check,
     )
     dataset = make_data(args.samples, seed=1)
     sampler = None
@@ -397,6 +407,7 @@ def main() -> None:
         "batches": model.batches,
         "sched_steps": model.sched_steps,
         "setup_estimate": model.setup_estimate,
+        "sharing": model.sharing,
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         "lrs": [group["lr"] for opt in trainer.optimizers for group in opt.param_groups],
         "estimated": model.estimated,
