@@ -85,7 +85,7 @@ class FedHogConfig:
             of steps). ``"dynamic"``: every worker claims the epoch's batches one at a time from a counter shared
             by the run, so faster workers take more batches and nobody idles at the epoch end behind a straggler;
             validation and checkpoints must then happen at epoch ends. ``"auto"`` (the default): static until an
-            epoch end measures the fastest device idling 20% or more of the slowest one's training time, then
+            epoch end measures the fastest device idling 25% or more of the slowest one's training time, then
             dynamic from the next epoch on, on every worker at once (where the run's settings allow it; otherwise
             static, with one message that says why). Checkpoints record the switch and a resumed run keeps it.
         nonfinite: an averaging round in which a device's block holds NaN/Inf is never applied, so the values

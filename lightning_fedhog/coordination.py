@@ -94,11 +94,6 @@ class Coordination:
         """The figures start (at ``on_train_start``, before anything there waits for the other ranks)."""
         self.telemetry.start()
 
-    def first_span_starts(self) -> None:
-        """The straggler clock starts, once set-up is done (without a sanity check, the first span starts here)."""
-        if self.stragglers is not None:
-            self.stragglers.span_starts()
-
     def before_batch(self, batch: Any) -> None:
         """Looks at the peers; after a consensus point, resumes training with every worker, or stops with them.
 
@@ -110,10 +105,10 @@ class Coordination:
         if self.points.at_consensus:
             if self.points.leave():
                 self._stop()
-            if self.stragglers is not None:
-                self.stragglers.span_starts()
         elif self.faults.stop_requested:
             self._meet_on_stop()  # pairs with the others' meetings, then a consensus point that ends `fit`
+        if self.stragglers is not None:
+            self.stragglers.batch_starts()
         self.telemetry.count(batch)
         engine = self._engine()
         if engine is not None:
@@ -131,8 +126,7 @@ class Coordination:
         trained = self.stragglers.trained() if self.stragglers is not None else None  # before waiting for anyone
         self._meet_on_stop(skipped)
         if self.stragglers is not None:
-            self.stragglers.at_meeting(trained)  # every rank trained since the span started or none did
-            self.stragglers.span_starts()  # all leave the meeting together
+            self.stragglers.at_meeting(trained)  # every rank trained in the epoch or none did
 
     def _meet_on_stop(self, skipped: bool = False) -> None:
         """A few numbers over every worker: if anyone asked to stop, every rank goes on to a consensus point and

@@ -18,12 +18,14 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-IDLE_FRACTION = 0.2
+IDLE_FRACTION = 0.25
 """Act when the fastest worker idled at least this share of the slowest worker's training time (switch to dynamic
-sharing under ``"auto"``, else report). Runs without a straggler measure far less (docs/configuration.md)."""
+sharing under ``"auto"``, else report): above what balanced runs measure over a window, below what a device 1.5x
+slower causes (a third); the measurements are in docs/configuration.md."""
 
-MIN_SECONDS = 0.5
-"""...and the slowest trained at least this long since the previous consensus point (shorter spans are noise)."""
+WINDOW_SECONDS = 2.0
+"""...measured over epochs summed until the slowest worker's training time reaches this long: a single short epoch
+is too noisy to judge (docs/configuration.md)."""
 
 
 def idle_report(busy_seconds: list[float], devices: list[int], blocker: str | None = None) -> str | None:
@@ -78,7 +80,7 @@ def idle_share(busy_seconds: list[float], devices: list[int]) -> IdleShare | Non
     slowest = max(range(len(busy_seconds)), key=busy_seconds.__getitem__)
     fastest = min(range(len(busy_seconds)), key=busy_seconds.__getitem__)
     longest, shortest = busy_seconds[slowest], busy_seconds[fastest]
-    if longest < MIN_SECONDS:
+    if longest < WINDOW_SECONDS:
         return None
     return IdleShare(slowest, fastest, longest, shortest, tuple(devices))
 
@@ -86,9 +88,10 @@ def idle_share(busy_seconds: list[float], devices: list[int]) -> IdleShare | Non
 class StragglerWatch:
     """Measures one worker's training time per span and acts once on idle devices (static shards).
 
-    A span of training starts when the workers leave a consensus point or an epoch-end meeting (collectives, so on
-    every rank alike) and ends at the next epoch-end meeting, where every rank gathers or none does, and the same
-    gathered figures make the same decision everywhere: with
+    Each worker's training time in an epoch (from its first batch to its last, not counting consensus points) is
+    gathered at the epoch-end meeting, where every rank gathers or none does. Epochs are summed into a window until
+    the slowest worker's sum reaches :data:`WINDOW_SECONDS`; the same gathered figures make the same decision
+    everywhere: with
     ``switch`` (``work_sharing="auto"``), turn on dynamic sharing from the next epoch; otherwise, or when the run's
     settings rule dynamic sharing out, warn once with the measurement and the fix. Either way it then stops
     measuring (one collective fewer per consensus point).
@@ -117,21 +120,31 @@ class StragglerWatch:
         self._report = report
         self._clock = clock
         self._switch = switch
-        self._since: float | None = None
+        self._since: float | None = None  # the clock when the current stretch of training started
+        self._banked = 0.0  # training time of this epoch before a pause (a mid-epoch consensus point)
+        self._trained_in_epoch = False
         self.done = False  # acted (warned or switched): no more measuring
+        self._window: list[float] = []  # every rank's training time summed over the spans of the current window
         self.last: IdleShare | None = None  # the latest measurement (logged as `fedhog/idle_share`)
 
-    def span_starts(self) -> None:
-        """Training resumes (leaving a consensus point or an epoch-end meeting): the clock of a span starts."""
-        self._since = self._clock()
+    def batch_starts(self) -> None:
+        """A training batch starts: the clock runs (from the epoch's first batch, or the first after a pause)."""
+        if self._since is None:
+            self._since = self._clock()
+            self._trained_in_epoch = True
 
     def pause(self) -> None:
-        """A consensus point: validation and checkpoints are not training; the span ends."""
-        self._since = None
+        """A consensus point: validation and checkpoints are not training; the time so far is kept for the epoch."""
+        if self._since is not None:
+            self._banked += self._clock() - self._since
+            self._since = None
 
     def trained(self) -> float | None:
-        """Seconds trained since the span started (read before waiting for the others), None outside a span."""
-        return None if self._since is None else self._clock() - self._since
+        """Seconds trained in this epoch so far (read before waiting for the others); None if no batch started,
+        which is so on every rank alike (static shards: the same batches everywhere)."""
+        if not self._trained_in_epoch:
+            return None
+        return self._banked + (self._clock() - self._since if self._since is not None else 0.0)
 
     def take_measured(self) -> float | None:
         """The idle share measured since the last call (``fedhog/idle_share``), if any."""
@@ -140,16 +153,20 @@ class StragglerWatch:
 
     def at_meeting(self, trained: float | None) -> None:
         """Gathers every worker's ``trained`` at the epoch-end meeting (a collective, only after a span of training,
-        until acted on) and acts once."""
-        self._since = None
+        until acted on), adds it to the window, and acts once when a full window says so."""
+        self._since, self._banked, self._trained_in_epoch = None, 0.0, False
         if self.done or trained is None or self._devices < 2:
             return
         busy = self._gather((trained, self._device))
-        seconds, devices = [seconds for seconds, _ in busy], [device for _, device in busy]
+        devices = [device for _, device in busy]
+        previous = self._window or [0.0] * len(busy)
+        self._window = seconds = [total + mine for total, (mine, _) in zip(previous, busy, strict=True)]
         self.last = idle_share(seconds, devices)
-        if self.last is not None:
-            log.debug("fedhog: idle share %.3f (%s)", self.last.fraction, self.last)
-        if self.last is None or self.last.fraction < IDLE_FRACTION:
+        if self.last is None:  # the window is not full yet
+            return
+        self._window = []
+        log.debug("fedhog: idle share %.3f (%s)", self.last.fraction, self.last)
+        if self.last.fraction < IDLE_FRACTION:
             return
         self.done = True
         blocker = self._switch() if self._switch is not None else None

@@ -287,7 +287,6 @@ class FedHogStrategy(PerWorkerCheckpoints):
             if self.work is None:  # static shards: one collective, once per fit
                 check_equal_batches(self.gather_object(trainer.num_training_batches))
             install_stop_handler(self.coordination.faults, internals.user_sigterm_handler(trainer))
-            self.coordination.first_span_starts()
         if self.work is not None:
             self.work.on_train_start(trainer)
         self._log_work_sharing(trainer)

@@ -73,7 +73,6 @@ def _coordination(
     )
     if training:
         coordination.training_starts()
-        coordination.first_span_starts()
     return coordination
 
 
@@ -88,14 +87,16 @@ def test_a_consensus_point_averages_then_gathers_telemetry() -> None:
     ]
 
 
-def test_an_epoch_end_meeting_agrees_on_a_stop_then_gathers_stragglers_once_per_span() -> None:
+def test_an_epoch_end_meeting_agrees_on_a_stop_then_gathers_the_epochs_training_times() -> None:
     calls = Calls()
     coordination = _coordination(calls, training=True)
+    coordination.before_batch(batch=[1])
+    calls.clear()
     coordination.epoch_ends(0)
     assert calls == ["meet", ("gather", "stragglers")]
-    coordination.consensus()  # validation: the span paused, nothing measured until training resumes
+    coordination.consensus()  # validation
     calls.clear()
-    coordination.epoch_ends(1)  # an epoch whose every batch was skipped: no span, no gather, on every rank alike
+    coordination.epoch_ends(1)  # an epoch in which no batch started (a restart at its end): on every rank alike
     assert calls == ["meet"]
 
 
@@ -206,10 +207,11 @@ def test_an_epoch_skipped_on_some_workers_only_fails_on_every_worker(mine: bool,
 def test_the_training_time_is_read_before_waiting_at_the_epoch_end_meeting() -> None:
     """Static shards: the idle report compares training times; the wait for a straggler happens at the meeting."""
     calls = Calls()
-    coordination = _coordination(calls, training=True)  # the span started at clock 0
+    coordination = _coordination(calls, training=True)
     gathered: list[Any] = []
     coordination.stragglers._gather = lambda mine: gathered.append(mine) or [mine, (mine[0] * 4, 1)]
-    coordination.epoch_ends(0)  # reads the clock (1), then meets and gathers
+    coordination.before_batch(batch=[1])  # the first batch starts the clock (at 1: telemetry read 0)
+    coordination.epoch_ends(0)  # reads the clock (2), then meets and gathers
     assert gathered == [(1.0, 0)]
 
 
