@@ -47,11 +47,15 @@ class ConsensusFirst(L.Callback):
         consensus: the consensus point.
         epoch_ends: this worker's epoch ends: ``epoch_ends(epoch, skipped)`` meets the others (once per epoch);
             ``skipped``: the epoch ended because ``on_train_batch_start`` returned -1.
+        epoch_over: the epoch's validation is over too (``on_train_epoch_end``).
     """
 
-    def __init__(self, consensus: Callable[[], None], epoch_ends: Callable[[int, bool], None]) -> None:
+    def __init__(
+        self, consensus: Callable[[], None], epoch_ends: Callable[[int, bool], None], epoch_over: Callable[[], None]
+    ) -> None:
         self._consensus = consensus
         self._epoch_ends = epoch_ends
+        self._epoch_over = epoch_over
 
     @override
     def on_train_batch_end(
@@ -65,6 +69,7 @@ class ConsensusFirst(L.Callback):
         # no batch end said so: the epoch's last batch was skipped (`on_train_batch_start` returned -1), or a stop
         # was set after the last batch end
         self._epoch_ends(trainer.current_epoch, internals.skipped_rest_of_epoch(trainer))
+        self._epoch_over()
 
     @override
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -142,13 +142,13 @@ class Coordination:
 
         Nothing happens when the workers are still parked at the previous point (validation, then a checkpoint).
         """
+        if self.stragglers is not None:
+            self.stragglers.pause()  # validation, checkpoints and waiting here are not training
         stop = self.points.enter()
         if stop is None:
             return
         if stop:
             self._stop()
-        if self.stragglers is not None:
-            self.stragglers.pause()  # validation and checkpoints are not training
         if self.telemetry.enabled:
             engine = self._engine()
             mine = self.telemetry.take(

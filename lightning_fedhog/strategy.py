@@ -25,6 +25,7 @@ from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.optim import Optimizer
 from typing_extensions import override
 
@@ -190,10 +191,16 @@ class FedHogStrategy(PerWorkerCheckpoints):
         if trainer.state.fn != TrainerFn.FITTING:
             return
         # before the user's `setup` hook, which may already read `trainer.estimated_stepping_batches`
-        self._consensus_first = ConsensusFirst(self.consensus, self._epoch_ends)
+        self._consensus_first = ConsensusFirst(self.consensus, self._epoch_ends, self._epoch_over)
         trainer.callbacks.insert(0, self._consensus_first)
         mode = self.config.work_sharing
-        if mode == "dynamic" or (mode == "auto" and self._carried_budget is not None):  # auto: the last fit switched
+        carried = mode == "auto" and self._carried_budget is not None  # the last fit switched: steps differ by rank
+        if carried and (blocker := settings_blocking_dynamic_sharing(trainer)) is not None:
+            raise ValueError(
+                f"fedhog: this Trainer's previous `fit` switched to dynamic work sharing (`work_sharing='auto'`), so"
+                f" its workers' step counts differ and this `fit` must share work dynamically too, but {blocker}"
+            )
+        if mode == "dynamic" or carried:
             self._share_dynamically(trainer)
         else:
             self._stragglers = StragglerWatch(  # `num_devices` counts every node's devices
@@ -220,8 +227,13 @@ class FedHogStrategy(PerWorkerCheckpoints):
             return blocker
         self._share_dynamically(trainer, attach=False)  # the estimate stays Lightning's until the new loader exists
         self._reload_setting = trainer.reload_dataloaders_every_n_epochs  # given back once the loader is new
-        trainer.reload_dataloaders_every_n_epochs = 1
         return None
+
+    def _epoch_over(self) -> None:
+        """After the epoch's validation: a switch decided in this epoch sets the training loader up again at the next
+        epoch's start (only then, or the validation loader would be set up again as well)."""
+        if self._reload_setting is not None:
+            self._trainer().reload_dataloaders_every_n_epochs = 1
 
     # ------------------------------------------------------------------------------------------------ set-up
     @override
@@ -391,10 +403,20 @@ class FedHogStrategy(PerWorkerCheckpoints):
 
     @override
     def load_extra_checkpoint_state(self, checkpoint: Mapping[str, Any]) -> None:
+        trainer = self._trainer()
+        if trainer.state.fn != TrainerFn.FITTING:  # `validate`/`test` from a checkpoint: no work to share
+            return
         if self.config.work_sharing == "auto" and self.work is None and checkpoint.get(SHARING_KEY) == "dynamic":
-            self._share_dynamically(self._trainer())  # before `setup`: the coordination is built without stragglers
+            blocker = settings_blocking_dynamic_sharing(trainer)
+            if blocker is None:
+                self._share_dynamically(trainer)  # before `setup`: the coordination is built without stragglers
+            else:  # every rank resumes from the same step, so static shards are safe
+                rank_zero_warn(
+                    f"fedhog: the checkpoint was saved while work was shared dynamically (`work_sharing='auto'`"
+                    f" switched), but this run's settings rule that out, so it resumes with static shards: {blocker}"
+                )
         if self.work is not None:
-            self.work.resume_from(checkpoint, self._trainer())
+            self.work.resume_from(checkpoint, trainer)
 
     # ----------------------------------------------------------------------------------------------- teardown
     @override
@@ -425,7 +447,7 @@ class FedHogStrategy(PerWorkerCheckpoints):
             if self._consensus_first in trainer.callbacks:
                 trainer.callbacks.remove(self._consensus_first)
             if self.work is not None:
-                self._carried_budget = self.work.carried_budget()
+                self._carried_budget = self.work.carried_budget() or self._carried_budget
                 self.work.detach(trainer, self.lr_scheduler_configs)
             if self._reload_setting is not None:  # "auto" switched after the last epoch's loader was set up
                 trainer.reload_dataloaders_every_n_epochs, self._reload_setting = self._reload_setting, None

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import CombinedLoader
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 from lightning_fedhog import internals
 from lightning_fedhog.epoch_indices import EpochIndices
@@ -329,6 +329,12 @@ def loader_blocker(trainer: pl.Trainer) -> str | None:
         return (
             "it needs a `DataLoader` over a map-style data set with a `batch_size`. HINT: give the loader a"
             " `batch_size` (not a custom `batch_sampler`) over a data set with `__getitem__` and `__len__`."
+        )
+    if not isinstance(loader.sampler, DistributedSampler):
+        return (
+            "the training loader's sampler is not Lightning's distributed sampler (`use_distributed_sampler=False`), so"
+            " each worker's loader may hold a shard of its own, and sharing one index list would mix them up. HINT: use"
+            " `work_sharing='dynamic'` if every worker's loader holds the whole data set, else `'static'`."
         )
     if getattr(loader, "in_order", True) is False:
         return "it needs the loader's batches in order. HINT: leave `in_order=True` (the default)."

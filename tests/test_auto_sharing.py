@@ -43,6 +43,34 @@ def test_a_straggler_mid_run_switches_every_rank_at_one_epoch_and_a_resume_keeps
     assert _sharing(resumed) == {"3": "dynamic"}, "the resumed run shares work as the checkpointed one did"
     assert sorted(index for report in resumed for index in report["seen"]["3"]) == list(range(640))
 
+    # resumed with a setting that rules dynamic sharing out: static shards, said once (every rank has one step count)
+    outcome = run_outcome(
+        tmp_path / "blocked", *settings, "--epochs", "4", "--resume", str(checkpoint), "--val-check", "0.5",
+        forked=True,
+    )
+    assert outcome.returncode == 0, outcome.output[-3000:]
+    assert "it resumes with static shards" in outcome.output and "`val_check_interval=0.5`" in outcome.output
+
+
+def test_the_max_steps_budget_and_a_step_schedule_carry_across_the_switch(tmp_path: Path) -> None:
+    """max_steps=70 on 2 workers is 140 batches: epochs 0-1 static (80), the switch, then 40 and the last 20."""
+    reports = run_app(
+        tmp_path, "--devices", "2", *AUTO, "--samples", "640", "--epochs", "-1", "--max-steps", "70",
+        "--schedule", "cosine", *STRAGGLER_FROM_EPOCH_1,
+    )
+    assert _sharing(reports) == {"0": "static", "1": "static", "2": "dynamic", "3": "dynamic"}
+    assert sum(report["global_step"] for report in reports) == 140
+    assert {report["current_epoch"] for report in reports} == {4}, "every rank ends after the same epoch"
+    assert len(_trained_in(reports, "3")) == 20 * 16 and sorted(_trained_in(reports, "2")) == list(range(640))
+    for report in reports:
+        positions = report["sched_steps"]
+        assert positions == sorted(positions) and positions[-1] <= 70, "the schedule went back or past its end"
+        assert report["reload_dataloaders_every_n_epochs"] == 0, "the user's setting is given back"
+
+
+def _trained_in(reports: list[dict], epoch: str) -> list[int]:
+    return [index for report in reports for index in report["seen"].get(epoch, [])]
+
 
 def test_a_run_without_validation_or_checkpoints_switches_too(tmp_path: Path) -> None:
     """No consensus point before the end of `fit`: the measurement is taken at every epoch-end meeting."""

@@ -8,6 +8,7 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from torch.utils.data import SubsetRandomSampler, WeightedRandomSampler
 from lightning_fedhog.epoch_indices import EpochIndices, draw, permutation
 from lightning_fedhog.shared_counter import SharedCounterSampler
 from lightning_fedhog.work_budget import WorkBudget, chunks_per_epoch
-from lightning_fedhog.work_sharing import dynamic_blocker
+from lightning_fedhog.work_sharing import dynamic_blocker, loader_blocker
 from tests.conftest import run_app, run_in_threads
 
 
@@ -265,3 +266,18 @@ def test_limit_train_batches_caps_every_worker_without_a_hang(tmp_path: Path) ->
     for epoch in ("0", "1"):
         seen = reports[0]["seen"][epoch] + reports[1]["seen"][epoch]
         assert len(seen) == len(set(seen)) == 2 * 6 * 16, "no sample twice within an epoch"
+
+
+def test_loaders_that_rule_an_automatic_switch_out_are_named() -> None:
+    """`work_sharing="auto"` decides during training, from the loader Lightning set up."""
+    data = torch.utils.data.TensorDataset(torch.arange(8.0))
+    distributed = torch.utils.data.DistributedSampler(data, num_replicas=2, rank=0)
+    shardable = torch.utils.data.DataLoader(data, batch_size=2, sampler=distributed)
+
+    def blocker(loaders: object) -> str:
+        return loader_blocker(SimpleNamespace(train_dataloader=loaders)) or ""  # type: ignore[arg-type]
+
+    assert loader_blocker(SimpleNamespace(train_dataloader=shardable)) is None  # type: ignore[arg-type]
+    assert "this run has 2" in blocker({"a": shardable, "b": shardable})
+    assert "use_distributed_sampler=False" in blocker(torch.utils.data.DataLoader(data, batch_size=2))
+    assert "map-style" in blocker(torch.utils.data.DataLoader(data, batch_sampler=[[0, 1]]))

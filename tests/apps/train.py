@@ -408,6 +408,7 @@ def main() -> None:
         "sched_steps": model.sched_steps,
         "setup_estimate": model.setup_estimate,
         "sharing": model.sharing,
+        "reload_dataloaders_every_n_epochs": trainer.reload_dataloaders_every_n_epochs,
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         "lrs": [group["lr"] for opt in trainer.optimizers for group in opt.param_groups],
         "estimated": model.estimated,
