@@ -103,15 +103,6 @@ def test_schedules_sized_by_estimated_stepping_batches_span_the_run(tmp_path: Pa
     assert max(lr for report in reports for lr in report["lr_trace"]) > 0.9 * 0.125, "never near the peak"
 
 
-def test_max_steps_alone_ends_the_run(tmp_path: Path) -> None:
-    """`max_steps` without `max_epochs` (Lightning then allows endless epochs): the budget still ends the run."""
-    reports = run_app(
-        tmp_path, "--devices", "2", *DYNAMIC, "--samples", "320", "--epochs", "-1", "--max-steps", "15", *SLOW_RANK_1,
-    )
-    assert sum(r["global_step"] for r in reports) == 2 * 15
-    assert {r["current_epoch"] for r in reports} == {2}
-
-
 def test_the_max_steps_budget_survives_reloaded_loaders(tmp_path: Path) -> None:
     reports = run_app(
         tmp_path, "--devices", "2", *DYNAMIC, "--samples", "320", "--epochs", "5", "--max-steps", "15",
@@ -119,16 +110,6 @@ def test_the_max_steps_budget_survives_reloaded_loaders(tmp_path: Path) -> None:
     )
     assert sum(r["global_step"] for r in reports) == 2 * 15
     assert {r["current_epoch"] for r in reports} == {2}
-
-
-def test_the_max_steps_budget_survives_a_resume(tmp_path: Path) -> None:
-    settings = ("--devices", "2", *DYNAMIC, "--samples", "320", "--epochs", "5", "--max-steps", "15", *SLOW_RANK_1)
-    run_app(tmp_path / "first", *settings, "--epochs", "1")
-    checkpoint = next((tmp_path / "first" / "ckpt").glob("epoch=0-*.ckpt"))
-    resumed = run_app(tmp_path / "resumed", *settings, "--resume", str(checkpoint))
-    after = sum(r["global_step"] - r["started"]["global_step"] for r in resumed)
-    assert after == 2 * 15 - 20, f"the first epoch spent 20 of the 30 batches; the resumed run trained {after}"
-    assert len({r["current_epoch"] for r in resumed}) == 1, "every rank ends after the same epoch"
 
 
 @pytest.mark.parametrize("sharing", ["static", "dynamic"])

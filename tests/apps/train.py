@@ -55,8 +55,6 @@ class Net(L.LightningModule):
         sigterm_group: bool = False,
         schedule: str = "none",
         sigterm_epoch_end: int = -1,
-        skip_batches: bool = False,
-        kill_main_epoch: int = -1,
         estimate_in_setup: bool = False,
         out: str = "",
         sleep_from_epoch: int = 0,
@@ -89,14 +87,6 @@ class Net(L.LightningModule):
     def setup(self, stage: str) -> None:
         if self.hparams.estimate_in_setup and stage == "fit":  # before Lightning restores a checkpoint
             self.setup_estimate = float(self.trainer.estimated_stepping_batches)
-
-    def on_train_epoch_start(self) -> None:
-        if self.global_rank == 0 and self.current_epoch == self.hparams.kill_main_epoch:
-            print(f"KILLED rank 0 at {time.time()}", flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)  # the launching process dies without a word, as a job limit does
-
-    def on_train_batch_start(self, batch: object, batch_idx: int) -> int | None:
-        return -1 if self.hparams.skip_batches else None  # -1: Lightning skips the rest of the epoch
 
     def on_train_epoch_end(self) -> None:
         if self.global_rank == self.hparams.sigterm_rank and self.current_epoch == self.hparams.sigterm_epoch_end:
@@ -298,9 +288,6 @@ def main() -> None:
                         help="after fit, raise max_steps to this and fit again with the same Trainer")
     parser.add_argument("--sigterm-epoch-end", type=int, default=-1,
                         help="--sigterm-rank SIGTERMs every process at the end of this epoch (on_train_epoch_end)")
-    parser.add_argument("--skip-batches", action="store_true", help="on_train_batch_start returns -1: nothing trains")
-    parser.add_argument("--kill-main-epoch", type=int, default=-1,
-                        help="rank 0 (the launching process) SIGKILLs itself at the start of this epoch")
     parser.add_argument("--strategy", default="object", help="'object', or a registered name")
     args = parser.parse_args()
     if args.gpu_ids:
@@ -311,7 +298,7 @@ def main() -> None:
     model = Net(
         args.kind, world_size, args.lr, args.sleep_rank, args.sleep, args.crash_rank, args.nan_rank, args.kill_rank,
         args.kill_step, args.sigterm_rank, args.sigterm_step, args.sigterm_group, args.schedule,
-        args.sigterm_epoch_end, args.skip_batches, args.kill_main_epoch, args.estimate_in_setup, str(args.out),
+        args.sigterm_epoch_end, args.estimate_in_setup, str(args.out),
         args.sleep_from_epoch,
     )
     strategy = (
