@@ -25,7 +25,6 @@ from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.optim import Optimizer
 from typing_extensions import override
 
@@ -410,10 +409,10 @@ class FedHogStrategy(PerWorkerCheckpoints):
             blocker = settings_blocking_dynamic_sharing(trainer)
             if blocker is None:
                 self._share_dynamically(trainer)  # before `setup`: the coordination is built without stragglers
-            else:  # every rank resumes from the same step, so static shards are safe
-                rank_zero_warn(
-                    f"fedhog: the checkpoint was saved while work was shared dynamically (`work_sharing='auto'`"
-                    f" switched), but this run's settings rule that out, so it resumes with static shards: {blocker}"
+            elif self.is_global_zero:  # every rank resumes from the same step, so static shards are safe
+                log.warning(  # through logging: advice that a `warnings` filter should not swallow
+                    "fedhog: the checkpoint was saved while work was shared dynamically (`work_sharing='auto'`"
+                    " switched), but this run's settings rule that out, so it resumes with static shards: %s", blocker
                 )
         if self.work is not None:
             self.work.resume_from(checkpoint, trainer)
