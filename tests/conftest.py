@@ -220,6 +220,18 @@ def load_rank(out: Path, rank: int) -> dict:
     return torch.load(out / f"rank{rank}.pt", weights_only=False)
 
 
+def assert_one_model(out: Path, world_size: int) -> None:
+    """Every rank of the app's run ended with the same weights (the consensus model)."""
+    states = [load_rank(out, rank)["state_dict"] for rank in range(world_size)]
+    for key, value in states[0].items():
+        assert all(torch.equal(state[key], value) for state in states), f"{key} differs between ranks"
+
+
+def trained_in_epoch(reports: list[dict], epoch: int | str) -> list[int]:
+    """The sample indices every rank of the app's run trained in ``epoch``, together."""
+    return [index for report in reports for index in report["seen"].get(str(epoch), [])]
+
+
 @dataclass
 class Outcome:
     """How a run of the app that may fail ended."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from tests.conftest import load_rank, run_app, run_outcome
+from tests.conftest import assert_one_model, run_app, run_outcome, trained_in_epoch
 
 AUTO = ("--work-sharing", "auto")
 STRAGGLER_FROM_EPOCH_1 = ("--sleep-rank", "1", "--sleep", "0.1", "--sleep-from-epoch", "1")
@@ -28,20 +28,18 @@ def test_a_straggler_mid_run_switches_every_rank_at_one_epoch_and_a_resume_keeps
     settings = ("--devices", "2", *AUTO, "--samples", "640", *STRAGGLER_FROM_EPOCH_1)
     reports = run_app(tmp_path / "first", *settings, "--epochs", "3")
     assert _sharing(reports) == {"0": "static", "1": "static", "2": "dynamic"}
-    for epoch in ("0", "1", "2"):
-        trained = [index for report in reports for index in report["seen"][epoch]]
-        assert sorted(trained) == list(range(640)), f"epoch {epoch}: not every sample once"
+    for epoch in (0, 1, 2):
+        assert sorted(trained_in_epoch(reports, epoch)) == list(range(640)), f"epoch {epoch}: not every sample once"
     fast, slow = (len(report["seen"]["2"]) for report in reports)
     assert fast > 1.5 * slow, "after the switch the fast device takes more batches"
     assert [len(report["seen"]["1"]) for report in reports] == [320, 320], "before it, equal static shards"
-    states = [load_rank(tmp_path / "first", rank)["state_dict"] for rank in range(2)]
-    assert all(torch.equal(states[0][key], states[1][key]) for key in states[0]), "one consensus model"
+    assert_one_model(tmp_path / "first", 2)
 
     checkpoint = next((tmp_path / "first" / "ckpt").glob("epoch=2-*.ckpt"))
     assert torch.load(checkpoint, weights_only=False)["fedhog_work_sharing"] == "dynamic"
     resumed = run_app(tmp_path / "resumed", *settings, "--epochs", "4", "--resume", str(checkpoint))
     assert _sharing(resumed) == {"3": "dynamic"}, "the resumed run shares work as the checkpointed one did"
-    assert sorted(index for report in resumed for index in report["seen"]["3"]) == list(range(640))
+    assert sorted(trained_in_epoch(resumed, 3)) == list(range(640))
 
     # resumed with a setting that rules dynamic sharing out: static shards, said once (every rank has one step count)
     outcome = run_outcome(
@@ -61,15 +59,11 @@ def test_the_max_steps_budget_and_a_step_schedule_carry_across_the_switch(tmp_pa
     assert _sharing(reports) == {"0": "static", "1": "static", "2": "dynamic", "3": "dynamic"}
     assert sum(report["global_step"] for report in reports) == 140
     assert {report["current_epoch"] for report in reports} == {4}, "every rank ends after the same epoch"
-    assert len(_trained_in(reports, "3")) == 20 * 16 and sorted(_trained_in(reports, "2")) == list(range(640))
+    assert len(trained_in_epoch(reports, "3")) == 20 * 16 and sorted(trained_in_epoch(reports, "2")) == list(range(640))
     for report in reports:
         positions = report["sched_steps"]
         assert positions == sorted(positions) and positions[-1] <= 70, "the schedule went back or past its end"
         assert report["reload_dataloaders_every_n_epochs"] == 0, "the user's setting is given back"
-
-
-def _trained_in(reports: list[dict], epoch: str) -> list[int]:
-    return [index for report in reports for index in report["seen"].get(epoch, [])]
 
 
 def test_a_run_without_validation_or_checkpoints_switches_too(tmp_path: Path) -> None:
@@ -79,7 +73,7 @@ def test_a_run_without_validation_or_checkpoints_switches_too(tmp_path: Path) ->
         *STRAGGLER_FROM_EPOCH_1,
     )
     assert _sharing(reports) == {"0": "static", "1": "static", "2": "dynamic"}
-    assert sorted(index for report in reports for index in report["seen"]["2"]) == list(range(640))
+    assert sorted(trained_in_epoch(reports, 2)) == list(range(640))
 
 
 def test_settings_that_rule_dynamic_sharing_out_keep_static_shards_and_say_why_once(tmp_path: Path) -> None:

@@ -11,15 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import APP, free_port, load_rank, run_app
+from tests.conftest import APP, assert_one_model, free_port, load_rank, run_app
 
 pytestmark = pytest.mark.slow
-
-
-def _assert_consensus(out: Path, world_size: int) -> None:
-    states = [load_rank(out, rank)["state_dict"] for rank in range(world_size)]
-    for key, value in states[0].items():
-        assert all(torch.equal(state[key], value) for state in states), key
 
 
 def test_torchrun_single_node(tmp_path: Path) -> None:
@@ -29,7 +23,7 @@ def test_torchrun_single_node(tmp_path: Path) -> None:
     assert [r["local_rank"] for r in reports] == [0, 1]
     assert len({r["pid"] for r in reports}) == 2
     assert {r["environment"] for r in reports} == {"TorchElasticEnvironment"}
-    _assert_consensus(tmp_path, 2)
+    assert_one_model(tmp_path, 2)
 
 
 def test_torchrun_two_nodes_on_localhost(tmp_path: Path) -> None:
@@ -56,7 +50,7 @@ def test_torchrun_two_nodes_on_localhost(tmp_path: Path) -> None:
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
     assert [(r["node_rank"], r["local_rank"]) for r in reports] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert {r["environment"] for r in reports} == {"TorchElasticEnvironment"}
-    _assert_consensus(tmp_path, 4)
+    assert_one_model(tmp_path, 4)
     # two devices (one per node) averaged their probes: each holds the mean of both
     probe = load_rank(tmp_path, 0)["state_dict"]["probe"]
     assert torch.equal(probe, probe.mean().expand(4))
@@ -90,5 +84,5 @@ def test_slurm_tasks(tmp_path: Path) -> None:
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert {r["environment"] for r in reports} == {"SLURMEnvironment"}
     assert [r["root_device"] for r in reports] == ["cpu"] * 2
-    _assert_consensus(tmp_path, 2)
+    assert_one_model(tmp_path, 2)
 

@@ -12,15 +12,9 @@ import torch.distributed as dist
 from lightning.fabric.plugins.environments import TorchElasticEnvironment
 
 from lightning_fedhog.layout import restart_safe_store
-from tests.conftest import free_port, load_rank, run_app
+from tests.conftest import assert_one_model, free_port, load_rank, run_app
 
 STEPS_PER_EPOCH = 8  # 256 samples, batches of 16, 2 workers
-
-
-def _assert_consensus(out: Path, world_size: int) -> None:
-    states = [load_rank(out, rank)["state_dict"] for rank in range(world_size)]
-    for key, value in states[0].items():
-        assert all(torch.equal(state[key], value) for state in states), key
 
 
 def test_restart_safe_store_gives_each_attempt_its_own_keys(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -64,7 +58,7 @@ def test_torchrun_restart_resumes_from_last_checkpoint(tmp_path: Path) -> None:
         # and it finished the whole run
         assert report["current_epoch"] == 3
         assert report["global_step"] == 3 * STEPS_PER_EPOCH
-    _assert_consensus(tmp_path, 2)
+    assert_one_model(tmp_path, 2)
     saved = sorted(path.name for path in (tmp_path / "ckpt").glob("epoch=*.ckpt"))
     assert saved == ["epoch=0-step=8.ckpt", "epoch=1-step=16.ckpt", "epoch=2-step=24.ckpt"]
     # the kill came one step after the epoch-0 checkpoint was written: from then to training again

@@ -17,21 +17,11 @@ import pytest
 import torch
 
 from lightning_fedhog.epoch_indices import permutation
-from tests.conftest import load_rank, run_app, run_outcome
+from tests.conftest import assert_one_model, run_app, run_outcome, trained_in_epoch
 
 DYNAMIC = ("--work-sharing", "dynamic")
 SLOW_RANK_1 = ("--sleep-rank", "1", "--sleep", "0.02")
 SEED = 1234  # the app's `seed_everything`, which Lightning's samplers take as their seed
-
-
-def _trained(reports: list[dict], epoch: int) -> list[int]:
-    return [index for report in reports for index in report["seen"].get(str(epoch), [])]
-
-
-def _assert_same_model(out: Path, world_size: int) -> None:
-    states = [load_rank(out, rank)["state_dict"] for rank in range(world_size)]
-    for key, value in states[0].items():
-        assert all(torch.equal(state[key], value) for state in states), f"{key} differs between workers"
 
 
 @pytest.mark.parametrize("sampler", ["subset", "in_order"])
@@ -43,12 +33,12 @@ def test_a_users_sampler_keeps_its_indices_and_order(tmp_path: Path, sampler: st
     )
     expected = list(range(0, 640, 2)) if sampler == "subset" else list(range(640))
     for epoch in (0, 1):
-        assert sorted(_trained(reports, epoch)) == expected, f"epoch {epoch}: not exactly the sampler's indices"
+        assert sorted(trained_in_epoch(reports, epoch)) == expected, f"epoch {epoch}: not exactly the sampler's indices"
     if sampler == "in_order":  # every batch is one aligned run of the sampler's order
         for report in reports:
             for batch in report["batches"]["0"] + report["batches"]["1"]:
                 assert batch == list(range(batch[0], batch[0] + 16)) and batch[0] % 16 == 0, batch
-    _assert_same_model(tmp_path, 2)
+    assert_one_model(tmp_path, 2)
 
 
 def test_a_weighted_sampler_keeps_its_weights_and_replacement(tmp_path: Path) -> None:
@@ -57,12 +47,12 @@ def test_a_weighted_sampler_keeps_its_weights_and_replacement(tmp_path: Path) ->
         *SLOW_RANK_1,
     )
     for epoch in (0, 1):
-        trained = _trained(reports, epoch)
+        trained = trained_in_epoch(reports, epoch)
         assert len(trained) == 320, f"epoch {epoch}: {len(trained)} draws, the sampler's num_samples is 320"
         assert all(index % 2 == 0 for index in trained), "an index of weight 0 was trained"
         assert max(collections.Counter(trained).values()) > 1, "drawn without replacement"
-    assert sorted(_trained(reports, 0)) != sorted(_trained(reports, 1)), "the same draws in both epochs"
-    _assert_same_model(tmp_path, 2)
+    assert sorted(trained_in_epoch(reports, 0)) != sorted(trained_in_epoch(reports, 1)), "the same draws in both epochs"
+    assert_one_model(tmp_path, 2)
 
 
 def test_reloaded_loaders_with_loader_workers_train_every_sample_once(tmp_path: Path) -> None:
@@ -72,8 +62,8 @@ def test_reloaded_loaders_with_loader_workers_train_every_sample_once(tmp_path: 
         "--num-workers", "2", *SLOW_RANK_1,
     )
     for epoch in (0, 1, 2):
-        assert sorted(_trained(reports, epoch)) == list(range(640)), f"epoch {epoch}: not every sample once"
-    _assert_same_model(tmp_path, 2)
+        assert sorted(trained_in_epoch(reports, epoch)) == list(range(640)), f"epoch {epoch}: not every sample once"
+    assert_one_model(tmp_path, 2)
 
 
 def test_several_training_loaders_are_refused_with_the_fix(tmp_path: Path) -> None:
@@ -98,7 +88,7 @@ def test_a_spent_budget_ends_fit_at_once(tmp_path: Path, stage: str) -> None:
         reports = run_app(tmp_path / "again", *settings, "--max-steps", "0", timeout=90)
     assert all(report["seen"] == {} for report in reports), "a batch was trained"
     assert len({report["global_step"] for report in reports}) == 1
-    _assert_same_model(tmp_path / "again", 2)
+    assert_one_model(tmp_path / "again", 2)
 
 
 def test_a_second_fit_continues_one_budget_on_every_rank(tmp_path: Path) -> None:
@@ -112,9 +102,9 @@ def test_a_second_fit_continues_one_budget_on_every_rank(tmp_path: Path) -> None
     assert sum(r["global_step"] for r in reports) == 2 * 25
     assert len({r["current_epoch"] for r in reports}) == 1, "the ranks ended in different epochs"
     for epoch in (0, 2):
-        assert sorted(_trained(reports, epoch)) == list(range(320)), f"epoch {epoch}: not every sample once"
-    assert len(set(_trained(reports, 1))) == len(_trained(reports, 1)) == 10 * 16
-    _assert_same_model(tmp_path, 2)
+        assert sorted(trained_in_epoch(reports, epoch)) == list(range(320)), f"epoch {epoch}: not every sample once"
+    assert len(set(trained_in_epoch(reports, 1))) == len(trained_in_epoch(reports, 1)) == 10 * 16
+    assert_one_model(tmp_path, 2)
 
 
 def test_an_estimate_read_in_setup_before_a_resume_keeps_the_resumed_epoch_and_budget(tmp_path: Path) -> None:
@@ -129,7 +119,7 @@ def test_an_estimate_read_in_setup_before_a_resume_keeps_the_resumed_epoch_and_b
     expected = sorted(sorted(order[16 * chunk : 16 * chunk + 16]) for chunk in range(10))
     trained = sorted(sorted(batch) for report in resumed for batch in report["batches"]["1"])
     assert trained == expected, "the resumed epoch did not train epoch 1's first 10 chunks"
-    _assert_same_model(tmp_path / "resumed", 2)
+    assert_one_model(tmp_path / "resumed", 2)
 
 
 @pytest.mark.parametrize("sharing", ["static", "dynamic"])
