@@ -39,6 +39,10 @@ def idle_report(busy_seconds: list[float], devices: list[int], blocker: str | No
     idle = idle_share(busy_seconds, devices)
     if idle is None or idle.fraction < IDLE_FRACTION:
         return None
+    return _idle_warning(idle, blocker)
+
+
+def _idle_warning(idle: IdleShare, blocker: str | None) -> str:
     fix = (
         f"fedhog cannot switch to `work_sharing='dynamic'` by itself here: {blocker}"
         if blocker is not None
@@ -178,4 +182,4 @@ class StragglerWatch:
                 )
             return
         if self._report:  # through logging: advice that a `warnings` filter should not swallow
-            log.warning(idle_report(seconds, devices, blocker))
+            log.warning(_idle_warning(self.last, blocker))

@@ -215,7 +215,7 @@ class FedHogStrategy(PerWorkerCheckpoints):
 
     def _switch_to_dynamic(self) -> str | None:
         """``work_sharing="auto"`` measured idle devices: dynamic sharing from the next epoch on (the loader is set up
-        again then). Called at the same consensus point on every rank, which all decide alike from the same figures.
+        again then). Called at the same epoch-end meeting on every rank, which all decide alike from the same figures.
 
         Returns:
             None when it switched, else why the run's settings rule dynamic sharing out.

@@ -101,17 +101,13 @@ class DynamicWork:
 
         The loader is returned as it is (with a warning) when it has no ``batch_size`` to claim by.
         """
-        if (
-            not isinstance(dataloader, DataLoader)
-            or dataloader.batch_size is None
-            or isinstance(dataloader.dataset, IterableDataset)
-        ):
+        if not claims_by_batch(dataloader):
             rank_zero_warn(
                 "fedhog: `work_sharing='dynamic'` needs a `DataLoader` over a map-style data set with a `batch_size`"
                 " (not an `IterableDataset`, not a custom `batch_sampler`); this training loader keeps static shards."
             )
             return dataloader
-        if getattr(dataloader, "in_order", True) is False:
+        if not in_order(dataloader):
             raise ValueError(
                 "fedhog: `work_sharing='dynamic'` counts the batches each worker trains in the order its sampler"
                 " claimed them, but the training loader has `in_order=False`. HINT: leave `in_order=True` (the"
@@ -248,11 +244,31 @@ class DynamicWork:
         return self.sampler.trained_through / (self.world_size * self._accumulate)
 
 
+def claims_by_batch(loader: object) -> bool:
+    """Whether dynamic sharing can hand out ``loader``'s batches: a ``DataLoader`` over a map-style data set with a
+    ``batch_size`` (one claim is one batch)."""
+    return (
+        isinstance(loader, DataLoader)
+        and loader.batch_size is not None
+        and not isinstance(loader.dataset, IterableDataset)
+    )
+
+
+def in_order(loader: DataLoader) -> bool:
+    """Whether ``loader`` returns batches in the order its sampler yields them (what claim counting relies on)."""
+    return getattr(loader, "in_order", True) is not False
+
+
+def training_loaders(trainer: pl.Trainer) -> list[Any]:
+    """The run's training loaders as Lightning set them up (one per entry of a dict or list of loaders)."""
+    loaders = trainer.train_dataloader
+    return [] if loaders is None else CombinedLoader(loaders).flattened
+
+
 def refuse_several_loaders(trainer: pl.Trainer) -> None:
     """Dynamic sharing hands out one loader's batches; with several, each step would draw from each loader's counter
     at its own pace and Lightning's cycling of the shorter ones would train chunks twice or not at all."""
-    loaders = trainer.train_dataloader
-    count = 1 if loaders is None or isinstance(loaders, DataLoader) else len(CombinedLoader(loaders).flattened)
+    count = len(training_loaders(trainer))
     if count > 1:
         raise ValueError(
             f"fedhog: `work_sharing='dynamic'` shares out the batches of one training loader, but this run has"
@@ -315,17 +331,16 @@ def dynamic_blocker(
 
 def loader_blocker(trainer: pl.Trainer) -> str | None:
     """Why the run's training loader rules dynamic sharing out (for ``"auto"``, which decides during training)."""
-    loaders = trainer.train_dataloader
-    if loaders is None:
+    flattened = training_loaders(trainer)
+    if not flattened:
         return "the training loader is not set up. HINT: use `work_sharing='static'` or `'dynamic'`."
-    flattened = CombinedLoader(loaders).flattened
     if len(flattened) > 1:
         return (
             f"it shares out one training loader's batches and this run has {len(flattened)}. HINT: combine the data"
             f" sets into one loader (`ConcatDataset`), or accept the idle time."
         )
     loader = flattened[0]
-    if not isinstance(loader, DataLoader) or loader.batch_size is None or isinstance(loader.dataset, IterableDataset):
+    if not claims_by_batch(loader):
         return (
             "it needs a `DataLoader` over a map-style data set with a `batch_size`. HINT: give the loader a"
             " `batch_size` (not a custom `batch_sampler`) over a data set with `__getitem__` and `__len__`."
@@ -336,7 +351,7 @@ def loader_blocker(trainer: pl.Trainer) -> str | None:
             " each worker's loader may hold a shard of its own, and sharing one index list would mix them up. HINT: use"
             " `work_sharing='dynamic'` if every worker's loader holds the whole data set, else `'static'`."
         )
-    if getattr(loader, "in_order", True) is False:
+    if not in_order(loader):
         return "it needs the loader's batches in order. HINT: leave `in_order=True` (the default)."
     sampler = internals.sampler_inside_wrapper(loader.sampler) or loader.sampler
     if not isinstance(sampler, Sized):
