@@ -106,11 +106,6 @@ class EpochIndices:
             )
         self._cached: tuple[int, list[int]] | None = None
 
-    def describe(self) -> str:
-        if self.whole_data_set:
-            return f"a {'permutation' if self.shuffle else 'pass in order'} of all {self.length} samples"
-        return f"{type(self.sampler).__name__} ({self.length} indices)"
-
     def __call__(self, epoch: int) -> list[int]:
         """Epoch ``epoch``'s indices (drawn once per epoch, then kept: a second pass sees the same list)."""
         if self._cached is not None and self._cached[0] == epoch:
