@@ -57,7 +57,7 @@ def _row(report: dict[str, Any]) -> list[str]:
                 f"| {method} | {seconds} | {epochs or '-'} | "
                 + (f"{per_epoch:.2f} s" if per_epoch else "-")
                 + f" | {r['final_accuracy']:.3f} | "
-                + ("baseline" if method == own else f"**{ratio:.2f}x** the time" if ratio else "-")
+                + ("baseline" if method == own else f"**{ratio:.2f}x** the time" + _of(own, report) if ratio else "-")
                 + " |"
             )
         return lines
@@ -80,6 +80,11 @@ def _row(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _of(own: str, report: dict[str, Any]) -> str:
+    """Names a row's own baseline where it is not the table's."""
+    return "" if own == report["baseline"] else f" of {own}"
+
+
 def markdown(reports: list[dict[str, Any]]) -> str:
     """The README section: one table per benchmark, with the command that measured it."""
     out = [BEGIN, ""]
@@ -95,7 +100,7 @@ def markdown(reports: list[dict[str, Any]]) -> str:
         if report["benchmark"] in ACCURACY:
             target = report["settings"].get("target_accuracy", 0.90)
             out += [f"| method | time to {target:.2f} (spread) | epochs to {target:.2f} (seeds) | time per epoch |"
-                    " final accuracy | vs DDP |", "|---|---|---|---|---|---|"]
+                    f" final accuracy | vs {report['baseline']} |", "|---|---|---|---|---|---|"]
         else:
             out += ["| method | samples/s (spread) | samples/s to the end of `fit` | step | vs baseline |",
                     "|---|---|---|---|---|"]
@@ -112,6 +117,12 @@ def markdown(reports: list[dict[str, Any]]) -> str:
             out += ["", f"One consensus (exact average) of {measured['elements']:,} fp32 elements between two"
                     f" leaders, {_PLACEMENTS.get(name, name)}: {measured['seconds'] * 1000:.0f} ms (median of"
                     f" {len(measured['all_seconds'])})."]
+        for key, partial in report.get("once", {}).items():
+            if key.startswith("partial_step"):
+                out += ["", f"A partial step's forward+backward over a full step's with K={len(partial['blocks'])},"
+                        " per worker's block: " + ", ".join(f"{ratio:.2f}" for ratio in partial["partial_over_full"])
+                        + f"; alternating with full steps, a step takes {partial['mean_step_over_full']:.2f} of a"
+                        f" full one on average (full step {partial['full_step_s'] * 1000:.1f} ms, one thread)."]
         if report.get("target"):
             out += ["", f"Target: {report['target']}."]
         out += ["", f"`{report['invocation']}`", ""]

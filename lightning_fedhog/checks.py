@@ -18,6 +18,7 @@ from torch.nn import Module
 
 from lightning_fedhog.config import FedHogConfig
 from lightning_fedhog.internals import saves_by_time, step_or_time_trigger, time_based_val_check
+from lightning_fedhog.partial import first_partial_epoch
 from lightning_fedhog.shared_buffer import FlatLayout, flat_layout
 from lightning_fedhog.work_sharing import dynamic_blocker
 
@@ -31,6 +32,8 @@ def check_before_launch(trainer: pl.Trainer, config: FedHogConfig) -> None:
     if module is not None and trainer.state.fn == TrainerFn.FITTING:
         checked_layout(config, module, built=not is_overridden("configure_model", module))
     check_no_time_based_validation(trainer)
+    if config.partial_backprop is not None:
+        first_partial_epoch(config.partial_backprop, trainer.max_epochs)  # a share needs `max_epochs`
     if config.work_sharing == "dynamic" and (blocker := settings_blocking_dynamic_sharing(trainer)) is not None:
         raise ValueError(f"`work_sharing='dynamic'`: {blocker}")
     for message in lockstep_hazards(trainer):

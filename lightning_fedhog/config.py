@@ -30,8 +30,9 @@ PRESETS: dict[str, tuple[str, dict[str, object]]] = {
         {"workers_per_device": 1},
     ),
     "fedhog_lpp": (
-        "LPP-SGD: 4 workers per device alternating full and partial-backprop steps from epoch 1",
-        {"workers_per_device": 4, "partial_backprop": 1},
+        "LPP-SGD: 4 workers per device; full steps for the first 10% of the epochs, then full and partial-backprop"
+        " steps alternate",
+        {"workers_per_device": 4, "partial_backprop": 0.1},
     ),
     "fedhog_gossip": (
         "fedhog with pairwise gossip on the one-peer exponential graph instead of all-reduce",
@@ -74,9 +75,10 @@ class FedHogConfig:
         block_rule: which block a round exchanges when ``num_blocks > 1``: ``"round_robin"``, ``"random"``
             (from ``seed``), ``"largest_change"`` (where the copies moved most since that block's last exchange).
         seed: shared by all leaders for the random topology and block rule.
-        partial_backprop: None (off), or the epoch from which each worker alternates full steps with partial
-            steps that compute gradients only for its own block of parameter tensors (LPP-SGD; the paper starts
-            after about 10% of the epochs). Needs ``workers_per_device >= 2``.
+        partial_backprop: None (off), or when each worker starts alternating full steps with partial steps that
+            compute gradients only for its own block of parameter tensors (LPP-SGD): an epoch number, or a float in
+            (0, 1), the share of ``max_epochs`` trained with full steps first (the paper's schedule is 0.1, the
+            ``"fedhog_lpp"`` preset's). Needs ``workers_per_device >= 2``.
         partition: how parameter tensors are split into the K partial-backprop blocks: ``"numel"`` (the
             paper's equal element counts) or ``"compute"`` (equal estimated gradient work, measured on the first
             batch: early convolutions apply few weights at many positions).
@@ -136,7 +138,7 @@ class FedHogConfig:
     topology: Topology = "exponential"
     block_rule: BlockRule = "round_robin"
     seed: int = 0
-    partial_backprop: int | None = None
+    partial_backprop: int | float | None = None
     partition: Partition = "numel"
     rotate_ownership: bool = False
     work_sharing: WorkSharing = "auto"
@@ -168,18 +170,26 @@ class FedHogConfig:
                 " `averaging='allreduce'` with compression, or `compression='none'` with gossip."
             )
         _require_int("seed", self.seed, 0, "any non-negative integer; all leaders must use the same one.")
-        if self.partial_backprop is not None:
+        if isinstance(self.partial_backprop, float):
+            if not 0 < self.partial_backprop < 1:
+                raise ValueError(
+                    f"`partial_backprop={self.partial_backprop}` is a float, the share of the run's epochs before"
+                    " partial steps start, so it must lie strictly between 0 and 1. HINT: e.g. 0.1 (the paper's"
+                    " schedule), or an integer epoch number such as 0 (from the start)."
+                )
+        elif self.partial_backprop is not None:
             _require_int(
                 "partial_backprop",
                 self.partial_backprop,
                 0,
-                "the epoch from which partial steps start (0: from the start), or None to turn it off.",
+                "the epoch from which partial steps start (0: from the start), a share of the epochs such as 0.1,"
+                " or None to turn it off.",
             )
-            if self.workers_per_device < 2:
-                raise ValueError(
-                    f"`partial_backprop={self.partial_backprop}` splits the model among the workers of a device, but"
-                    " `workers_per_device=1`. HINT: use `workers_per_device` >= 2, or `partial_backprop=None`."
-                )
+        if self.partial_backprop is not None and self.workers_per_device < 2:
+            raise ValueError(
+                f"`partial_backprop={self.partial_backprop}` splits the model among the workers of a device, but"
+                " `workers_per_device=1`. HINT: use `workers_per_device` >= 2, or `partial_backprop=None`."
+            )
         if self.averaging_period != "auto":
             _require_int(
                 "averaging_period",

@@ -90,7 +90,7 @@ class FedHogStrategy(PerWorkerCheckpoints):
         topology: Topology = "exponential",
         block_rule: BlockRule = "round_robin",
         seed: int = 0,
-        partial_backprop: int | None = None,
+        partial_backprop: int | float | None = None,
         partition: Partition = "numel",
         rotate_ownership: bool = False,
         work_sharing: WorkSharing = "auto",
@@ -302,7 +302,7 @@ class FedHogStrategy(PerWorkerCheckpoints):
             self.work.on_train_start(trainer)
         self._log_work_sharing(trainer)
         if self._partial is not None:
-            self._partial.start(self._module())
+            self._partial.begin(self._module(), trainer.max_epochs)
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

@@ -37,6 +37,9 @@ from tests.conftest import fit_refused
         ({"averaging_backend": "mpi"}, r"Unknown `averaging_backend='mpi'`. HINT: choose one of 'auto', 'nccl'"),
         ({"partial_backprop": -1, "workers_per_device": 2}, r"`partial_backprop` must be >= 0, got -1"),
         ({"partial_backprop": 3, "workers_per_device": 1}, r"`workers_per_device=1`. HINT: use `workers_per_device`"),
+        ({"partial_backprop": 0.1, "workers_per_device": 1}, r"`workers_per_device=1`. HINT: use `workers_per_device`"),
+        ({"partial_backprop": 1.0}, r"`partial_backprop=1.0` is a float, .* between 0 and 1. HINT: e.g. 0.1"),
+        ({"partial_backprop": 0.0}, r"`partial_backprop=0.0` is a float, .* HINT: .* such as 0 \(from the start\)"),
         ({"rounds_in_flight": 0}, r"`rounds_in_flight` must be >= 1, got 0"),
         ({"rounds_in_flight": 2}, r"`rounds_in_flight=2` needs .* `num_blocks=1`. HINT: use `num_blocks=2` or more"),
         ({"rounds_in_flight": 2, "num_blocks": 2, "averaging": "gossip"}, r"`averaging='gossip'`. HINT: use `averag"),
@@ -81,6 +84,13 @@ def test_model_checks_run_in_the_launcher_before_spawning() -> None:
     fit_refused(_Tiny(mixed=True), r"mixes dtypes .*torch.float32.*HINT: cast the module")
 
 
+def test_partial_steps_after_a_share_of_the_run_need_max_epochs() -> None:
+    fit_refused(  # `max_steps` alone leaves `max_epochs` unset
+        _Tiny(), r"`partial_backprop=0.1` starts .* no `max_epochs` \(got None\). HINT: set `Trainer\(max_epochs=",
+        FedHogStrategy(partial_backprop=0.1),
+    )
+
+
 def test_sync_batchnorm_is_refused_at_trainer_construction() -> None:
     with pytest.raises(ValueError, match=r"sync_batchnorm=True\)` is not supported by fedhog.*HINT: drop"):
         L.Trainer(accelerator="cpu", devices=2, strategy="fedhog", sync_batchnorm=True)
@@ -123,6 +133,8 @@ def test_registered_names_build_the_strategy_with_their_presets() -> None:
     assert trainer.strategy.distributed_sampler_kwargs == {"num_replicas": 8, "rank": 0}
     single = L.Trainer(accelerator="cpu", devices=3, strategy="fedhog_single_worker", logger=False)
     assert single.strategy.num_processes == 3
+    lpp = L.Trainer(accelerator="cpu", devices=2, strategy="fedhog_lpp", logger=False)
+    assert (lpp.strategy.workers_per_device, lpp.strategy.config.partial_backprop) == (4, 0.1)  # the paper's tenth
 
 
 def test_workers_map_to_their_device() -> None:

@@ -152,12 +152,17 @@ def test_gossip_between_three_devices_ends_in_one_consensus_model(tmp_path: Path
 
 
 def test_partial_backprop_with_compute_partition_and_rotation_trains(tmp_path: Path) -> None:
-    reports = run_app(
-        tmp_path, "--devices", "2", "--workers", "2", "--partial-backprop", "0", "--partition", "compute",
+    reports = run_app(  # full steps for the first half of the epochs, then every other step is partial
+        tmp_path, "--devices", "2", "--workers", "2", "--partial-backprop", "0.5", "--partition", "compute",
         "--rotate", "--epochs", "2",
     )
     _assert_identical_and_checkpointed(tmp_path, 4)
     assert reports[0]["metrics"]["val_acc"] > 0.9
+    for report in reports:
+        steps = len(report["batches"]["1"])
+        assert report["partial_steps"].get("0", 0) == 0, report["partial_steps"]
+        # odd steps of epoch 1 (the step count runs on from epoch 0's)
+        assert abs(report["partial_steps"]["1"] - steps / 2) <= 1, (report["partial_steps"], steps)
 
 
 # NaN in one device: tests/test_faults.py (with the other fault-injection scenarios)

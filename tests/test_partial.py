@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from lightning_fedhog.blocks import partition_tensors, tensor_costs
-from lightning_fedhog.partial import PartialSteps, gradients_only_for, record_positions
+from lightning_fedhog.partial import PartialSteps, first_partial_epoch, gradients_only_for, record_positions
 
 
 def _cnn() -> nn.Module:
@@ -79,12 +80,36 @@ def _hooks(module: nn.Module) -> int:
 
 def test_the_measuring_hooks_go_after_the_first_step_or_at_the_end_of_a_fit_that_took_none() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
-    steps = PartialSteps(start_epoch=0, workers=2, partition="compute", rotate=False)
-    steps.start(model)
+    steps = PartialSteps(start=0, workers=2, partition="compute", rotate=False)
+    steps.begin(model, max_epochs=5)
     assert _hooks(model) > 0
     steps.clear()  # the fit ended before its first training step
     assert _hooks(model) == 0
-    steps.start(model)
+    steps.begin(model, max_epochs=5)
     with steps.step(model, epoch=0, worker_steps=1, slot=0):
         model(torch.ones(3, 4))  # the first forward pass measures, then the hooks go
     assert _hooks(model) == 0
+
+
+def test_a_share_of_the_run_starts_partial_steps_after_that_many_epochs() -> None:
+    assert first_partial_epoch(3, None) == 3  # an epoch number needs no bound
+    assert first_partial_epoch(0.1, 100) == 10  # the reference's 30 of 300 epochs
+    assert first_partial_epoch(0.1, 90) == 9
+    assert first_partial_epoch(0.1, 5) == 1  # at least one epoch of full steps
+    for unbounded in (None, -1):
+        with pytest.raises(ValueError, match=r"has no `max_epochs` \(got .*\). HINT: set `Trainer\(max_epochs=...\)`"):
+            first_partial_epoch(0.1, unbounded)
+
+
+def _partial_step_seen(steps: PartialSteps, model: nn.Module, epoch: int, worker_steps: int) -> bool:
+    with steps.step(model, epoch=epoch, worker_steps=worker_steps, slot=0):
+        return not all(p.requires_grad for p in model.parameters())
+
+
+def test_full_steps_until_the_first_partial_epoch_then_every_other_step_is_partial() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    steps = PartialSteps(start=0.25, workers=2, partition="numel", rotate=False)
+    steps.begin(model, max_epochs=8)
+    assert steps.start_epoch == 2
+    seen = {(epoch, step): _partial_step_seen(steps, model, epoch, step) for epoch in range(4) for step in range(4)}
+    assert seen == {(epoch, step): epoch >= 2 and step % 2 == 1 for epoch in range(4) for step in range(4)}

@@ -80,6 +80,7 @@ class Net(L.LightningModule):
         self.estimated: float | None = None  # trainer.estimated_stepping_batches, read in configure_optimizers
         self.lr_trace: list[float] = []  # the LR of every step this worker took
         self.hook_sums: dict[str, list[float]] = {}  # what user hooks saw of the model (see ModelProbe)
+        self.partial_steps: dict[int, int] = {}  # epoch -> steps run with some parameter not requiring gradients
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -135,6 +136,8 @@ class Net(L.LightningModule):
                 self.seen.setdefault(self.current_epoch, []).extend(loader_batch[2].tolist())
             batch = next(iter(batch.values()))
         x, y, index = batch
+        partial = not all(parameter.requires_grad for parameter in self.parameters())
+        self.partial_steps[self.current_epoch] = self.partial_steps.get(self.current_epoch, 0) + partial
         self.seen.setdefault(self.current_epoch, []).extend(index.tolist())
         self.batches.setdefault(self.current_epoch, []).append(index.tolist())
         if self.trainer.lr_scheduler_configs:
@@ -251,7 +254,9 @@ def main() -> None:
     parser.add_argument("--averaging", default="allreduce")
     parser.add_argument("--topology", default="exponential")
     parser.add_argument("--block-rule", default="round_robin")
-    parser.add_argument("--partial-backprop", type=int, default=None)
+    parser.add_argument(  # an epoch number, or a share of the epochs ("0.5")
+        "--partial-backprop", type=lambda value: float(value) if "." in value else int(value), default=None
+    )
     parser.add_argument("--partition", default="numel")
     parser.add_argument("--rotate", action="store_true")
     parser.add_argument("--work-sharing", default="static")
@@ -401,6 +406,7 @@ def main() -> None:
         "estimated": model.estimated,
         "lr_trace": model.lr_trace,
         "hook_sums": model.hook_sums,
+        "partial_steps": model.partial_steps,
         "strategy": type(trainer.strategy).__name__,
         "environment": type(trainer.strategy.cluster_environment).__name__,
         "workers_per_device": getattr(trainer.strategy, "workers_per_device", 1),
