@@ -196,7 +196,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ends = [r["curve"][-1][0] for r in results.values() if r["curve"]]
         if ends and max(ends) > 10 * max(min(ends), 1e-9):  # thin links: seconds and minutes on one plot
             axis.set_xscale("log")
-        axis.legend(fontsize="small")
+        if results:  # a smoke run may keep none of a benchmark's methods
+            axis.legend(fontsize="small")
     else:
         names = list(results)
         axis.bar(names, [results[n]["samples_per_s"] for n in names], color="#8fb3d9")
