@@ -6,6 +6,7 @@ Every rule lives here as plain code so that a unit test can call it directly and
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal, get_args
@@ -23,7 +24,10 @@ AveragingMode = Literal["allreduce", "gossip"]
 _AVERAGING_MODES: tuple[str, ...] = get_args(AveragingMode)
 
 PRESETS: dict[str, tuple[str, dict[str, object]]] = {
-    "fedhog": ("fedhog: 2 Hogwild! workers per device, background all-reduce averaging every 16 steps", {}),
+    "fedhog": (
+        "fedhog: Hogwild! workers per device chosen for the hardware, background all-reduce averaging every 16 steps",
+        {},
+    ),
     "fedhog_k4": ("fedhog with the paper's 4 Hogwild! workers per device", {"workers_per_device": 4}),
     "fedhog_single_worker": (
         "fedhog with 1 worker per device: background averaging between devices only",
@@ -59,14 +63,63 @@ def _require_int(name: str, value: object, minimum: int, hint: str, maximum: int
         raise ValueError(f"`{name}` must be <= {maximum}, got {value}. HINT: {hint}")
 
 
+GPU_WORKERS_PER_DEVICE = 4
+"""``"auto"``'s K on a GPU with enough CPU cores: the paper's, and the fastest K in the P5 benchmark (one GPU)."""
+
+
+def auto_workers_per_device(device_type: str, devices: int, cpus: int, *, partial_backprop: bool) -> int:
+    """``workers_per_device="auto"``: how many Hogwild! workers share each device, from the hardware.
+
+    On a GPU the workers keep it busy between each other's kernels, data loading and Python overhead (the reason
+    for K workers in the paper), up to :data:`GPU_WORKERS_PER_DEVICE`, and each needs a CPU core of its own to
+    feed it. On CPU a "device" is the cores it is given: K workers split the same cores, so they add no compute,
+    only asynchrony; in the P4 and P12b benchmarks (2 cores) more workers per device reached a test accuracy later,
+    not sooner. Partial backprop splits the model among the workers, so it gets at least 2.
+
+    Args:
+        device_type: ``torch.device.type`` of the devices (``"cuda"``, ``"cpu"``, ...).
+        devices: devices on this node.
+        cpus: CPU cores this process may run on.
+        partial_backprop: whether LPP-SGD is on.
+    """
+    workers = 1
+    if device_type == "cuda":
+        workers = max(1, min(GPU_WORKERS_PER_DEVICE, cpus // max(devices, 1)))
+    return max(workers, 2) if partial_backprop else workers
+
+
+def available_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask where the platform has one, e.g. under SLURM)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def external_workers_per_device(processes: int, devices: int, num_nodes: int) -> int:
+    """K under a launcher that started the processes itself (torchrun, SLURM): its processes per device.
+
+    Raises:
+        ValueError: the processes cannot be split evenly over the devices.
+    """
+    per_run = devices * num_nodes
+    if processes < per_run or processes % per_run:
+        raise ValueError(
+            f"fedhog: the launcher started {processes} processes for {devices} device(s) x {num_nodes} node(s), which"
+            " is not a whole number of workers per device. HINT: start `devices x workers_per_device` processes per"
+            " node (e.g. `torchrun --nproc-per-node`, `--ntasks-per-node`), or set `workers_per_device` explicitly."
+        )
+    return processes // per_run
+
+
 @dataclass(frozen=True, kw_only=True)
 class FedHogConfig:
     """Validated settings of one fedhog run.
 
     Attributes:
         workers_per_device: K, the number of Hogwild! worker processes that share one parameter copy per device
-            (LAP-SGD, Chatterjee et al., ICDCS 2024). The paper uses K=4 per GPU; on CPU, K workers per device
-            share that device's cores.
+            (LAP-SGD, Chatterjee et al., ICDCS 2024). ``"auto"`` (the default) chooses it from the hardware once
+            the Trainer has set the devices (:func:`auto_workers_per_device`; under torchrun or SLURM, the processes
+            the launcher started per device).
         averaging: how devices mix their copies in the background. ``"allreduce"``: every round, all device
             leaders average one block of the flat parameter vector. ``"gossip"``: every round, each leader
             averages the block with one peer chosen by ``topology``; less traffic per round, slower mixing.
@@ -129,7 +182,7 @@ class FedHogConfig:
             devices, several devices on one GPU).
     """
 
-    workers_per_device: int = 2
+    workers_per_device: int | Literal["auto"] = "auto"
     averaging: AveragingMode = "allreduce"
     averaging_period: int | Literal["auto"] = 16
     averaging_warmup_epochs: int = 0
@@ -148,13 +201,15 @@ class FedHogConfig:
     rounds_in_flight: int = 1
 
     def __post_init__(self) -> None:
-        _require_int(
-            "workers_per_device",
-            self.workers_per_device,
-            1,
-            "use 1 for one process per device (no local asynchrony), 2-4 for Hogwild! workers sharing a device.",
-            maximum=MAX_WORKERS_PER_DEVICE,
-        )
+        if self.workers_per_device != "auto":
+            _require_int(
+                "workers_per_device",
+                self.workers_per_device,
+                1,
+                "use 1 for one process per device (no local asynchrony), 2-4 for Hogwild! workers sharing a device,"
+                " or 'auto' to choose from the hardware.",
+                maximum=MAX_WORKERS_PER_DEVICE,
+            )
         _require_choice("averaging", self.averaging, _AVERAGING_MODES)
         _require_choice("topology", self.topology, TOPOLOGIES)
         _require_choice("block_rule", self.block_rule, BLOCK_RULES)
@@ -185,7 +240,7 @@ class FedHogConfig:
                 "the epoch from which partial steps start (0: from the start), a share of the epochs such as 0.1,"
                 " or None to turn it off.",
             )
-        if self.partial_backprop is not None and self.workers_per_device < 2:
+        if self.partial_backprop is not None and self.workers_per_device != "auto" and self.workers_per_device < 2:
             raise ValueError(
                 f"`partial_backprop={self.partial_backprop}` splits the model among the workers of a device, but"
                 " `workers_per_device=1`. HINT: use `workers_per_device` >= 2, or `partial_backprop=None`."
@@ -235,7 +290,8 @@ class FedHogConfig:
             numel: number of elements of the flat vector (floating parameters and buffers).
             num_parameter_tensors: parameter tensors the partial-backprop partition splits.
         """
-        if self.partial_backprop is not None and 0 < num_parameter_tensors < self.workers_per_device:
+        workers = self.workers_per_device  # "auto" is chosen before the launcher checks the model
+        if self.partial_backprop is not None and workers != "auto" and 0 < num_parameter_tensors < workers:
             raise ValueError(
                 f"`partial_backprop` gives each of the {self.workers_per_device} workers of a device a block of"
                 f" parameter tensors, but the model has only {num_parameter_tensors}. HINT: use `workers_per_device`"

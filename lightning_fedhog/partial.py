@@ -109,22 +109,27 @@ class PartialSteps:
     Args:
         start: ``partial_backprop``: the first epoch with partial steps, or a share of ``max_epochs``
             (:func:`first_partial_epoch`), resolved when training starts.
-        workers: K, the workers of a device (one block each).
         partition: ``"numel"`` or ``"compute"``.
         rotate: move to the next block every epoch.
     """
 
-    def __init__(self, start: int | float, workers: int, partition: Partition, rotate: bool) -> None:
-        self.start, self.workers, self.partition, self.rotate = start, workers, partition, rotate
+    def __init__(self, start: int | float, partition: Partition, rotate: bool) -> None:
+        self.start, self.partition, self.rotate = start, partition, rotate
+        self.workers = 2
         self.start_epoch = start if isinstance(start, int) else 0
         self._positions: dict[int, int] = {}
         self._remove_hooks: Callable[[], None] | None = None
         self._blocks: list[range] | None = None
         self._parameters: list[nn.Parameter] = []
 
-    def begin(self, module: nn.Module, max_epochs: int | None) -> None:
-        """Training starts: a new model may have come, and ``"compute"`` measures it on the next forward pass."""
+    def begin(self, module: nn.Module, max_epochs: int | None, workers: int) -> None:
+        """Training starts: a new model may have come, and ``"compute"`` measures it on the next forward pass.
+
+        Args:
+            workers: K, the workers of a device (one block each).
+        """
         self.start_epoch = first_partial_epoch(self.start, max_epochs)
+        self.workers = workers
         self._blocks, self._parameters = None, []
         if self.partition == "compute":
             self._positions, self._remove_hooks = record_positions(module)

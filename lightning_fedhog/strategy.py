@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from functools import partial
@@ -25,6 +26,7 @@ from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.optim import Optimizer
 from typing_extensions import override
 
@@ -40,7 +42,14 @@ from lightning_fedhog.checks import (
     settings_blocking_dynamic_sharing,
 )
 from lightning_fedhog.compression import Compression
-from lightning_fedhog.config import PRESETS, AveragingMode, FedHogConfig
+from lightning_fedhog.config import (
+    PRESETS,
+    AveragingMode,
+    FedHogConfig,
+    auto_workers_per_device,
+    available_cpus,
+    external_workers_per_device,
+)
 from lightning_fedhog.coordination import Coordination, meet_peers
 from lightning_fedhog.device_copy import release, share_parameters
 from lightning_fedhog.device_sync import AveragingBackend, leader_backend, settle
@@ -81,7 +90,7 @@ class FedHogStrategy(PerWorkerCheckpoints):
 
     def __init__(
         self,
-        workers_per_device: int = 2,
+        workers_per_device: int | Literal["auto"] = "auto",
         averaging: AveragingMode = "allreduce",
         averaging_period: int | Literal["auto"] = 16,
         averaging_warmup_epochs: int = 0,
@@ -124,15 +133,36 @@ class FedHogStrategy(PerWorkerCheckpoints):
         self._carried_budget: dict[str, Any] | None = None  # dynamic sharing's budget as the last fit left it
         self._reload_setting: int | None = None  # the user's reload_dataloaders_every_n_epochs while "auto" switches
         self._partial = (
-            PartialSteps(partial_backprop, workers_per_device, partition, rotate_ownership)
-            if partial_backprop is not None
-            else None
+            PartialSteps(partial_backprop, partition, rotate_ownership) if partial_backprop is not None else None
         )
 
     # ------------------------------------------------------------------------------------------ process layout
     @property
     def workers_per_device(self) -> int:
-        return self.config.workers_per_device
+        """K; ``"auto"`` is chosen on first use, once the Trainer has set the devices (Lightning reads the process
+        count in ``set_world_ranks``, before the launcher exists), and the config then holds the number."""
+        workers = self.config.workers_per_device
+        if workers == "auto":
+            workers = self._choose_workers()
+            self.config = dataclasses.replace(self.config, workers_per_device=workers)
+        return workers
+
+    def _choose_workers(self) -> int:
+        devices = self.parallel_devices or []
+        if self.accelerator is None or not devices or self.cluster_environment is None:
+            raise RuntimeError(
+                "fedhog: `workers_per_device='auto'` is chosen once the Trainer has set the accelerator and the"
+                " devices. HINT: read it from `trainer.strategy` after `Trainer(...)`, or pass a number."
+            )
+        environment = self.cluster_environment
+        if environment.creates_processes_externally:  # torchrun, SLURM, or a worker this launcher started
+            processes = int(os.environ.get("WORLD_SIZE", environment.world_size()))
+            return external_workers_per_device(processes, len(devices), self.num_nodes)
+        workers = auto_workers_per_device(
+            devices[0].type, len(devices), available_cpus(), partial_backprop=self.config.partial_backprop is not None
+        )
+        rank_zero_info(f"fedhog: workers_per_device='auto' chose {workers} per {devices[0].type} device.")
+        return workers
 
     @property
     def layout(self) -> DeviceLayout:
@@ -171,7 +201,8 @@ class FedHogStrategy(PerWorkerCheckpoints):
             raise RuntimeError("fedhog: the Trainer did not set a cluster environment.")
         # refused here, at `Trainer(...)`, before any worker exists
         self.leader_backend = leader_backend(self.config.averaging_backend, self.parallel_devices or [])
-        self._launcher = FedHogLauncher(self.cluster_environment, self.num_processes, self.num_nodes, self.config)
+        processes = self.num_processes  # chooses `workers_per_device="auto"` if Lightning has not asked yet
+        self._launcher = FedHogLauncher(self.cluster_environment, processes, self.num_nodes, self.config)
 
     @override
     def setup_distributed(self) -> None:
@@ -302,7 +333,7 @@ class FedHogStrategy(PerWorkerCheckpoints):
             self.work.on_train_start(trainer)
         self._log_work_sharing(trainer)
         if self._partial is not None:
-            self._partial.begin(self._module(), trainer.max_epochs)
+            self._partial.begin(self._module(), trainer.max_epochs, self.workers_per_device)
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

@@ -163,6 +163,9 @@ def run_in_threads(fn, world_size: int, timeout: float = 60.0) -> list:
 _FORKSERVER: ForkServer | None = None
 _WORKERS_OF_PRESET = {"fedhog": 2, "fedhog_k4": 4, "fedhog_lpp": 4, "fedhog_gossip": 2, "fedhog_single_worker": 1,
                       "ddp": 1}
+"""Processes per device the tests start for a registered name. "fedhog" and "fedhog_gossip" leave
+`workers_per_device="auto"`, which, under a launcher that starts the processes itself (these forked ranks, as
+torchrun's), takes that launcher's processes per device: 2 here."""
 
 
 @pytest.fixture(autouse=True, scope="session")

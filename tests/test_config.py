@@ -23,6 +23,7 @@ from tests.conftest import fit_refused
         ({"workers_per_device": True}, r"`workers_per_device` must be an integer"),
         # a typo would start 100 processes per device before anything failed: refused at construction instead
         ({"workers_per_device": 100}, r"`workers_per_device` must be <= 64, got 100. HINT"),
+        ({"workers_per_device": "many"}, r"`workers_per_device` must be an integer, got 'many' .* or 'auto'"),
         ({"num_blocks": 0}, r"`num_blocks` must be >= 1, got 0"),
         ({"averaging_period": -3}, r"`averaging_period` must be >= 1, got -3"),
         ({"averaging_warmup_epochs": -1}, r"`averaging_warmup_epochs` must be >= 0, got -1"),
@@ -135,6 +136,38 @@ def test_registered_names_build_the_strategy_with_their_presets() -> None:
     assert single.strategy.num_processes == 3
     lpp = L.Trainer(accelerator="cpu", devices=2, strategy="fedhog_lpp", logger=False)
     assert (lpp.strategy.workers_per_device, lpp.strategy.config.partial_backprop) == (4, 0.1)  # the paper's tenth
+
+
+def test_auto_workers_fit_the_hardware() -> None:
+    from lightning_fedhog.config import auto_workers_per_device, external_workers_per_device
+
+    assert auto_workers_per_device("cpu", 2, 2, partial_backprop=False) == 1  # K workers would split the same cores
+    assert auto_workers_per_device("cpu", 2, 64, partial_backprop=False) == 1
+    assert auto_workers_per_device("cpu", 2, 2, partial_backprop=True) == 2  # one block each: at least 2
+    assert auto_workers_per_device("cuda", 1, 16, partial_backprop=False) == 4  # the paper's K per GPU
+    assert auto_workers_per_device("cuda", 8, 16, partial_backprop=False) == 2  # a core per worker
+    assert auto_workers_per_device("cuda", 4, 2, partial_backprop=False) == 1
+    assert auto_workers_per_device("cuda", 4, 2, partial_backprop=True) == 2
+    assert external_workers_per_device(8, 2, 1) == 4
+    assert external_workers_per_device(8, 2, 2) == 2
+    for processes, devices in ((6, 4), (2, 4)):
+        with pytest.raises(ValueError, match=rf"started {processes} processes for {devices} device.* HINT: start"):
+            external_workers_per_device(processes, devices, 1)
+
+
+def test_auto_workers_on_cpu_is_one_per_device_and_an_external_launcher_decides_its_own(monkeypatch) -> None:
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="fedhog", logger=False)
+    assert (trainer.strategy.workers_per_device, trainer.strategy.num_processes, trainer.world_size) == (1, 2, 2)
+    assert trainer.strategy.config.workers_per_device == 1, "the config holds the chosen number"
+    explicit = L.Trainer(accelerator="cpu", devices=2, strategy=FedHogStrategy(workers_per_device=3), logger=False)
+    assert explicit.strategy.num_processes == 6
+    monkeypatch.setenv("LOCAL_RANK", "0")  # torchrun, or a worker fedhog's launcher started: 4 processes, 2 devices
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    launched = L.Trainer(accelerator="cpu", devices=2, strategy="fedhog", logger=False)
+    assert (launched.strategy.workers_per_device, launched.world_size) == (2, 4)
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ValueError, match=r"started 3 processes for 2 device\(s\) x 1 node\(s\).* HINT: start"):
+        L.Trainer(accelerator="cpu", devices=2, strategy="fedhog", logger=False)
 
 
 def test_workers_map_to_their_device() -> None:

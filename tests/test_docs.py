@@ -27,7 +27,7 @@ BLOCKS = [
 ]
 
 
-FORKED = {("quickstart.md", 0): 4, ("migrating-from-ddp.md", 0): 4, ("launching.md", 2): 4}
+FORKED = {("quickstart.md", 0): 2, ("migrating-from-ddp.md", 0): 4, ("launching.md", 2): 4}
 """Python blocks whose ranks are forked, with their number of processes (devices x workers per device)."""
 
 

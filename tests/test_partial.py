@@ -80,12 +80,12 @@ def _hooks(module: nn.Module) -> int:
 
 def test_the_measuring_hooks_go_after_the_first_step_or_at_the_end_of_a_fit_that_took_none() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
-    steps = PartialSteps(start=0, workers=2, partition="compute", rotate=False)
-    steps.begin(model, max_epochs=5)
+    steps = PartialSteps(start=0, partition="compute", rotate=False)
+    steps.begin(model, max_epochs=5, workers=2)
     assert _hooks(model) > 0
     steps.clear()  # the fit ended before its first training step
     assert _hooks(model) == 0
-    steps.begin(model, max_epochs=5)
+    steps.begin(model, max_epochs=5, workers=2)
     with steps.step(model, epoch=0, worker_steps=1, slot=0):
         model(torch.ones(3, 4))  # the first forward pass measures, then the hooks go
     assert _hooks(model) == 0
@@ -108,8 +108,8 @@ def _partial_step_seen(steps: PartialSteps, model: nn.Module, epoch: int, worker
 
 def test_full_steps_until_the_first_partial_epoch_then_every_other_step_is_partial() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
-    steps = PartialSteps(start=0.25, workers=2, partition="numel", rotate=False)
-    steps.begin(model, max_epochs=8)
+    steps = PartialSteps(start=0.25, partition="numel", rotate=False)
+    steps.begin(model, max_epochs=8, workers=2)
     assert steps.start_epoch == 2
     seen = {(epoch, step): _partial_step_seen(steps, model, epoch, step) for epoch in range(4) for step in range(4)}
     assert seen == {(epoch, step): epoch >= 2 and step % 2 == 1 for epoch in range(4) for step in range(4)}
