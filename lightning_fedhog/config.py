@@ -129,8 +129,9 @@ class FedHogConfig:
             (from ``seed``), ``"largest_change"`` (where the copies moved most since that block's last exchange).
         seed: shared by all leaders for the random topology and block rule.
         partial_backprop: None (off), or when each worker starts alternating full steps with partial steps that
-            compute gradients only for its own block of parameter tensors (LPP-SGD): an epoch number, or a float in
-            (0, 1), the share of ``max_epochs`` trained with full steps first (the paper's schedule is 0.1, the
+            compute gradients only for its own block of parameter tensors (LPP-SGD): an epoch number (a whole
+            number, also written as a float), or a value strictly between 0 and 1, the share of ``max_epochs`` trained
+            with full steps first (the paper's schedule is 0.1, the
             ``"fedhog_lpp"`` preset's). Needs ``workers_per_device >= 2``.
         partition: how parameter tensors are split into the K partial-backprop blocks: ``"numel"`` (the
             paper's equal element counts) or ``"compute"`` (equal estimated gradient work, measured on the first
@@ -225,12 +226,15 @@ class FedHogConfig:
                 " `averaging='allreduce'` with compression, or `compression='none'` with gossip."
             )
         _require_int("seed", self.seed, 0, "any non-negative integer; all leaders must use the same one.")
+        if isinstance(self.partial_backprop, float) and self.partial_backprop.is_integer():
+            # a command line or YAML parser may hand over `10` as 10.0: a whole number is an epoch number
+            object.__setattr__(self, "partial_backprop", int(self.partial_backprop))
         if isinstance(self.partial_backprop, float):
             if not 0 < self.partial_backprop < 1:
                 raise ValueError(
-                    f"`partial_backprop={self.partial_backprop}` is a float, the share of the run's epochs before"
-                    " partial steps start, so it must lie strictly between 0 and 1. HINT: e.g. 0.1 (the paper's"
-                    " schedule), or an integer epoch number such as 0 (from the start)."
+                    f"`partial_backprop={self.partial_backprop}` is neither an epoch number nor a share of the run's"
+                    " epochs before partial steps start (strictly between 0 and 1). HINT: e.g. 0.1 (the paper's"
+                    " schedule), or a whole epoch number such as 0 (from the start)."
                 )
         elif self.partial_backprop is not None:
             _require_int(

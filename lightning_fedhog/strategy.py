@@ -133,7 +133,9 @@ class FedHogStrategy(PerWorkerCheckpoints):
         self._carried_budget: dict[str, Any] | None = None  # dynamic sharing's budget as the last fit left it
         self._reload_setting: int | None = None  # the user's reload_dataloaders_every_n_epochs while "auto" switches
         self._partial = (
-            PartialSteps(partial_backprop, partition, rotate_ownership) if partial_backprop is not None else None
+            PartialSteps(self.config.partial_backprop, partition, rotate_ownership)
+            if self.config.partial_backprop is not None
+            else None
         )
 
     # ------------------------------------------------------------------------------------------ process layout

@@ -39,8 +39,8 @@ from tests.conftest import fit_refused
         ({"partial_backprop": -1, "workers_per_device": 2}, r"`partial_backprop` must be >= 0, got -1"),
         ({"partial_backprop": 3, "workers_per_device": 1}, r"`workers_per_device=1`. HINT: use `workers_per_device`"),
         ({"partial_backprop": 0.1, "workers_per_device": 1}, r"`workers_per_device=1`. HINT: use `workers_per_device`"),
-        ({"partial_backprop": 1.0}, r"`partial_backprop=1.0` is a float, .* between 0 and 1. HINT: e.g. 0.1"),
-        ({"partial_backprop": 0.0}, r"`partial_backprop=0.0` is a float, .* HINT: .* such as 0 \(from the start\)"),
+        ({"partial_backprop": 1.5}, r"`partial_backprop=1.5` is neither .* between 0 and 1\). HINT: e.g. 0.1"),
+        ({"partial_backprop": -0.5}, r"`partial_backprop=-0.5` is neither .* HINT: .* such as 0 \(from the start\)"),
         ({"rounds_in_flight": 0}, r"`rounds_in_flight` must be >= 1, got 0"),
         ({"rounds_in_flight": 2}, r"`rounds_in_flight=2` needs .* `num_blocks=1`. HINT: use `num_blocks=2` or more"),
         ({"rounds_in_flight": 2, "num_blocks": 2, "averaging": "gossip"}, r"`averaging='gossip'`. HINT: use `averag"),
@@ -58,6 +58,13 @@ def test_num_blocks_larger_than_the_model_is_refused() -> None:
     FedHogConfig(num_blocks=10).validate_model(10, 2)
     with pytest.raises(ValueError, match=r"`num_blocks=11` is larger than the model's 10 floating elements"):
         FedHogConfig(num_blocks=11).validate_model(10, 2)
+
+
+def test_partial_backprop_as_a_whole_float_is_an_epoch_number() -> None:
+    # LightningCLI hands `--trainer.strategy.partial_backprop=10` over as 10.0
+    assert FedHogConfig(partial_backprop=10.0).partial_backprop == 10
+    assert isinstance(FedHogConfig(partial_backprop=0.0).partial_backprop, int)
+    assert FedHogConfig(partial_backprop=0.1).partial_backprop == 0.1
 
 
 def test_partial_backprop_needs_a_block_of_tensors_per_worker() -> None:
