@@ -80,6 +80,10 @@ def _row(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _name(method: str) -> str:
+    return "DDP" if method == "ddp" else method
+
+
 def _of(own: str, report: dict[str, Any]) -> str:
     """Names a row's own baseline where it is not the table's."""
     return "" if own == report["baseline"] else f" of {own}"
@@ -100,7 +104,7 @@ def markdown(reports: list[dict[str, Any]]) -> str:
         if report["benchmark"] in ACCURACY:
             target = report["settings"].get("target_accuracy", 0.90)
             out += [f"| method | time to {target:.2f} (spread) | epochs to {target:.2f} (seeds) | time per epoch |"
-                    f" final accuracy | vs {report['baseline']} |", "|---|---|---|---|---|---|"]
+                    f" final accuracy | vs {_name(report['baseline'])} |", "|---|---|---|---|---|---|"]
         else:
             out += ["| method | samples/s (spread) | samples/s to the end of `fit` | step | vs baseline |",
                     "|---|---|---|---|---|"]
