@@ -43,8 +43,8 @@ def p12_lpp_accuracy(scale: Scale, workdir: Path) -> dict[str, Any]:
                          "fedhog_k4": "2 devices x 4 workers, full steps only (LAP-SGD at LPP-SGD's K)",
                          "fedhog_lpp": "strategy='fedhog_lpp': 2 devices x 4 workers, full steps for the first 10% of"
                          " the epochs, then full and partial steps alternate",
-                         "fedhog_lpp_from_epoch_1": "the same with partial steps from epoch 1 (the preset until"
-                         " 0.3.x)", "seeds": "repeat i uses seed_everything=i"}}
+                         "fedhog_lpp_from_epoch_1": "the same with partial steps from epoch 1 (the preset"
+                         " before)", "seeds": "repeat i uses seed_everything=i"}}
 
 
 def p12_lpp_time(scale: Scale, workdir: Path) -> dict[str, Any]:

@@ -22,10 +22,10 @@ from lightning_fedhog.blocks import Partition, owned_block, partition_tensors, t
 def first_partial_epoch(setting: int | float, max_epochs: int | None) -> int:
     """The first epoch with partial steps: ``setting`` itself when it is an epoch number, else that share of the run.
 
-    The paper's reference runs full steps for about a tenth of training first (its ``prepassmepochs``: 30 of 300
-    epochs on CIFAR-10, 20 of 200 on WRN-16-8, 6 of 90 on ImageNet): while the model is far from any minimum a
-    partial step's update of one block is large against the others' and costs accuracy that later epochs do not win
-    back (Chatterjee et al., ICDCS 2024, Sec. IV). A share keeps that proportion whatever ``max_epochs`` is.
+    The paper's reference code runs full steps for about a tenth of training first (its ``prepassmepochs``: 30 of
+    300 epochs on CIFAR-10, 20 of 200 on WRN-16-8, 6 of 90 on ImageNet), while the model moves fastest and a step
+    that updates one block only is furthest from the full step it stands in for (Chatterjee et al., ICDCS 2024).
+    A share keeps that proportion whatever ``max_epochs`` is.
 
     Raises:
         ValueError: a share, but the run is not bounded by ``max_epochs``.
