@@ -34,9 +34,9 @@ PRESETS: dict[str, tuple[str, dict[str, object]]] = {
         {"workers_per_device": 1},
     ),
     "fedhog_lpp": (
-        "LPP-SGD: 4 workers per device; full steps for the first 10% of the epochs, then full and partial-backprop"
-        " steps alternate",
-        {"workers_per_device": 4, "partial_backprop": 0.1},
+        "LPP-SGD: workers per device chosen for the hardware (at least 2); full steps for the first 10% of the epochs,"
+        " then full and partial-backprop steps alternate",
+        {"partial_backprop": 0.1},
     ),
     "fedhog_gossip": (
         "fedhog with pairwise gossip on the one-peer exponential graph instead of all-reduce",

@@ -142,7 +142,8 @@ def test_registered_names_build_the_strategy_with_their_presets() -> None:
     single = L.Trainer(accelerator="cpu", devices=3, strategy="fedhog_single_worker", logger=False)
     assert single.strategy.num_processes == 3
     lpp = L.Trainer(accelerator="cpu", devices=2, strategy="fedhog_lpp", logger=False)
-    assert (lpp.strategy.workers_per_device, lpp.strategy.config.partial_backprop) == (4, 0.1)  # the paper's tenth
+    # the paper's tenth of the epochs with full steps; K from the hardware, at least 2 (one block each)
+    assert (lpp.strategy.workers_per_device, lpp.strategy.config.partial_backprop) == (2, 0.1)
 
 
 def test_auto_workers_fit_the_hardware() -> None:
