@@ -25,7 +25,7 @@ The benchmarks:
 - ``p5_gpu``: ResNet-20 on CIFAR-shaped batches, K=1,2,4 workers sharing one GPU vs one process owning it, at
   batch 256 per worker (the paper's) and 64; and the time of one consensus of a ResNet-50-sized vector.
 - ``p12_lpp_accuracy``, ``p12_lpp_time``: LPP-SGD (``"fedhog_lpp"``) against LAP-SGD at the same K: the recipe's
-  final accuracy after 100 epochs, and the time to 0.92 with the wider CNN of P7 (with DDP).
+  final accuracy after 100 epochs, and the time to 0.85 with the wider CNN of P7 (with DDP).
 - ``p6_overhead``: the share of the workers' throughput fedhog's averaging takes at period 16 and with "auto",
   measured inside each run (phases with and without rounds alternate); the averager's rounds/s, bytes/s.
 """

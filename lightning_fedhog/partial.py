@@ -115,8 +115,7 @@ class PartialSteps:
 
     def __init__(self, start: int | float, partition: Partition, rotate: bool) -> None:
         self.start, self.partition, self.rotate = start, partition, rotate
-        self.workers = 2
-        self.start_epoch = start if isinstance(start, int) else 0
+        self.start_epoch, self.workers = 0, 0  # known when training starts (`begin`)
         self._positions: dict[int, int] = {}
         self._remove_hooks: Callable[[], None] | None = None
         self._blocks: list[range] | None = None
