@@ -227,9 +227,10 @@ def p7_thin_link(rate: str, scale: Scale, workdir: Path) -> dict[str, Any]:
     """P7: wall-clock to 0.85 MNIST-1D test accuracy when the two devices share a link of ``rate`` (tc syntax).
 
     A wider CNN (128 channels, 105,738 parameters, 423 kB in fp32) makes DDP's per-step gradient all-reduce
-    link-bound; post-local SGD averages the parameters every 16 steps; fedhog (2 devices x 1 worker, the defaults:
-    whole-vector all-reduce every 16 device steps in the background) never waits for the link between consensus
-    points. fedhog also runs with no rate limit: the time a thin-link run can approach.
+    link-bound; post-local SGD averages the parameters every 16 steps; fedhog (2 devices x 1 worker, whole-vector
+    fp32 all-reduce every 16 device steps in the background: the defaults before ``compression="auto"``) never
+    waits for the link between consensus points. fedhog also runs with no rate limit: the time a thin-link run can
+    approach.
     """
     data = workdir / "mnist1d-data"
     prefix = _link(rate, scale)
@@ -238,7 +239,7 @@ def p7_thin_link(rate: str, scale: Scale, workdir: Path) -> dict[str, Any]:
     post_local = workdir / "post_local_sgd.yaml"
     post_local.write_text(POST_LOCAL_YAML)
     wide = [f"--model.channels={P7_CHANNELS}"]
-    fedhog = [*wide, "--trainer.strategy.workers_per_device=1"]
+    fedhog = [*wide, "--trainer.strategy.workers_per_device=1", "--trainer.strategy.compression=none"]
     epochs = scale.thin_accuracy_epochs
     thin = {"target": P7_TARGET, "prefix": prefix}
     methods: dict[str, Method] = {
@@ -253,7 +254,8 @@ def p7_thin_link(rate: str, scale: Scale, workdir: Path) -> dict[str, Any]:
                          " parameters, 423 kB in fp32)", "recipe": "python -m recipes.mnist1d fit --model.channels=128",
                          "link": f"loopback of a private netns, tc tbf rate {rate} (all ranks' traffic shares it);"
                          " fedhog_unlimited: the same run without the namespace",
-                         "fedhog": "2 devices x 1 worker, averaging_period=16, num_blocks=1 (defaults)",
+                         "fedhog": "2 devices x 1 worker, averaging_period=16, num_blocks=1, fp32 rounds (the"
+                         " defaults before compression='auto'; P9 has today's)",
                          "post_local_sgd": "torch's post_localSGD_hook from step 1, parameters averaged every 16 steps",
                          "ddp": "2 processes", "seeds": "repeat i uses seed_everything=i",
                          "granularity": "accuracy is measured at every epoch end: a time to target is the end of the"
@@ -293,7 +295,8 @@ def p9_mixing_per_byte(scale: Scale, workdir: Path) -> dict[str, Any]:
     if prefix is None:
         return {"skipped": harness.thin_link_unavailable()}
     wide = [f"--model.channels={P7_CHANNELS}"]
-    fedhog = [*wide, "--trainer.strategy.workers_per_device=1"]
+    fedhog = [*wide, "--trainer.strategy.workers_per_device=1", "--trainer.strategy.compression=none"]
+    no_knobs = [*wide, "--trainer.strategy=fedhog"]
     auto = "--trainer.strategy.averaging_period=auto"
     two_blocks = ["--trainer.strategy.num_blocks=2"]
     epochs = scale.thin_accuracy_epochs
@@ -305,6 +308,7 @@ def p9_mixing_per_byte(scale: Scale, workdir: Path) -> dict[str, Any]:
     methods: dict[str, Method] = {
         "ddp": mnist1d([*wide, "--trainer.strategy=ddp"], 2, scale, data, epochs, **thin),
         "fedhog": on_link(),
+        "fedhog_defaults": mnist1d(no_knobs, 2, scale, data, epochs, **thin),
         "fedhog_bf16": on_link("--trainer.strategy.compression=bf16"),
         "fedhog_int8": on_link("--trainer.strategy.compression=int8"),
         "fedhog_auto": on_link(auto),
@@ -314,15 +318,18 @@ def p9_mixing_per_byte(scale: Scale, workdir: Path) -> dict[str, Any]:
         "fedhog_int8_auto_overlap": on_link(
             "--trainer.strategy.compression=int8", auto, *two_blocks, "--trainer.strategy.rounds_in_flight=2"
         ),
-        "fedhog_unlimited": mnist1d(fedhog, 2, scale, data, epochs, target=P7_TARGET),
+        "fedhog_unlimited": mnist1d(no_knobs, 2, scale, data, epochs, target=P7_TARGET),
     }
     return {"methods": methods, "baseline": "ddp", "limit": "fedhog_unlimited", "kind": "accuracy",
             "settings": {"target_accuracy": P7_TARGET, "epochs": epochs, "batch_per_process": 32,
                          "samples": scale.mnist_samples, "model": f"ConvNet1D, channels={P7_CHANNELS} (105,738"
                          " parameters, 423 kB in fp32)", "recipe": "python -m recipes.mnist1d fit --model.channels=128",
                          "link": "loopback of a private netns, tc tbf rate 20mbit (all ranks' traffic shares it);"
-                         " fedhog_unlimited: the same run without the namespace",
-                         "fedhog": "2 devices x 1 worker, averaging_period=16, num_blocks=1, fp32 rounds (defaults)",
+                         " fedhog_unlimited: fedhog_defaults without the namespace",
+                         "fedhog": "2 devices x 1 worker, averaging_period=16, num_blocks=1, fp32 rounds"
+                         " (compression='none': the defaults before compression='auto')",
+                         "fedhog_defaults": "--trainer.strategy=fedhog, no knob set (compression='auto', 1 worker"
+                         " per CPU device)",
                          "fedhog_bf16/int8": "compression='bf16'/'int8': rounds send the difference from the shared"
                          " reference; consensus points stay exact fp32",
                          "fedhog_auto": "averaging_period='auto' (averaging may cost 5% of the workers' throughput)",

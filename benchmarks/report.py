@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from benchmarks import defaults
 from benchmarks.suite import ACCURACY, BENCHMARKS, RESULTS
 from lightning_fedhog.self_pacing import MAX_PERIOD
 
@@ -101,6 +102,9 @@ def markdown(reports: list[dict[str, Any]]) -> str:
         if report.get("skipped"):
             out += [f"{report['skipped']}.", ""]
             continue
+        if report["benchmark"] == "p10_defaults":
+            out += [*defaults.matrix_lines(report), "",
+                    "Every scenario and method (the thin_link rows: time to 0.85):", ""]
         if report["benchmark"] in ACCURACY:
             target = report["settings"].get("target_accuracy", 0.90)
             out += [f"| method | time to {target:.2f} (spread) | epochs to {target:.2f} (seeds) | time per epoch |"

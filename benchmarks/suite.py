@@ -26,6 +26,8 @@ The benchmarks:
   batch 256 per worker (the paper's) and 64; and the time of one consensus of a ResNet-50-sized vector.
 - ``p12_lpp_accuracy``, ``p12_lpp_time``: LPP-SGD (``"fedhog_lpp"``) against LAP-SGD at the same K: the recipe's
   final accuracy after 100 epochs, and the time to 0.85 with the wider CNN of P7 (with DDP).
+- ``p10_defaults``: the defaults matrix: no hindrance, one device 2x slower from the start and from halfway, a
+  20 Mbit/s link, each with DDP, post-local SGD, fedhog with no knobs and fedhog's best setting for it.
 - ``p6_overhead``: the share of the workers' throughput fedhog's averaging takes at period 16 and with "auto",
   measured inside each run (phases with and without rounds alternate); the averager's rounds/s, bytes/s.
 """
@@ -56,6 +58,7 @@ from benchmarks.accuracy import (
     p13_period_auto,
     summarize,
 )
+from benchmarks.defaults import p10_defaults
 from benchmarks.lpp import TIME_TARGET, p12_lpp_accuracy, p12_lpp_time
 
 RESULTS = harness.ROOT / "benchmarks" / "results"
@@ -244,10 +247,12 @@ BENCHMARKS = {
     "p12_lpp_time": (f"P12b MNIST-1D time to {TIME_TARGET} with a backward-heavy CNN: LPP-SGD vs LAP-SGD vs DDP",
                      p12_lpp_time),
     "p13_period_auto": ("P13 MNIST-1D time to 0.90 with averaging_period 16 and 'auto'", p13_period_auto),
+    "p10_defaults": ("P10 the defaults matrix: no hindrance, a straggler, one from halfway, a 20 Mbit/s link",
+                     p10_defaults),
 }
 ACCURACY = (
     "p4_time_to_accuracy", "p7_thin_link_100mbit", "p7_thin_link_20mbit", "p8_straggler_accuracy", "p9_mixing_per_byte",
-    "p12_lpp_accuracy", "p12_lpp_time", "p13_period_auto",
+    "p12_lpp_accuracy", "p12_lpp_time", "p13_period_auto", "p10_defaults",
 )
 SMOKE_METHODS = {
     # each launch costs the test suite ~12 s of imports: a method left out runs the same code as one kept somewhere,
@@ -265,6 +270,7 @@ SMOKE_METHODS = {
     "p12_lpp_accuracy": ("fedhog_lpp",),
     "p12_lpp_time": (),  # the measurement of one partial step still runs
     "p13_period_auto": ("fedhog_period_auto",),
+    "p10_defaults": ("halfway_fedhog",),  # no knobs, a straggler from epoch 1, the early stop
 }
 TARGETS = {
     "p1_scaling": "fedhog >= 0.95 of the physical limit and above DDP",
@@ -280,6 +286,9 @@ TARGETS = {
     "p12_lpp_accuracy": "fedhog_lpp's final accuracy within 1 point of fedhog's (median of 3 seeds)",
     "p12_lpp_time": "none set: says whether partial steps reach the target sooner than full steps at the same K",
     "p13_period_auto": "'auto' no slower than period 16 to 0.90 (it becomes the default only then)",
+    "p10_defaults": "fedhog with no knobs within 1.15x of its best setting's time and ahead of DDP and post-local SGD"
+    " in every scenario; <= 0.9x DDP's time with no hindrance, <= 0.75x with a straggler, <= 0.85x with one from"
+    " halfway",
 }
 
 

@@ -70,14 +70,21 @@ def exchange_average_(
 
 
 def start_average(
-    live: Tensor, group: Any, world_size: int, control: Tensor | None = None, nonfinite_slot: int | None = None
+    live: Tensor,
+    group: Any,
+    world_size: int,
+    control: Tensor | None = None,
+    nonfinite_slot: int | None = None,
+    reference: Tensor | None = None,
 ) -> Callable[..., Tensor | None]:
     """:func:`exchange_average_` in two halves: takes the snapshot and issues the all-reduce without waiting for
     it; returns the second half, which waits, then applies the correction (same keywords: ``exact``, ``stats``,
     ``accept``). Between the two, the workers keep writing ``live``: the correction keeps their steps.
 
     ``nonfinite_slot``: the control entry set to 1 when the snapshot (what is sent, not the live block, which a
-    worker may change after a check) holds NaN/Inf.
+    worker may change after a check) holds NaN/Inf. ``reference``: where the average of the snapshots is kept when
+    the round is applied (the shared reference compressed rounds take differences from: every leader gets the same
+    bits from the all-reduce, so it stays identical everywhere).
     """
     flat = live.view(-1)
     extra = 0 if control is None else control.numel()
@@ -103,12 +110,48 @@ def start_average(
             flat.copy_(averaged)
         else:
             delta = apply_average_delta_(flat, snapshot, averaged)
+        if reference is not None:
+            reference.view(-1).copy_(averaged)
         if stats is not None:
             stats["moved"] = float(delta.float().norm())
             stats["bytes"] = 2.0 * (world_size - 1) / world_size * message.numel() * message.element_size()
         return summed_control
 
     return finish
+
+
+_WORDS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_FINGERPRINT_CHUNK = 1 << 20
+
+
+def fingerprint(values: Tensor) -> Tensor:
+    """Two int64 checksums of the bits of ``values``: their sum and a position-weighted sum.
+
+    Two copies with the same fingerprint are the same bits but for a vanishing chance; any difference in one
+    element, a swap of two elements or a flipped sign changes it. Summing integers in wrap-around arithmetic gives
+    the same result in any order, so it does not depend on the device or on how a sum is split. The vector is
+    read in chunks, so the extra memory is a few chunk-sized int64 temporaries whatever the model's size.
+    """
+    words = values.detach().reshape(-1).view(_WORDS[values.element_size()])
+    sums = torch.zeros(2, dtype=torch.int64, device=values.device)
+    for offset in range(0, words.numel(), _FINGERPRINT_CHUNK):
+        chunk = words[offset : offset + _FINGERPRINT_CHUNK].to(torch.int64)
+        weights = torch.arange(offset, offset + chunk.numel(), dtype=torch.int64, device=values.device) % 65521 + 1
+        sums[0] += chunk.sum()
+        sums[1] += (chunk * weights).sum()
+    return sums
+
+
+def differing_copies(values: Tensor, group: Any, world_size: int) -> list[int]:
+    """Gathers every leader's :func:`fingerprint` of ``values`` (one small all-reduce) and returns the ranks, within
+    ``group``, whose copy differs from the copy most leaders hold (the lowest rank's on a tie); empty when all
+    agree."""
+    prints = torch.zeros(world_size, 2, dtype=torch.int64, device=values.device)
+    prints[group.rank()] = fingerprint(values)
+    dist.all_reduce(prints, op=dist.ReduceOp.SUM, group=group)  # one non-zero row per leader: exact in int64
+    rows = [tuple(row) for row in prints.cpu().tolist()]
+    majority = max(rows, key=lambda row: (rows.count(row), -rows.index(row)))
+    return [rank for rank, row in enumerate(rows) if row != majority]
 
 
 def sum_control(control: Tensor, group: Any) -> Tensor:

@@ -33,8 +33,11 @@ from torch import Tensor
 
 from lightning_fedhog.averaging import all_finite, staged_through_host
 
-Compression = Literal["none", "bf16", "int8"]
-"""What a background round sends: fp32 (``"none"``), bf16, or int8 codes with a scale per chunk."""
+Codec = Literal["none", "bf16", "int8"]
+"""What one background round sends: fp32 (``"none"``), bf16, or int8 codes with a scale per chunk."""
+
+Compression = Literal["auto", "none", "bf16", "int8"]
+"""The knob: a codec for every round, or ``"auto"`` (:mod:`~lightning_fedhog.auto_compression`)."""
 
 COMPRESSIONS: tuple[str, ...] = get_args(Compression)
 
@@ -44,7 +47,7 @@ INT8_CHUNK = 1024
 _CONTROL_DTYPE = torch.float32
 
 
-def encoded_bytes(numel: int, codec: Compression) -> int:
+def encoded_bytes(numel: int, codec: Codec) -> int:
     """The bytes one leader sends for a block of ``numel`` elements."""
     if codec == "none":
         return 4 * numel
@@ -54,7 +57,7 @@ def encoded_bytes(numel: int, codec: Compression) -> int:
     return numel + 4 * chunks
 
 
-def encode(values: Tensor, codec: Compression) -> Tensor:
+def encode(values: Tensor, codec: Codec) -> Tensor:
     """``values`` (a flat float tensor) as the bytes a leader sends (uint8): fp32, bf16, or int8 codes and scales.
 
     int8 rounds to nearest with a scale of ``max|v| / 127`` per chunk, so an element is off by at most half a
@@ -76,7 +79,7 @@ def encode(values: Tensor, codec: Compression) -> Tensor:
     return torch.cat([scales.view(torch.uint8), codes.view(torch.uint8)])  # scales first: 4-byte aligned
 
 
-def decode(payload: Tensor, numel: int, codec: Compression) -> Tensor:
+def decode(payload: Tensor, numel: int, codec: Codec) -> Tensor:
     """The fp32 values of :func:`encode`'s bytes (the same bits on every leader that decodes them)."""
     payload = payload[: encoded_bytes(numel, codec)]  # a gathered message may carry padding after it
     if codec == "none":
@@ -112,7 +115,7 @@ def exchange_compressed_(
     group: Any,
     world_size: int,
     control: Tensor,
-    codec: Compression,
+    codec: Codec,
     *,
     accept: Callable[[Tensor], bool] | None = None,
     stats: dict[str, float] | None = None,
@@ -141,7 +144,7 @@ def start_compressed(
     group: Any,
     world_size: int,
     control: Tensor,
-    codec: Compression,
+    codec: Codec,
     nonfinite_slot: int | None = None,
 ) -> Callable[..., Tensor]:
     """:func:`exchange_compressed_` in two halves: encodes and issues the all-gather; returns the second half
@@ -188,16 +191,33 @@ def start_compressed(
 class SharedReference:
     """Every block's reference, the same on every leader, and the compressed rounds that advance it.
 
+    The reference is one fp32 copy of the vector, allocated by the first round that needs it, on the thread that
+    runs the rounds (on a GPU: in that thread's stream, so nothing reads it before it is written). A block's first
+    compressed round sends fp32 against a zero reference (an exact average, which becomes its reference); with
+    ``compression="auto"`` the fp32 all-reduce rounds keep an allocated reference up to date
+    (:meth:`block_to_track`), so switching codecs costs nothing.
+
     Args:
         numel: elements of the flat vector.
-        num_blocks: blocks it is exchanged in; each block's first round sends fp32 (its reference is not set yet).
-        codec: what the later rounds send.
+        num_blocks: blocks it is exchanged in.
+        device: where the vector lives.
     """
 
-    def __init__(self, numel: int, num_blocks: int, codec: Compression, device: torch.device) -> None:
-        self.values = torch.zeros(numel, dtype=torch.float32, device=device)
-        self.codec = codec
+    def __init__(self, numel: int, num_blocks: int, device: torch.device) -> None:
+        self._numel, self._device = numel, device
+        self._values: Tensor | None = None
         self._ready = [False] * num_blocks
+
+    @property
+    def values(self) -> Tensor:
+        """The reference of the whole vector (allocated, zero, on first use)."""
+        if self._values is None:
+            self._values = torch.zeros(self._numel, dtype=torch.float32, device=self._device)
+        return self._values
+
+    @property
+    def allocated(self) -> bool:
+        return self._values is not None
 
     def start_(
         self,
@@ -207,12 +227,14 @@ class SharedReference:
         group: Any,
         world_size: int,
         control: Tensor,
+        codec: Codec,
         nonfinite_slot: int | None = None,
     ) -> Callable[..., Tensor]:
-        """Starts one round of ``block`` (at ``bounds`` of the flat vector); returns its second half, which takes
-        ``accept`` and ``stats`` (see :func:`start_compressed`). Rounds in flight together hold distinct blocks."""
+        """Starts one round of ``block`` (at ``bounds`` of the flat vector) sending ``codec``; returns its second
+        half, which takes ``accept`` and ``stats`` (see :func:`start_compressed`). Rounds in flight together hold
+        distinct blocks."""
         start, stop = bounds
-        codec = self.codec if self._ready[block] else "none"
+        codec = codec if self._ready[block] else "none"
         finish = start_compressed(live, self.values[start:stop], group, world_size, control, codec, nonfinite_slot)
 
         def finish_and_record(*, accept: Callable[[Tensor], bool], stats: dict[str, float]) -> Tensor:
@@ -222,7 +244,18 @@ class SharedReference:
 
         return finish_and_record
 
-    def reset_(self, flat: Tensor) -> None:
-        """After a consensus point: every copy is the exact average, which becomes every block's reference."""
+    def block_to_track(self, bounds: tuple[int, int]) -> Tensor | None:
+        """Where an exact round of the block at ``bounds`` stores its average, once the reference exists."""
+        return self.values[bounds[0] : bounds[1]] if self._values is not None else None
+
+    def tracked(self, block: int) -> None:
+        """An exact round stored ``block``'s average in the reference: it is ready for compressed rounds."""
+        self._ready[block] = True
+
+    def reset_(self, flat: Tensor, allocate: bool = True) -> None:
+        """After a consensus point: every copy is the exact average, which becomes every block's reference
+        (unless the reference does not exist yet and ``allocate`` is False)."""
+        if self._values is None and not allocate:
+            return
         self.values.copy_(flat.view(-1))
         self._ready = [True] * len(self._ready)

@@ -165,14 +165,20 @@ class FedHogConfig:
             gloo on CPU and wherever a GPU hosts several devices (NCCL refuses two ranks on one GPU; gloo averages
             CUDA tensors through host memory). ``"gloo"`` forces gloo (MIG slices, a broken NCCL); ``"nccl"``
             refuses to start where NCCL cannot run.
-        compression: what a background all-reduce round sends. ``"none"``: fp32. ``"bf16"`` and ``"int8"`` (plus
-            one scale per 1024 elements) send each copy's difference from the last average of that block, which
-            every device holds (one more fp32 copy of the vector per device), so the mean of the copies is still
-            preserved and what quantisation drops goes out with the next round of that block. Consensus points stay
-            full averages in the model's dtype. Use it on links slower than about 1 Gbit/s between devices. The
-            rounds become all-gathers, whose bytes per device grow with the number of devices: against an fp32
-            all-reduce, int8 sends a quarter with 2 devices and less up to 7, bf16 half with 2 devices and less up
-            to 3.
+        compression: what a background all-reduce round sends. ``"auto"`` (the default): fp32 until the rounds
+            show that they keep the link busy (more than a quarter of their period's steps, two rounds in a row);
+            then int8, kept only if int8 rounds are clearly faster (else the limit was the computation: back to
+            fp32, trying again ever more rarely), and back to fp32 when fp32 rounds would take under an eighth of
+            the period. Every device agrees on each switch inside the rounds' messages; each switch is one
+            info line, and ``fedhog/compression`` logs the share of rounds that sent int8. ``"none"``: always fp32.
+            ``"bf16"`` and ``"int8"`` (plus one scale per 1024 elements): always compressed. Compressed rounds send
+            each copy's difference from the last average of that block, which every device holds (one more fp32
+            copy of the vector per device, allocated when the first round compresses), so the mean of the copies
+            is still preserved and what quantisation drops goes out with the next round of that block. Consensus
+            points stay full averages in the model's dtype. The rounds become all-gathers, whose bytes per device
+            grow with the number of devices: against an fp32 all-reduce, int8 sends a quarter with 2 devices and
+            less up to 7, bf16 half with 2 devices and less up to 3. Gossip rounds always send fp32 (``"auto"`` is
+            then fp32; a fixed codec is refused).
         rounds_in_flight: background rounds started before the oldest one is finished. A round whose time goes to
             waiting (a link with latency: each all-reduce needs round trips) leaves the link idle; with 2 or more,
             the next block is on its way meanwhile, so blocks are mixed up to that many times as often. It needs
@@ -198,7 +204,7 @@ class FedHogConfig:
     work_sharing: WorkSharing = "auto"
     nonfinite: Literal["stop", "skip"] = "stop"
     averaging_backend: AveragingBackend = "auto"
-    compression: Compression = "none"
+    compression: Compression = "auto"
     rounds_in_flight: int = 1
 
     def __post_init__(self) -> None:
@@ -219,11 +225,11 @@ class FedHogConfig:
         _require_choice("nonfinite", self.nonfinite, ("stop", "skip"))
         _require_choice("averaging_backend", self.averaging_backend, AVERAGING_BACKENDS)
         _require_choice("compression", self.compression, COMPRESSIONS)
-        if self.compression != "none" and self.averaging != "allreduce":
+        if self.compression not in ("none", "auto") and self.averaging != "allreduce":
             raise ValueError(
                 f"`compression={self.compression!r}` compresses all-reduce rounds (every device shares the reference"
                 f" the differences are taken from), but `averaging={self.averaging!r}`. HINT: use"
-                " `averaging='allreduce'` with compression, or `compression='none'` with gossip."
+                " `averaging='allreduce'` with compression, or `compression='auto'` (fp32 with gossip)."
             )
         _require_int("seed", self.seed, 0, "any non-negative integer; all leaders must use the same one.")
         if isinstance(self.partial_backprop, float) and self.partial_backprop.is_integer():

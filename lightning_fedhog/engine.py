@@ -18,6 +18,7 @@ parks (:mod:`~lightning_fedhog.rounds`).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -28,7 +29,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
-from lightning_fedhog.averaging import all_finite, exchange_average_
+from lightning_fedhog.auto_compression import CodecChoice, round_load
+from lightning_fedhog.averaging import all_finite, differing_copies, exchange_average_
 from lightning_fedhog.blocks import BlockRule, block_bounds, next_block
 from lightning_fedhog.compression import Compression
 from lightning_fedhog.rounds import InFlight, Rounds
@@ -41,6 +43,8 @@ if TYPE_CHECKING:
 
 _State = Literal["idle", "running", "parked", "stopped"]
 
+log = logging.getLogger(__name__)
+
 class AveragingError(RuntimeError):
     """The averaging among device leaders failed (a peer gone, stuck or too slow); the message names the leaders."""
 
@@ -49,8 +53,29 @@ class NonFiniteError(AveragingError):
     """A device's copy held NaN/Inf: the round (or the consensus) was not applied anywhere."""
 
 
+class CopiesDifferError(AveragingError):
+    """After a consensus point some device held other bits than the rest: the copies drifted apart unseen."""
+
+
 _MAX_POLL_SECONDS = 0.05
 """The longest the engine sleeps between two looks at the step counters (how late a round can start)."""
+
+
+def _report_codec(before: CodecChoice, after: CodecChoice | None) -> None:
+    """One line when ``compression="auto"`` changes what the rounds send or keeps int8 after a trial."""
+    if after is None or after == before:
+        return
+    if after.codec == "int8" and before.codec == "none":
+        log.info("fedhog: averaging rounds take longer than their period's steps (%.3f s per fp32 round): trying int8"
+                 " rounds (`compression='auto'`).", after.exact_seconds)
+    elif before.trial and not after.trial and after.codec == "int8":
+        log.info("fedhog: int8 rounds are %.1fx as fast as fp32 ones: the link is the limit; rounds send int8"
+                 " (`compression='auto'`).", after.slowdown)
+    elif before.trial and after.codec == "none":
+        log.info("fedhog: int8 rounds were not faster than fp32 ones (%.3f s): the link is not the limit; back to"
+                 " fp32 rounds, next try in %d rounds (`compression='auto'`).", before.exact_seconds, after.wait)
+    elif before.codec == "int8" and after.codec == "none":
+        log.info("fedhog: fp32 rounds fit in their period again: rounds send fp32 (`compression='auto'`).")
 
 
 class AveragingEngine:
@@ -69,8 +94,8 @@ class AveragingEngine:
             spread to every device); ``"stop"`` then fails with the leaders named, ``"skip"`` carries on.
         period: device steps between rounds, or ``"auto"`` to choose them from the measured step and round times
             (:mod:`~lightning_fedhog.self_pacing`); the main thread may change it at any time.
-        compression: what all-reduce rounds send (:mod:`~lightning_fedhog.compression`); consensus averages
-            stay full averages in the model's dtype.
+        compression: what all-reduce rounds send (:mod:`~lightning_fedhog.compression`; ``"auto"``:
+            :mod:`~lightning_fedhog.auto_compression`); consensus averages stay full averages in the model's dtype.
         pacing_budget: with ``period="auto"``, the share of the workers' throughput averaging may cost.
         rounds_in_flight: rounds started before the oldest is finished (:mod:`~lightning_fedhog.rounds`); more
             than one needs all-reduce rounds, round-robin blocks and at least that many blocks.
@@ -236,12 +261,17 @@ class AveragingEngine:
         try:
             if self.flat.is_cuda:
                 torch.cuda.set_device(self.flat.device)
-                with torch.cuda.stream(torch.cuda.Stream(self.flat.device)):
+                side = torch.cuda.Stream(self.flat.device)
+                side.wait_stream(torch.cuda.default_stream(self.flat.device))  # the vector, as the main thread left it
+                with torch.cuda.stream(side):
                     self._loop()
             else:
                 self._loop()
         except BaseException as error:
-            kind = NonFiniteError if isinstance(error, FloatingPointError) else AveragingError
+            kind = (
+                type(error) if isinstance(error, AveragingError)
+                else NonFiniteError if isinstance(error, FloatingPointError) else AveragingError
+            )
             with self._cond:
                 self.error = kind(
                     f"fedhog: averaging round {self.rounds} among the device leaders at global ranks"
@@ -273,7 +303,9 @@ class AveragingEngine:
                 last_exchanged=self._rounds.last_round,
             )
             proposal = float(self._pacing.proposal()) if auto else 0.0
-            control = self._rounds.control(want_pause, block, proposal, float(since))
+            link = (round_load(self._rounds.last_seconds, self._seconds_per_step, self.current_period,
+                               self._max_in_flight), self._rounds.last_seconds)
+            control = self._rounds.control(want_pause, block, proposal, float(since), link)
             in_flight.append(self._rounds.start(block, self._started, control, self._device_steps))
             self._started += 1
             if len(in_flight) < self._max_in_flight:
@@ -301,7 +333,12 @@ class AveragingEngine:
             self.paced_period = agreed_period(summed[1 + leaders : 1 + 2 * leaders].tolist())
         paused = draining or bool(summed[0] > 0)
         self._pacing.round(paused, float(summed[1 + 2 * leaders]) / leaders)
-        scores = summed[2 + 2 * leaders :].tolist() if summed.numel() > 2 + 2 * leaders else None
+        link_end = 2 + 2 * leaders + self._rounds.link_slots
+        before = self._rounds.choice
+        self._rounds.agree_codec(summed[2 + 2 * leaders : link_end])
+        if before is not None and self._group.rank() == 0:
+            _report_codec(before, self._rounds.choice)
+        scores = summed[link_end:].tolist() if summed.numel() > link_end else None
         return paused, scores
 
     def _non_finite(self, bad: list[int], block: int) -> None:
@@ -382,6 +419,7 @@ class AveragingEngine:
                         " the average was not formed and every device keeps its own copy. HINT: lower the learning"
                         " rate or clip gradients (`Trainer(gradient_clip_val=...)`)."
                     )
+                self._check_identical()
                 self._synchronize()
                 self.figures.consensus_distance = stats["moved"]
                 self._rounds.consensus_done()
@@ -395,6 +433,21 @@ class AveragingEngine:
                 self._cond.notify_all()
             if command in ("resume", "stop"):
                 return command == "resume"
+
+    def _check_identical(self) -> None:
+        """After a consensus average every device must hold the same bits; a few bytes per leader prove it. A copy
+        that differs (a worker still writing, a collective that returned different results on different leaders)
+        would otherwise train on silently, and the model validated and saved would depend on the device."""
+        differ = differing_copies(self.flat, self._group, len(self._group_ranks))
+        if differ:
+            ranks = [self._group_ranks[index] for index in differ]
+            raise CopiesDifferError(
+                f"after a consensus average the model copies of the device(s) led by global rank(s) {ranks} differ"
+                " from the other devices'. Nothing should write the parameters while every worker is parked at a"
+                " consensus point. HINT: look for a thread or callback that changes parameters outside"
+                " `training_step`/`optimizer.step` (e.g. an EMA callback updating them in place); please report it"
+                " with the model if there is none."
+            )
 
     def _synchronize(self) -> None:
         if self.flat.is_cuda:

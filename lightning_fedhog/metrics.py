@@ -42,7 +42,7 @@ def fedhog_metrics(workers: list[dict[str, Any]], wall_time: float) -> dict[str,
     if leaders:
         averaged = (
             "rounds", "rounds_per_s", "bytes_per_s", "seconds_per_round", "round_distance", "consensus_distance",
-            "period", "averaging_cost",
+            "period", "averaging_cost", "compression",
         )
         for key in averaged:
             values = [engine[key] for _, engine in leaders if key in engine]

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_fedhog.auto_compression import CodecChoice, agreed
 from lightning_fedhog.averaging import all_finite, exchange_with_peer_, start_average, sum_control
-from lightning_fedhog.compression import Compression, SharedReference
+from lightning_fedhog.compression import Codec, Compression, SharedReference
 from lightning_fedhog.telemetry import RoundFigures
 from lightning_fedhog.topology import Topology, peers
 
@@ -40,8 +41,9 @@ class Rounds:
         group: the leaders' process group (this engine's thread only); ``world_size`` leaders.
         bounds: each block's ``(start, stop)`` in ``flat``.
         topology: None for all-reduce rounds, else the gossip peer schedule; ``seed`` shared by all leaders.
-        compression: what all-reduce rounds send; ``track_change``: keep each block's value at its last exchange
-            (the ``"largest_change"`` rule's scores).
+        compression: what all-reduce rounds send (``"auto"``: fp32 until the leaders agree the link limits them,
+            :mod:`~lightning_fedhog.auto_compression`); ``track_change``: keep each block's value at its last
+            exchange (the ``"largest_change"`` rule's scores).
         figures: where each finished round is recorded.
     """
 
@@ -65,14 +67,46 @@ class Rounds:
         self.exchanges = [0] * len(bounds)
         self.last_round = [-1] * len(bounds)
         self._reference: Tensor | None = flat.clone() if track_change else None
+        self._fixed: Codec | None = None if compression == "auto" else compression
+        self.choice: CodecChoice | None = CodecChoice() if compression == "auto" and topology is None else None
+        self.last_seconds = 0.0  # how long the last finished round took (its leader's share of the link figures)
         self.shared = (  # compressed rounds: each block's difference from a reference every leader holds
-            SharedReference(flat.numel(), len(bounds), compression, flat.device) if compression != "none" else None
+            SharedReference(flat.numel(), len(bounds), flat.device)
+            if compression != "none" and topology is None else None
         )
 
-    def control(self, want_pause: bool, block: int, proposal: float, steps: float) -> Tensor:
+    @property
+    def codec(self) -> Codec:
+        """What a round started now sends (gossip rounds send fp32)."""
+        if self.choice is not None:
+            return self.choice.codec
+        return self._fixed if self._fixed is not None and self._topology is None else "none"
+
+    @property
+    def link_slots(self) -> int:
+        """Control entries for ``compression="auto"``: each leader's round load and round time."""
+        return 2 * self._world_size if self.choice is not None else 0
+
+    def agree_codec(self, link: Tensor) -> Codec | None:
+        """Steps the codec choice with a finished round's summed link slots (the same on every leader); returns
+        the new codec when it changed."""
+        if self.choice is None:
+            return None
+        leaders = self._world_size
+        before = self.choice.codec
+        self.choice = self.choice.after_round(
+            agreed(link[:leaders].tolist()), agreed(link[leaders:].tolist()), settle_rounds=len(self._bounds)
+        )
+        return self.choice.codec if self.choice.codec != before else None
+
+    def control(
+        self, want_pause: bool, block: int, proposal: float, steps: float, link: tuple[float, float] = (0.0, 0.0)
+    ) -> Tensor:
         """This leader's control vector, summed over all leaders by the round's message:
         ``[pause flag, one-hot "my block is not finite" per leader, proposed period per leader (auto: the largest is
-        agreed), device steps since the previous round, change score per block (largest_change)]``."""
+        agreed), device steps since the previous round, (compression="auto") round load per leader and round time
+        per leader, change score per block (largest_change)]``; ``link``: this leader's load and time of its last
+        finished round."""
         start, stop = self._bounds[block]
         rank = self._group.rank()
         values = [float(want_pause)] + [0.0] * self._world_size
@@ -81,6 +115,10 @@ class Rounds:
         proposals = [0.0] * self._world_size  # one slot per leader
         proposals[rank] = proposal
         values += [*proposals, steps]
+        if self.choice is not None:
+            loads, times = [0.0] * self._world_size, [0.0] * self._world_size
+            loads[rank], times[rank] = link
+            values += [*loads, *times]
         if self._reference is not None:
             values += [float((self.flat[a:b] - self._reference[a:b]).norm()) for a, b in self._bounds]
         return torch.tensor(values, dtype=self.flat.dtype, device=self.flat.device)
@@ -95,13 +133,15 @@ class Rounds:
         live = self.flat[start:stop]
         began = time.monotonic()
         stats: dict[str, float] = {}
+        codec, tracked = self.codec, None
         if self._topology is None:
             mine = 1 + self._group.rank()  # this leader's "not finite" entry: set if what it sends is not
-            pending = (
-                self.shared.start_(live, block, (start, stop), self._group, self._world_size, control, mine)
-                if self.shared is not None
-                else start_average(live, self._group, self._world_size, control, mine)
-            )
+            if codec != "none" and self.shared is not None:
+                pending = self.shared.start_(live, block, (start, stop), self._group, self._world_size, control,
+                                             codec, mine)
+            else:  # fp32: an all-reduce, which keeps the reference of compression="auto" once it exists
+                tracked = self.shared.block_to_track((start, stop)) if self.shared is not None else None
+                pending = start_average(live, self._group, self._world_size, control, mine, reference=tracked)
         else:
             gossiped = sum_control(control, self._group)
             schedule = peers(self._world_size, self.exchanges[block], self._topology, self._seed + block)
@@ -111,7 +151,10 @@ class Rounds:
 
         def finish() -> Tensor:
             summed = pending(accept=self.accept, stats=stats) if self._topology is None else gossiped
-            self.figures.round_done(block, time.monotonic() - began, stats, device_steps())
+            if tracked is not None and self.shared is not None and self.accept(summed):
+                self.shared.tracked(block)
+            self.last_seconds = time.monotonic() - began
+            self.figures.round_done(block, self.last_seconds, stats, device_steps(), compressed=codec != "none")
             if self._reference is not None:
                 self._reference[start:stop].copy_(live)
             self.exchanges[block] += 1
@@ -124,5 +167,5 @@ class Rounds:
         """After an exact average of the whole vector: it is every block's reference."""
         if self._reference is not None:
             self._reference.copy_(self.flat)
-        if self.shared is not None:
-            self.shared.reset_(self.flat)
+        if self.shared is not None:  # "auto" keeps no reference before it first compresses
+            self.shared.reset_(self.flat, allocate=self.choice is None)

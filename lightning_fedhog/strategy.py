@@ -105,7 +105,7 @@ class FedHogStrategy(PerWorkerCheckpoints):
         work_sharing: WorkSharing = "auto",
         nonfinite: Literal["stop", "skip"] = "stop",
         averaging_backend: AveragingBackend = "auto",
-        compression: Compression = "none",
+        compression: Compression = "auto",
         rounds_in_flight: int = 1,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,

@@ -74,13 +74,17 @@ class RoundFigures:
     def __init__(self, num_blocks: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.consensus_distance = 0.0  # how far the last consensus moved this copy (its distance to the mean)
         self._clock = clock
-        self._sums = {"rounds": 0.0, "seconds": 0.0, "bytes": 0.0, "moved_sq": 0.0}
+        self._sums = {"rounds": 0.0, "seconds": 0.0, "bytes": 0.0, "moved_sq": 0.0, "compressed": 0.0}
         self._start = clock()
         self._block_steps = [0] * num_blocks  # device steps at each block's last exchange
 
-    def round_done(self, block: int, seconds: float, stats: dict[str, float], device_steps: int) -> None:
-        """One round of ``block`` took ``seconds``; ``stats`` as the exchange functions fill them."""
+    def round_done(
+        self, block: int, seconds: float, stats: dict[str, float], device_steps: int, compressed: bool = False
+    ) -> None:
+        """One round of ``block`` took ``seconds``; ``stats`` as the exchange functions fill them; ``compressed``:
+        it sent bf16 or int8 codes."""
         self._sums["rounds"] += 1
+        self._sums["compressed"] += float(compressed)
         self._sums["seconds"] += seconds
         self._sums["bytes"] += stats.get("bytes", 0.0)
         self._sums["moved_sq"] += stats.get("moved", 0.0) ** 2
@@ -89,7 +93,8 @@ class RoundFigures:
     def take(self, device_steps: int, period: int) -> dict[str, float]:
         """Rounds/s, bytes/s, seconds per round, the RMS distance a round moved this copy (an estimate of the
         distance to the other copies), the largest staleness of a block in device steps, the distance to the mean
-        at the last consensus, and the period in use (the chosen one with ``averaging_period="auto"``)."""
+        at the last consensus, the period in use (the chosen one with ``averaging_period="auto"``) and the share of
+        the rounds that sent compressed codes."""
         now = self._clock()
         elapsed = max(now - self._start, 1e-9)
         rounds = self._sums["rounds"]
@@ -102,6 +107,7 @@ class RoundFigures:
             "staleness_steps": float(max(device_steps - last for last in self._block_steps)),
             "consensus_distance": self.consensus_distance,
             "period": float(period),
+            "compression": self._sums["compressed"] / rounds if rounds else 0.0,
         }
         self._sums = dict.fromkeys(self._sums, 0.0)
         self._start = now

@@ -308,3 +308,49 @@ def test_gossip_pairs_average_over_gloo_and_keep_the_sum() -> None:
     run_in_threads(lambda rank: exchange_with_peer_(copies[rank], groups[rank], peer=1 - rank, tag=3), 2)
     assert torch.equal(copies[0], torch.tensor([3.0, 4.0, 5.0]))
     assert torch.equal(copies[1], copies[0])
+
+
+def test_the_fingerprint_sees_one_ulp_a_swap_and_a_sign_and_not_how_the_vector_is_split() -> None:
+    values = torch.randn(3 * averaging._FINGERPRINT_CHUNK // 2, generator=torch.Generator().manual_seed(0))
+    print_ = averaging.fingerprint(values)
+    assert torch.equal(print_, averaging.fingerprint(values.clone()))
+    nudged = values.clone()
+    nudged[-1] = torch.nextafter(nudged[-1], torch.tensor(float("inf")))
+    swapped = values.clone()
+    swapped[[5, 6]] = values[[6, 5]]
+    flipped = values.clone()
+    flipped[7] = -flipped[7]
+    for other in (nudged, swapped, flipped):
+        assert not torch.equal(averaging.fingerprint(other), print_)
+    for dtype in (torch.bfloat16, torch.float64):  # any float width
+        assert not torch.equal(averaging.fingerprint(values.to(dtype)), averaging.fingerprint(nudged.to(dtype) * 2))
+
+
+def test_after_a_consensus_a_copy_that_differs_fails_loudly_naming_its_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_fedhog.engine as engine_module
+    from lightning_fedhog.engine import CopiesDifferError
+
+    original = engine_module.exchange_average_
+
+    def with_a_stray_write(flat: torch.Tensor, group, *args, **kwargs):  # type: ignore[no-untyped-def]
+        summed = original(flat, group, *args, **kwargs)
+        if group.rank() == 2:
+            flat[3] += 1e-6  # something wrote the parameters while the workers were parked
+        return summed
+
+    monkeypatch.setattr(engine_module, "exchange_average_", with_a_stray_write)
+    _store, _vectors, _steps, engines = _engine_fleet(3, 64, 1, period=1)
+    for engine in engines:
+        engine.start()
+    run_in_threads(lambda r: engines[r].pause(), 3)
+    errors = []
+
+    def consensus(rank: int) -> None:
+        try:
+            engines[rank].full_average()
+        except CopiesDifferError as error:
+            errors.append(str(error))
+
+    run_in_threads(consensus, 3)
+    assert len(errors) == 3, "every leader must fail, not only the one whose copy differs"
+    assert all("led by global rank(s) [2] differ" in error for error in errors)
