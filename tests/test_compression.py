@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +15,8 @@ from lightning_fedhog.compression import INT8_CHUNK, decode, encode, encoded_byt
 from lightning_fedhog.config import FedHogConfig
 from tests.conftest import run_in_threads, thread_groups
 from tests.test_averaging import _engine_fleet, _stop_engines  # noqa: F401 - the fixture stops leftover engines
+
+APPS = Path(__file__).resolve().parent / "apps"
 
 
 def _values(numel: int, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
@@ -118,3 +124,16 @@ def test_compression_and_auto_are_validated_at_construction() -> None:
         FedHogConfig(averaging_period="fast")  # type: ignore[arg-type]
     assert FedHogConfig(averaging_period="auto", averaging_warmup_epochs=1).period_at(0) == 1
     assert FedHogConfig(averaging_period="auto", averaging_warmup_epochs=1).period_at(1) == "auto"
+
+
+def test_a_compressed_round_needs_less_than_one_more_fp32_copy_of_the_block_on_one_leader() -> None:
+    numel = 1 << 25  # 128 MiB in fp32: a round that held its old five fp32 temporaries would add over 500 MiB
+    result = subprocess.run(
+        [sys.executable, str(APPS / "compressed_round_peak.py"), str(numel), "int8"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    extra = int(result.stdout.split()[-1])
+    # int8 messages are a quarter of the block's fp32 bytes: its own, the gathered ones (one leader: one) and gloo's
+    # temporary copy of those, plus a few pieces of workspace (a whole-block encoding needed about 4.5 fp32 copies)
+    assert extra <= 3 * numel + 16 * 2**20, f"the round raised the peak by {extra / 2**20:.0f} MiB"
