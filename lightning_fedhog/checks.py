@@ -15,6 +15,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch.nn import Module
+from torch.nn.parameter import is_lazy
 
 from lightning_fedhog.config import FedHogConfig
 from lightning_fedhog.internals import saves_by_time, step_or_time_trigger, time_based_val_check
@@ -64,6 +65,14 @@ def checked_layout(config: FedHogConfig, module: Module, *, built: bool = True) 
         built: the module has its layers. False in the launcher when the module builds them in
             ``configure_model`` (in each worker, after the launch): then a module with no parameters yet is fine.
     """
+    lazy = [name for name, tensor in [*module.named_parameters(), *module.named_buffers()] if is_lazy(tensor)]
+    if lazy:
+        raise ValueError(
+            f"fedhog shares every parameter in one flat vector sized before training, but {type(module).__name__}"
+            f" has lazy parameters or buffers whose shape is not known yet: {lazy}. HINT: run one forward pass with"
+            " a batch of the right shape at the end of `__init__` (or `configure_model`) so the lazy layers"
+            " initialise (DDP asks the same), or give the layers their input sizes (e.g. `nn.Linear(in, out)`)."
+        )
     parameters = list(module.parameters())
     integral = [name for name, parameter in module.named_parameters() if not parameter.is_floating_point()]
     if integral:

@@ -66,8 +66,8 @@ def _report_codec(before: CodecChoice, after: CodecChoice | None) -> None:
     if after is None or after == before:
         return
     if after.codec == "int8" and before.codec == "none":
-        log.info("fedhog: averaging rounds take longer than their period's steps (%.3f s per fp32 round): trying int8"
-                 " rounds (`compression='auto'`).", after.exact_seconds)
+        log.info("fedhog: fp32 averaging rounds keep the link busy (%.3f s each, over a quarter of their period):"
+                 " trying int8 rounds (`compression='auto'`).", after.exact_seconds)
     elif before.trial and not after.trial and after.codec == "int8":
         log.info("fedhog: int8 rounds are %.1fx as fast as fp32 ones: the link is the limit; rounds send int8"
                  " (`compression='auto'`).", after.slowdown)
@@ -75,7 +75,8 @@ def _report_codec(before: CodecChoice, after: CodecChoice | None) -> None:
         log.info("fedhog: int8 rounds were not faster than fp32 ones (%.3f s): the link is not the limit; back to"
                  " fp32 rounds, next try in %d rounds (`compression='auto'`).", before.exact_seconds, after.wait)
     elif before.codec == "int8" and after.codec == "none":
-        log.info("fedhog: fp32 rounds fit in their period again: rounds send fp32 (`compression='auto'`).")
+        log.info("fedhog: fp32 rounds would leave the link mostly idle again: rounds send fp32"
+                 " (`compression='auto'`).")
 
 
 class AveragingEngine:

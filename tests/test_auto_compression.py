@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -137,8 +138,9 @@ def _kept_or_stuck(engines: list) -> Callable[[], bool]:
 
 
 def test_on_a_thin_link_every_leader_switches_to_int8_and_the_copies_still_meet(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="lightning_fedhog.engine")
     world_size, numel = 2, 1 << 14  # 64 kB in fp32: 260 ms a round at 0.25 MB/s, int8 about a quarter
     with _thin_link(monkeypatch, bytes_per_s=2.5e5):
         _store, vectors, steps, engines = _engine_fleet(world_size, numel, 1, period=4, compression="auto")
@@ -150,6 +152,8 @@ def test_on_a_thin_link_every_leader_switches_to_int8_and_the_copies_still_meet(
         assert choices[0] == choices[1], "every leader must hold the same choice"
         assert (choices[0].codec, choices[0].trial) == ("int8", False), choices[0]
         assert choices[0].slowdown > 1 / 0.7
+        said = [record.getMessage() for record in caplog.records if record.name == "lightning_fedhog.engine"]
+        assert len(said) == 2 and "trying int8" in said[0] and "rounds send int8" in said[1], said  # leader 0 only
         figures = engines[0].take_stats()
         assert 0 < figures["compression"] < 1, "some rounds sent fp32 (before the switch), the later ones int8"
         mean = torch.stack(vectors).mean(0)

@@ -51,6 +51,21 @@ def test_a_non_floating_parameter_is_refused_before_spawning() -> None:
     fit_refused(_Module(integral=True), r"non-floating parameter\(s\) \['counts'\].*HINT: .*`register_buffer`")
 
 
+class _LazyModule(_Module):
+    def __init__(self, warmed_up: bool) -> None:
+        super().__init__(with_layer=False)
+        self.layer = nn.LazyLinear(2)
+        if warmed_up:  # what DDP also asks for: one forward pass gives the lazy layer its shape
+            self.layer(torch.zeros(1, 3))
+
+
+def test_a_lazy_layer_is_refused_before_spawning_until_a_forward_pass_has_shaped_it() -> None:
+    fit_refused(_LazyModule(warmed_up=False), r"lazy parameters or buffers .*\['layer.weight', 'layer.bias'\].*HINT:"
+                r" run one forward pass")
+    layout = checked_layout(FedHogConfig(), _LazyModule(warmed_up=True))
+    assert layout.num_elements == 2 * 3 + 2
+
+
 def test_a_time_based_val_check_interval_is_refused_before_spawning() -> None:
     message = r"time-based `val_check_interval` \(60.0 s\).*HINT: use a float"
     fit_refused(_Module(), message, val_check_interval="00:00:01:00")
