@@ -146,6 +146,13 @@ def show_in_progress_bar(trainer: pl.Trainer, name: str, value: float) -> None:
     trainer._logger_connector._progress_bar_metrics[name] = value
 
 
+def logging_step(trainer: pl.Trainer) -> int:
+    """The step Lightning gives the metrics it logs itself (the validation-end rows, ``self.log`` in hooks): batches
+    that stepped the optimizer in this fit. ``global_step`` runs one ahead of it at the end of an epoch, where the
+    optimizer step has counted but the batch loop has not yet, so rows logged with it never match Lightning's."""
+    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+
 def preemption_checkpoint_path(trainer: pl.Trainer) -> PathLike:
     """Where Lightning saves (and a SLURM requeue resumes) a checkpoint taken on preemption."""
     return trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)

@@ -60,7 +60,7 @@ from lightning_fedhog.layout import DeviceLayout, join_default_group, store_key
 from lightning_fedhog.partial import PartialSteps
 from lightning_fedhog.shared_buffer import SharedFlatBuffer, unbind_module
 from lightning_fedhog.stragglers import StragglerWatch
-from lightning_fedhog.telemetry import Telemetry
+from lightning_fedhog.telemetry import Telemetry, log_as_lightning_does
 from lightning_fedhog.topology import Topology
 from lightning_fedhog.work_sharing import SHARING_KEY, DynamicWork, WorkSharing, loader_blocker
 
@@ -392,8 +392,7 @@ class FedHogStrategy(PerWorkerCheckpoints):
     def _log_work_sharing(self, trainer: pl.Trainer) -> None:
         """``fedhog/work_sharing`` through the Trainer's loggers: 1 once batches are shared dynamically, else 0."""
         if self.is_global_zero and self.config.work_sharing == "auto":
-            for logger in trainer.loggers:
-                logger.log_metrics({"fedhog/work_sharing": float(self.work is not None)}, step=trainer.global_step)
+            log_as_lightning_does(trainer, {"fedhog/work_sharing": float(self.work is not None)})
 
     # ------------------------------------------------------------------------------------------- consensus
     def consensus(self) -> None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.utilities.data import extract_batch_size
 
-from lightning_fedhog.internals import show_in_progress_bar
+from lightning_fedhog.internals import logging_step, show_in_progress_bar
 from lightning_fedhog.metrics import fedhog_metrics
 
 if TYPE_CHECKING:
@@ -60,11 +60,19 @@ class Telemetry:
     def publish(self, trainer: pl.Trainer, gathered: list[dict[str, Any]]) -> None:
         """Logs every worker's figures (rank 0 calls this) through the Trainer's loggers and the progress bar."""
         metrics = fedhog_metrics(gathered, wall_time=self._clock() - self._fit_start)
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+        log_as_lightning_does(trainer, metrics)
         if "fedhog/rounds_per_s" in metrics:
             # the progress bar (rank 0's, one for the run) shows the averaging rate next to the user's metrics
             show_in_progress_bar(trainer, "avg_rounds/s", round(metrics["fedhog/rounds_per_s"], 1))
+
+
+def log_as_lightning_does(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+    """Logs ``metrics`` through the Trainer's loggers at the step and with the ``epoch`` Lightning gives its own
+    rows, so fedhog's figures of an epoch end share a step and an epoch with that epoch's validation metrics."""
+    row = {**metrics, "epoch": trainer.current_epoch}
+    step = logging_step(trainer)
+    for logger in trainer.loggers:
+        logger.log_metrics(row, step=step)
 
 
 class RoundFigures:
@@ -77,6 +85,7 @@ class RoundFigures:
         self._sums = {"rounds": 0.0, "seconds": 0.0, "bytes": 0.0, "moved_sq": 0.0, "compressed": 0.0}
         self._start = clock()
         self._block_steps = [0] * num_blocks  # device steps at each block's last exchange
+        self._stalest = 0  # the most device steps a block went unexchanged, at the rounds since the last take
 
     def round_done(
         self, block: int, seconds: float, stats: dict[str, float], device_steps: int, compressed: bool = False
@@ -88,11 +97,14 @@ class RoundFigures:
         self._sums["seconds"] += seconds
         self._sums["bytes"] += stats.get("bytes", 0.0)
         self._sums["moved_sq"] += stats.get("moved", 0.0) ** 2
+        self._stalest = max(self._stalest, device_steps - self._block_steps[block])
         self._block_steps[block] = device_steps
 
     def take(self, device_steps: int, period: int) -> dict[str, float]:
         """Rounds/s, bytes/s, seconds per round, the RMS distance a round moved this copy (an estimate of the
-        distance to the other copies), the largest staleness of a block in device steps, the distance to the mean
+        distance to the other copies), the most device steps a block went without an exchange (measured when a round
+        refreshed it, or now for a block still waiting: the round that agrees on a pause refreshes a block just
+        before every consensus point, so a look at that moment alone would read about 0), the distance to the mean
         at the last consensus, the period in use (the chosen one with ``averaging_period="auto"``) and the share of
         the rounds that sent compressed codes."""
         now = self._clock()
@@ -104,11 +116,12 @@ class RoundFigures:
             "bytes_per_s": self._sums["bytes"] / elapsed,
             "seconds_per_round": self._sums["seconds"] / rounds if rounds else 0.0,
             "round_distance": (self._sums["moved_sq"] / rounds) ** 0.5 if rounds else 0.0,
-            "staleness_steps": float(max(device_steps - last for last in self._block_steps)),
+            "staleness_steps": float(max(self._stalest, *(device_steps - last for last in self._block_steps))),
             "consensus_distance": self.consensus_distance,
             "period": float(period),
             "compression": self._sums["compressed"] / rounds if rounds else 0.0,
         }
         self._sums = dict.fromkeys(self._sums, 0.0)
+        self._stalest = 0
         self._start = now
         return result

@@ -86,6 +86,8 @@ def test_trainer_internals(trainer: L.Trainer) -> None:
     _has(trainer._logger_connector, "_progress_bar_metrics", internals.show_in_progress_bar)
     internals.show_in_progress_bar(trainer, "canary", 1.0)
     assert trainer.progress_bar_metrics["canary"] == 1.0
+    _has(epoch_loop, "_batches_that_stepped", internals.logging_step)
+    assert internals.logging_step(trainer) == 0
     _has(trainer, "_val_check_time_interval", internals.time_based_val_check)
     assert internals.time_based_val_check(trainer) is None
     assert internals.time_based_val_check(L.Trainer(accelerator="cpu", val_check_interval="00:00:00:10")) == 10.0

@@ -10,6 +10,7 @@ import torch
 
 from lightning_fedhog.metrics import fedhog_metrics
 from lightning_fedhog.plot import plot, read_runs
+from lightning_fedhog.telemetry import RoundFigures
 from tests.conftest import load_rank, run_app
 
 
@@ -29,6 +30,16 @@ def test_metrics_aggregate_workers_devices_and_leaders() -> None:
     assert metrics["fedhog/device0/samples_per_s"] == 150.0 and metrics["fedhog/worker3/samples_per_s"] == 70.0
     assert metrics["fedhog/parked_s"] == 0.3 and metrics["fedhog/staleness_steps"] == 9.0
     assert metrics["fedhog/rounds_per_s"] == 10.0 and metrics["fedhog/device1/consensus_distance"] == 0.2
+
+
+def test_staleness_is_the_longest_a_block_waited_not_what_the_pause_round_left() -> None:
+    figures = RoundFigures(num_blocks=2, clock=lambda: 0.0)
+    for block, steps in [(0, 16), (1, 32), (0, 48), (1, 64), (0, 80), (1, 81)]:  # the last: the pause round
+        figures.round_done(block, 0.01, {}, steps)
+    # each block waited 32 steps between its rounds; at the consensus point they look 0 and 1 steps old
+    assert figures.take(device_steps=81, period=16)["staleness_steps"] == 32.0
+    figures.round_done(0, 0.01, {}, 90)
+    assert figures.take(device_steps=100, period=16)["staleness_steps"] == 19.0, "block 1 waits since step 81"
 
 
 def _rows(out: Path) -> list[dict[str, str]]:
@@ -78,6 +89,11 @@ def test_a_csv_logged_run_has_every_fedhog_metric(tmp_path: Path, period: str, c
         assert _series(rows, "fedhog/rounds") == [1.0, 1.0], "only the round that agrees on the pause"
         assert min(distances) > 0
     assert any(row.get("val_acc") for row in rows), "the user's own metrics are still logged"
+    # fedhog's figures of an epoch end carry the step and the epoch of that epoch's validation metrics
+    validation = {(row["step"], row["epoch"]) for row in rows if row.get("val_acc")}
+    ours = [(row["step"], row["epoch"]) for row in rows if row.get("fedhog/samples_per_s")]
+    assert all(epoch != "" for _, epoch in ours), ours
+    assert set(ours) <= validation, (ours, validation)
     # the plot utility turns the real run's log into both charts
     written = plot(read_runs([tmp_path / "logs"]), tmp_path / "png")
     assert [path.name for path in written] == ["fedhog.png", "progress.png"]
