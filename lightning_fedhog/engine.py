@@ -333,6 +333,8 @@ class AveragingEngine:
         if self.period == "auto":
             self.paced_period = agreed_period(summed[1 + leaders : 1 + 2 * leaders].tolist())
         paused = draining or bool(summed[0] > 0)
+        if paused:
+            self.figures.paused_round()
         self._pacing.round(paused, float(summed[1 + 2 * leaders]) / leaders)
         link_end = 2 + 2 * leaders + self._rounds.link_slots
         before = self._rounds.choice
@@ -422,7 +424,7 @@ class AveragingEngine:
                     )
                 self._check_identical()
                 self._synchronize()
-                self.figures.consensus_distance = stats["moved"]
+                self.figures.consensus(stats["moved"])
                 self._rounds.consensus_done()
             with self._cond:
                 if command == "resume":

@@ -80,7 +80,9 @@ class RoundFigures:
     the main thread takes while the engine is parked)."""
 
     def __init__(self, num_blocks: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self.consensus_distance = 0.0  # how far the last consensus moved this copy (its distance to the mean)
+        self.consensus_distance = 0.0  # this copy's distance to the mean when the last consensus point began
+        self._last_moved = 0.0  # how far the last finished round moved this copy
+        self._pause_moved_sq = 0.0  # squared, summed over the rounds finished since a pause was agreed
         self._clock = clock
         self._sums = {"rounds": 0.0, "seconds": 0.0, "bytes": 0.0, "moved_sq": 0.0, "compressed": 0.0}
         self._start = clock()
@@ -96,9 +98,23 @@ class RoundFigures:
         self._sums["compressed"] += float(compressed)
         self._sums["seconds"] += seconds
         self._sums["bytes"] += stats.get("bytes", 0.0)
-        self._sums["moved_sq"] += stats.get("moved", 0.0) ** 2
+        self._last_moved = stats.get("moved", 0.0)
+        self._sums["moved_sq"] += self._last_moved**2
         self._stalest = max(self._stalest, device_steps - self._block_steps[block])
         self._block_steps[block] = device_steps
+
+    def paused_round(self) -> None:
+        """The round just finished agreed on a pause, or was drained after one: its move is part of the way to
+        the consensus."""
+        self._pause_moved_sq += self._last_moved**2
+
+    def consensus(self, moved: float) -> None:
+        """The exact average moved this copy by ``moved``. With the rounds that agreed on the pause (which for
+        ``num_blocks=1`` already average the whole vector, so the exact average alone would read about 0) it makes
+        the copy's distance to the mean when the consensus point began (rounds of distinct blocks add up as
+        orthogonal moves; a block the pause round moved and the average moved again adds a little)."""
+        self.consensus_distance = (self._pause_moved_sq + moved**2) ** 0.5
+        self._pause_moved_sq = 0.0
 
     def take(self, device_steps: int, period: int) -> dict[str, float]:
         """Rounds/s, bytes/s, seconds per round, the RMS distance a round moved this copy (an estimate of the

@@ -42,6 +42,17 @@ def test_staleness_is_the_longest_a_block_waited_not_what_the_pause_round_left()
     assert figures.take(device_steps=100, period=16)["staleness_steps"] == 19.0, "block 1 waits since step 81"
 
 
+def test_the_consensus_distance_counts_what_the_pause_round_already_averaged() -> None:
+    figures = RoundFigures(num_blocks=1, clock=lambda: 0.0)
+    figures.round_done(0, 0.01, {"moved": 7.0}, 16)  # an ordinary round: not part of the consensus
+    figures.round_done(0, 0.01, {"moved": 3.0}, 20)  # the round that agreed on the pause moved the copy by 3
+    figures.paused_round()
+    figures.consensus(4.0)  # then the exact average, by 4 more (orthogonal: other elements' last steps)
+    assert figures.take(device_steps=20, period=16)["consensus_distance"] == 5.0
+    figures.consensus(0.5)  # the next consensus point had no round before it
+    assert figures.take(device_steps=20, period=16)["consensus_distance"] == 0.5
+
+
 def _rows(out: Path) -> list[dict[str, str]]:
     (path,) = out.glob("logs/run/version_*/metrics.csv")
     with path.open() as handle:
