@@ -9,18 +9,21 @@ block up to four times as often. Nobody tells a run which link it has, so it fin
   a round holds back the next one and blocks are mixed less often than asked; well below it, a consensus point or
   anything else that needs the link rarely waits behind a round. After :data:`SWITCH_ROUNDS` rounds in a row with
   load above :data:`SWITCH_LOAD` the leaders try int8.
-- **int8, on trial.** After the rounds that set up the blocks' references (each block's first compressed round
-  sends fp32), :data:`TRIAL_ROUNDS` int8 rounds are timed. If they take at most :data:`TRIAL_GAIN` of the fp32
-  rounds' time, bytes were the limit and int8 stays. If not, the limit was the computation (a busy CPU, the
-  interpreter lock): back to fp32, and the next trial waits twice as many rounds as the last (from
-  :data:`FIRST_BACKOFF` up to :data:`MAX_BACKOFF`), so a run that cannot gain pays for a trial ever more rarely.
+- **int8, on trial.** :data:`TRIAL_ROUNDS` int8 rounds are timed (only rounds that sent int8 count: each block's
+  first compressed round sends fp32, and rounds started before the switch may still finish). If they take at most
+  :data:`TRIAL_GAIN` of the fp32 rounds' time, bytes were the limit and int8 stays. If not, the limit was the
+  computation (a busy CPU, the interpreter lock): back to fp32, and the next trial waits twice as many rounds as
+  the last (from :data:`FIRST_BACKOFF` up to :data:`MAX_BACKOFF`), so a run that cannot gain pays for a trial ever
+  more rarely.
 - **int8, kept.** If the link frees up, an fp32 round would fit: the int8 load times the slow-down the trial
   measured projects the fp32 load, and after :data:`BACK_ROUNDS` rounds in a row with a projection under
   :data:`BACK_LOAD` (half of :data:`SWITCH_LOAD`: switching back and forth costs a trial each time) the rounds send
   fp32 again.
 
-Every leader must send the same sizes in a round, so the choice is made from figures every leader has: each leader
-puts its own load and round time in its slot of the round's control message (:mod:`~lightning_fedhog.rounds`), and
+A round's time runs from its start to the completion of its collective (not to when the engine finishes it, which
+with ``rounds_in_flight`` > 1 comes after the next rounds have started). Every leader must send the same sizes in a
+round, so the choice is made from figures every leader has: each leader puts its own load and round time in its
+slot of the round's control message (:mod:`~lightning_fedhog.rounds`), and
 all leaders step the same :class:`CodecChoice` with the smallest of them. The smallest is the right one: a leader
 that reached its period first waits in the round for the others, which inflates its round time but says nothing
 about the link; the last one to arrive waits for nothing but the bytes.
@@ -34,6 +37,7 @@ from statistics import median
 from typing import Literal
 
 AutoCodec = Literal["none", "int8"]
+Sent = Literal["none", "bf16", "int8"]
 
 SWITCH_LOAD = 0.25
 """Rounds that keep the link busy more than a quarter of the time are worth a trial: on a fast link they keep it
@@ -68,7 +72,6 @@ class CodecChoice:
         codec: what rounds started from now on send.
         trial: int8 is being tried (not yet kept).
         streak: consecutive rounds that met the condition for the next move.
-        settle: rounds still to skip after a switch to int8 (the blocks' first rounds send fp32).
         timed: the round times gathered for the next decision (fp32 rounds before a trial, int8 rounds in one).
         exact_seconds: the fp32 round time measured before the last trial.
         slowdown: fp32 over int8 round time, as the last kept trial measured.
@@ -80,7 +83,6 @@ class CodecChoice:
     codec: AutoCodec = "none"
     trial: bool = False
     streak: int = 0
-    settle: int = 0
     timed: tuple[float, ...] = ()
     exact_seconds: float = 0.0
     slowdown: float = 1.0
@@ -88,26 +90,26 @@ class CodecChoice:
     backoff: int = FIRST_BACKOFF
     switches: int = 0
 
-    def after_round(self, load: float, seconds: float, *, settle_rounds: int) -> CodecChoice:
+    def after_round(self, load: float, seconds: float, sent: Sent) -> CodecChoice:
         """The choice after one more finished round.
 
         Args:
             load: the leaders' smallest round time over the steps their period allowed (0: not measured).
             seconds: the leaders' smallest round time (0: not measured).
-            settle_rounds: rounds to skip after a switch to int8 before timing any (the number of blocks: each
-                block's first compressed round sends fp32).
+            sent: what the measured round sent. Only fp32 rounds count while watching and only int8 rounds in a
+                trial or once kept: a round measures the codec it sent, whatever the choice was meanwhile.
         """
         if not (math.isfinite(load) and math.isfinite(seconds)):
             return self
         if self.codec == "none":
-            return self._watching(load, seconds, settle_rounds)
-        if self.settle > 0:
-            return replace(self, settle=self.settle - 1)
+            return self._watching(load, seconds) if sent == "none" else self
+        if sent != "int8":
+            return self
         if self.trial:
             return self._trying(seconds)
         return self._kept(load)
 
-    def _watching(self, load: float, seconds: float, settle_rounds: int) -> CodecChoice:
+    def _watching(self, load: float, seconds: float) -> CodecChoice:
         if self.wait > 0:
             return replace(self, wait=self.wait - 1, streak=0, timed=())
         if load <= SWITCH_LOAD or seconds <= 0:
@@ -116,7 +118,7 @@ class CodecChoice:
         if len(timed) < SWITCH_ROUNDS:
             return replace(self, streak=len(timed), timed=timed)
         return replace(
-            self, codec="int8", trial=True, streak=0, settle=settle_rounds, timed=(), exact_seconds=median(timed),
+            self, codec="int8", trial=True, streak=0, timed=(), exact_seconds=median(timed),
             switches=self.switches + 1,
         )
 

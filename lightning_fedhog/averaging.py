@@ -9,6 +9,7 @@ the updates made during the exchange survive.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,18 @@ def all_finite(values: Tensor) -> bool:
     is 0 exactly when ``x`` is finite (NaN for NaN and for +-inf).
     """
     return bool(values.mul(0).eq(0).all())
+
+
+def completion_clock(work: Any) -> Callable[[], float | None]:
+    """When the collective behind ``work`` completed (``time.monotonic()``), once it has; None when the backend
+    cannot say. A round is finished later than its collective completes when others were started meanwhile
+    (``rounds_in_flight`` > 1): the link's time is up to the completion."""
+    stamp: list[float] = []
+    try:
+        work.get_future().add_done_callback(lambda _: stamp.append(time.monotonic()))
+    except (AttributeError, RuntimeError):  # a backend without futures
+        return lambda: None
+    return lambda: stamp[0] if stamp else None
 
 
 def apply_average_delta_(live: Tensor, snapshot: Tensor, averaged: Tensor) -> Tensor:
@@ -61,7 +74,7 @@ def exchange_average_(
             same sum, so all decide alike); e.g. refuse a round in which a leader reported non-finite values.
         stats: if given (and the average was applied), receives ``moved`` (norm of the correction: this copy's
             distance to the average) and ``bytes`` (what this leader sent: a ring all-reduce sends ``2 (n-1)/n``
-            times the message).
+            times the message); and ``completed`` (when the all-reduce completed), where the backend says.
 
     Returns:
         The control vectors summed over all leaders (None without ``control``).
@@ -96,11 +109,15 @@ def start_average(
     if nonfinite_slot is not None and not all_finite(snapshot):
         message[flat.numel() + nonfinite_slot] = 1
     work = dist.all_reduce(message, op=dist.ReduceOp.SUM, group=group, async_op=True)
+    completed = completion_clock(work)
 
     def finish(
         *, exact: bool = False, stats: dict[str, float] | None = None, accept: Callable[[Tensor], bool] | None = None
     ) -> Tensor | None:
         work.wait()
+        done = completed()
+        if stats is not None and done is not None:
+            stats["completed"] = done
         summed_control = None if control is None else message[flat.numel() :].float().cpu()
         if accept is not None and summed_control is not None and not accept(summed_control):
             return summed_control
@@ -144,13 +161,15 @@ def fingerprint(values: Tensor) -> Tensor:
 
 def differing_copies(values: Tensor, group: Any, world_size: int) -> list[int]:
     """Gathers every leader's :func:`fingerprint` of ``values`` (one small all-reduce) and returns the ranks, within
-    ``group``, whose copy differs from the copy most leaders hold (the lowest rank's on a tie); empty when all
-    agree."""
+    ``group``, whose copy differs from the copy most leaders hold (every leader when no copy is held by more than
+    half, as with two leaders); empty when all agree."""
     prints = torch.zeros(world_size, 2, dtype=torch.int64, device=values.device)
     prints[group.rank()] = fingerprint(values)
     dist.all_reduce(prints, op=dist.ReduceOp.SUM, group=group)  # one non-zero row per leader: exact in int64
     rows = [tuple(row) for row in prints.cpu().tolist()]
-    majority = max(rows, key=lambda row: (rows.count(row), -rows.index(row)))
+    majority = max(rows, key=rows.count)
+    if len(set(rows)) > 1 and 2 * rows.count(majority) <= world_size:  # no majority (two leaders): name them all
+        return list(range(world_size))
     return [rank for rank, row in enumerate(rows) if row != majority]
 
 

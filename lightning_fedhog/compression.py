@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_fedhog.averaging import all_finite, staged_through_host
+from lightning_fedhog.averaging import completion_clock, staged_through_host
 
 Codec = Literal["none", "bf16", "int8"]
 """What one background round sends: fp32 (``"none"``), bf16, or int8 codes with a scale per chunk."""
@@ -117,14 +117,18 @@ def decode_piece(payload: Tensor, numel: int, codec: Codec, start: int, stop: in
     return codes.view(-1).mul_(scales.repeat_interleave(INT8_CHUNK)[: stop - start])
 
 
-def _start_all_gather(message: Tensor, group: Any, world_size: int) -> Callable[[], list[Tensor]]:
-    """Issues the all-gather of every leader's message; returns what waits for them, in leader order. A CUDA
-    message travels through host memory on a gloo group."""
+def _start_all_gather(
+    message: Tensor, group: Any, world_size: int
+) -> tuple[Callable[[], list[Tensor]], Callable[[], float | None]]:
+    """Issues the all-gather of every leader's message; returns what waits for them (in leader order) and when it
+    completed (:func:`~lightning_fedhog.averaging.completion_clock`). A CUDA message travels through host memory on
+    a gloo group."""
     staged, device = staged_through_host(message, group), message.device
     outgoing = message.cpu() if staged else message
     gathered = torch.empty(world_size * outgoing.numel(), dtype=outgoing.dtype, device=outgoing.device)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in newer torch
     work: Any = gather(gathered, outgoing, group=group, async_op=True)
+    completed = completion_clock(work)
     del outgoing  # held by the work until it is done, then freed
 
     def wait() -> list[Tensor]:
@@ -134,7 +138,7 @@ def _start_all_gather(message: Tensor, group: Any, world_size: int) -> Callable[
         arrived = gathered.to(device) if staged else gathered
         return list(arrived.view(world_size, -1).unbind(0))
 
-    return wait
+    return wait, completed
 
 
 def exchange_compressed_(
@@ -191,26 +195,30 @@ def start_compressed(
     size = encoded_bytes(numel, codec)
     message = torch.empty(head + size + (-size % 4), dtype=torch.uint8, device=flat.device)  # every part 4-aligned
     payload = message[head : head + size]
-    finite = True
+    nonfinite = torch.zeros((), dtype=torch.bool, device=flat.device)  # one host sync for all pieces, not one each
     for start in range(0, numel, PIECE):
         difference = flat[start : start + PIECE].float() - ref[start : start + PIECE].float()  # live read once
-        finite = finite and (nonfinite_slot is None or all_finite(difference))
+        if nonfinite_slot is not None:  # x * 0 is 0 exactly for finite x, reading each element once
+            nonfinite |= difference.mul(0).ne(0).any()
         encode_into(payload, numel, codec, start, difference)
     sent = control.to(_CONTROL_DTYPE).clone()
-    if not finite:
+    if nonfinite_slot is not None and bool(nonfinite):
         sent[nonfinite_slot] = 1
     message[:head].view(_CONTROL_DTYPE).copy_(sent)
     message[head + size :].zero_()
-    gathered = _start_all_gather(message, group, world_size)
+    gathered, completed = _start_all_gather(message, group, world_size)
     rank, sent_bytes = group.rank(), message.numel()
     del payload, message  # the all-gather holds what it sends until it is done
 
     def finish(*, accept: Callable[[Tensor], bool] | None = None, stats: dict[str, float] | None = None) -> Tensor:
         parts = gathered()
+        done = completed()
+        if stats is not None and done is not None:
+            stats["completed"] = done
         summed = torch.stack([part[:head].view(_CONTROL_DTYPE) for part in parts]).sum(0).cpu()
         if accept is not None and not accept(summed):
             return summed
-        moved_sq = 0.0
+        moved_sq = torch.zeros((), dtype=torch.float32, device=flat.device)
         for start in range(0, numel, PIECE):
             stop = min(start + PIECE, numel)
             mean = torch.zeros(stop - start, dtype=torch.float32, device=flat.device)
@@ -223,9 +231,9 @@ def start_compressed(
             correction = mean - own
             flat[start:stop].add_(correction.to(flat.dtype))
             ref[start:stop].add_(mean.to(ref.dtype))
-            moved_sq += float(correction.square().sum())
+            moved_sq += correction.square().sum()
         if stats is not None:
-            stats["moved"] = moved_sq**0.5
+            stats["moved"] = float(moved_sq) ** 0.5
             stats["bytes"] = float((world_size - 1) * sent_bytes)
         return summed
 
@@ -237,9 +245,11 @@ class SharedReference:
 
     The reference is one fp32 copy of the vector, allocated by the first round that needs it, on the thread that
     runs the rounds (on a GPU: in that thread's stream, so nothing reads it before it is written). A block's first
-    compressed round sends fp32 against a zero reference (an exact average, which becomes its reference); with
-    ``compression="auto"`` the fp32 all-reduce rounds keep an allocated reference up to date
-    (:meth:`block_to_track`), so switching codecs costs nothing.
+    compressed round has no reference yet: the engine's rounds (:mod:`~lightning_fedhog.rounds`) send it as an exact
+    fp32 all-reduce that stores the average as the reference (:meth:`tracked`), which sends fewer bytes than an
+    all-gather of fp32; :meth:`start_` alone sends fp32 against a zero reference, also an exact average. With
+    ``compression="auto"`` the fp32 rounds keep an allocated reference up to date (:meth:`block_to_track`), so
+    switching codecs costs nothing.
 
     Args:
         numel: elements of the flat vector.
@@ -287,6 +297,10 @@ class SharedReference:
             return summed
 
         return finish_and_record
+
+    def ready(self, block: int) -> bool:
+        """Whether ``block`` has a reference every leader shares (its compressed rounds send codes)."""
+        return self._ready[block]
 
     def block_to_track(self, bounds: tuple[int, int]) -> Tensor | None:
         """Where an exact round of the block at ``bounds`` stores its average, once the reference exists."""

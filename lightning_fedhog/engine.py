@@ -338,7 +338,7 @@ class AveragingEngine:
         self._pacing.round(paused, float(summed[1 + 2 * leaders]) / leaders)
         link_end = 2 + 2 * leaders + self._rounds.link_slots
         before = self._rounds.choice
-        self._rounds.agree_codec(summed[2 + 2 * leaders : link_end])
+        self._rounds.agree_codec(summed[2 + 2 * leaders : link_end], round_.measured)
         if before is not None and self._group.rank() == 0:
             _report_codec(before, self._rounds.choice)
         scores = summed[link_end:].tolist() if summed.numel() > link_end else None
@@ -424,7 +424,7 @@ class AveragingEngine:
                     )
                 self._check_identical()
                 self._synchronize()
-                self.figures.consensus(stats["moved"])
+                self.figures.consensus(stats["moved"], self._device_steps())
                 self._rounds.consensus_done()
             with self._cond:
                 if command == "resume":

@@ -27,10 +27,12 @@ from lightning_fedhog.topology import Topology, peers
 
 @dataclass
 class InFlight:
-    """A started round: its block, and what finishes it (returns the summed control)."""
+    """A started round: its block, what finishes it (returns the summed control), and what the round whose link
+    figures its control message carries had sent (``compression="auto"``)."""
 
     block: int
     finish: Callable[[], Tensor]
+    measured: Codec = "none"
 
 
 class Rounds:
@@ -70,6 +72,7 @@ class Rounds:
         self._fixed: Codec | None = None if compression == "auto" else compression
         self.choice: CodecChoice | None = CodecChoice() if compression == "auto" and topology is None else None
         self.last_seconds = 0.0  # how long the last finished round took (its leader's share of the link figures)
+        self.last_sent: Codec = "none"  # what the last finished round sent (the same on every leader)
         self.shared = (  # compressed rounds: each block's difference from a reference every leader holds
             SharedReference(flat.numel(), len(bounds), flat.device)
             if compression != "none" and topology is None else None
@@ -87,17 +90,14 @@ class Rounds:
         """Control entries for ``compression="auto"``: each leader's round load and round time."""
         return 2 * self._world_size if self.choice is not None else 0
 
-    def agree_codec(self, link: Tensor) -> Codec | None:
-        """Steps the codec choice with a finished round's summed link slots (the same on every leader); returns
-        the new codec when it changed."""
+    def agree_codec(self, link: Tensor, measured: Codec) -> None:
+        """Steps the codec choice with a finished round's summed link slots (the same on every leader), which
+        measured a round that sent ``measured``."""
         if self.choice is None:
-            return None
+            return
         leaders = self._world_size
-        before = self.choice.codec
-        self.choice = self.choice.after_round(
-            agreed(link[:leaders].tolist()), agreed(link[leaders:].tolist()), settle_rounds=len(self._bounds)
-        )
-        return self.choice.codec if self.choice.codec != before else None
+        load, seconds = agreed(link[:leaders].tolist()), agreed(link[leaders:].tolist())
+        self.choice = self.choice.after_round(load, seconds, measured)
 
     def control(
         self, want_pause: bool, block: int, proposal: float, steps: float, link: tuple[float, float] = (0.0, 0.0)
@@ -133,14 +133,17 @@ class Rounds:
         live = self.flat[start:stop]
         began = time.monotonic()
         stats: dict[str, float] = {}
-        codec, tracked = self.codec, None
+        codec, tracked, measured = self.codec, None, self.last_sent
         if self._topology is None:
             mine = 1 + self._group.rank()  # this leader's "not finite" entry: set if what it sends is not
-            if codec != "none" and self.shared is not None:
+            if codec != "none" and self.shared is not None and self.shared.ready(block):
                 pending = self.shared.start_(live, block, (start, stop), self._group, self._world_size, control,
                                              codec, mine)
-            else:  # fp32: an all-reduce, which keeps the reference of compression="auto" once it exists
-                tracked = self.shared.block_to_track((start, stop)) if self.shared is not None else None
+            else:  # fp32: an all-reduce, which sets a block's reference (its first compressed round) or keeps it
+                if self.shared is not None:
+                    tracked = self.shared.values[start:stop] if codec != "none" else self.shared.block_to_track(
+                        (start, stop))
+                codec = "none"
                 pending = start_average(live, self._group, self._world_size, control, mine, reference=tracked)
         else:
             gossiped = sum_control(control, self._group)
@@ -153,7 +156,8 @@ class Rounds:
             summed = pending(accept=self.accept, stats=stats) if self._topology is None else gossiped
             if tracked is not None and self.shared is not None and self.accept(summed):
                 self.shared.tracked(block)
-            self.last_seconds = time.monotonic() - began
+            self.last_seconds = stats.get("completed", time.monotonic()) - began  # up to the collective's end
+            self.last_sent = codec
             self.figures.round_done(block, self.last_seconds, stats, device_steps(), compressed=codec != "none")
             if self._reference is not None:
                 self._reference[start:stop].copy_(live)
@@ -161,7 +165,7 @@ class Rounds:
             self.last_round[block] = index
             return summed  # type: ignore[return-value]  # never None when a control vector is sent
 
-        return InFlight(block, finish)
+        return InFlight(block, finish, measured)
 
     def consensus_done(self) -> None:
         """After an exact average of the whole vector: it is every block's reference."""

@@ -108,13 +108,15 @@ class RoundFigures:
         the consensus."""
         self._pause_moved_sq += self._last_moved**2
 
-    def consensus(self, moved: float) -> None:
+    def consensus(self, moved: float, device_steps: int) -> None:
         """The exact average moved this copy by ``moved``. With the rounds that agreed on the pause (which for
         ``num_blocks=1`` already average the whole vector, so the exact average alone would read about 0) it makes
         the copy's distance to the mean when the consensus point began (rounds of distinct blocks add up as
-        orthogonal moves; a block the pause round moved and the average moved again adds a little)."""
+        orthogonal moves; a block the pause round moved and the average moved again adds a little). Every block is
+        then as fresh as at an exchange, at ``device_steps``."""
         self.consensus_distance = (self._pause_moved_sq + moved**2) ** 0.5
         self._pause_moved_sq = 0.0
+        self._block_steps = [device_steps] * len(self._block_steps)  # the exact average brought every block up
 
     def take(self, device_steps: int, period: int) -> dict[str, float]:
         """Rounds/s, bytes/s, seconds per round, the RMS distance a round moved this copy (an estimate of the

@@ -28,55 +28,57 @@ from tests.conftest import run_in_threads
 from tests.test_averaging import _engine_fleet, _stop_engines  # noqa: F401 - the fixture stops leftover engines
 
 
-def _rounds(choice: CodecChoice, count: int, load: float, seconds: float, settle: int = 1) -> CodecChoice:
+def _rounds(choice: CodecChoice, count: int, load: float, seconds: float, sent: str = "none") -> CodecChoice:
     for _ in range(count):
-        choice = choice.after_round(load, seconds, settle_rounds=settle)
+        choice = choice.after_round(load, seconds, sent)  # type: ignore[arg-type]
     return choice
 
 
 def test_a_link_that_holds_rounds_back_is_tried_with_int8_and_kept_when_int8_is_faster() -> None:
     choice = _rounds(CodecChoice(), SWITCH_ROUNDS - 1, load=3.0, seconds=0.3)
     assert choice.codec == "none", "a few slow rounds are not yet a thin link"
-    choice = choice.after_round(SWITCH_LOAD, 0.05, settle_rounds=1)  # a round that left the link idle enough
+    choice = choice.after_round(SWITCH_LOAD, 0.05, "none")  # a round that left the link idle enough
     choice = _rounds(choice, SWITCH_ROUNDS, load=3.0, seconds=0.3)
     assert (choice.codec, choice.trial, choice.exact_seconds) == ("int8", True, 0.3)
-    choice = choice.after_round(3.0, 0.3, settle_rounds=1)  # the block's first compressed round sends fp32: skipped
+    choice = choice.after_round(3.0, 0.3, "none")  # the block's first compressed round sends fp32: not timed
     assert choice.trial and choice.timed == ()
-    choice = _rounds(choice, TRIAL_ROUNDS, load=0.8, seconds=0.08)
+    choice = _rounds(choice, TRIAL_ROUNDS, load=0.8, seconds=0.08, sent="int8")
     assert (choice.codec, choice.trial) == ("int8", False)
     assert choice.slowdown == pytest.approx(0.3 / 0.08)
     # the link stays thin: int8 stays (an fp32 round would take 0.8 x 3.75 = 3x the period)
-    assert _rounds(choice, 10 * BACK_ROUNDS, load=0.8, seconds=0.08).codec == "int8"
+    assert _rounds(choice, 10 * BACK_ROUNDS, load=0.8, seconds=0.08, sent="int8").codec == "int8"
 
 
 def test_when_int8_is_not_faster_the_rounds_go_back_to_fp32_and_try_again_ever_more_rarely() -> None:
     choice = _rounds(CodecChoice(), SWITCH_ROUNDS, load=2.0, seconds=0.01)
-    choice = _rounds(choice, 1 + TRIAL_ROUNDS, load=2.0, seconds=0.009, settle=1)  # computation-bound: no gain
+    choice = _rounds(choice, TRIAL_ROUNDS, load=2.0, seconds=0.009, sent="int8")  # computation-bound: no gain
     assert (choice.codec, choice.wait, choice.backoff) == ("none", FIRST_BACKOFF, 2 * FIRST_BACKOFF)
     waiting = _rounds(choice, FIRST_BACKOFF, load=2.0, seconds=0.01)
     assert waiting.codec == "none" and waiting.wait == 0, "no trial while backing off"
     again = _rounds(waiting, SWITCH_ROUNDS, load=2.0, seconds=0.01)
     assert again.codec == "int8" and again.trial
-    failed_twice = _rounds(again, 1 + TRIAL_ROUNDS, load=2.0, seconds=0.01)
+    failed_twice = _rounds(again, TRIAL_ROUNDS, load=2.0, seconds=0.01, sent="int8")
     assert (failed_twice.codec, failed_twice.wait) == ("none", 2 * FIRST_BACKOFF)
     assert failed_twice.switches == 4
 
 
 def test_kept_int8_goes_back_to_fp32_once_fp32_rounds_would_leave_the_link_mostly_idle() -> None:
-    kept = _rounds(_rounds(CodecChoice(), SWITCH_ROUNDS, 4.0, 0.4), 1 + TRIAL_ROUNDS, 1.0, 0.1)
+    kept = _rounds(_rounds(CodecChoice(), SWITCH_ROUNDS, 4.0, 0.4), TRIAL_ROUNDS, 1.0, 0.1, sent="int8")
     assert (kept.codec, kept.trial, kept.slowdown) == ("int8", False, 4.0)
     # the link frees up: fp32 rounds would keep it busy a little less than BACK_LOAD of the time
     free = 0.9 * BACK_LOAD / kept.slowdown
-    almost = _rounds(kept, BACK_ROUNDS - 1, load=free, seconds=0.005)
+    almost = _rounds(kept, BACK_ROUNDS - 1, load=free, seconds=0.005, sent="int8")
     assert almost.codec == "int8"
-    assert almost.after_round(1.2 * BACK_LOAD / kept.slowdown, 0.01, settle_rounds=1).streak == 0
-    assert almost.after_round(free, 0.005, settle_rounds=1).codec == "none"
+    assert almost.after_round(1.2 * BACK_LOAD / kept.slowdown, 0.01, "int8").streak == 0
+    assert almost.after_round(free, 0.005, "none") == almost, "an fp32 round says nothing about int8's load"
+    assert almost.after_round(free, 0.005, "int8").codec == "none"
 
 
 def test_unmeasured_and_non_finite_figures_never_move_the_choice() -> None:
     choice = _rounds(CodecChoice(), 10, load=0.0, seconds=0.0)
     assert choice == CodecChoice()
-    assert CodecChoice().after_round(float("nan"), 1.0, settle_rounds=1) == CodecChoice()
+    assert CodecChoice().after_round(float("nan"), 1.0, "none") == CodecChoice()
+    assert CodecChoice().after_round(9.0, 1.0, "int8") == CodecChoice(), "watching counts fp32 rounds only"
     assert agreed([2.0, 0.0]) == 0.0, "a leader that has not measured holds the choice back"
     assert agreed([3.0, 1.5]) == 1.5, "the leader that waited least speaks for the link"
     assert agreed([]) == 0.0
@@ -137,13 +139,16 @@ def _kept_or_stuck(engines: list) -> Callable[[], bool]:
                        for engine in engines) or min(engine.rounds for engine in engines) >= 60
 
 
+@pytest.mark.parametrize("in_flight", [1, 2])
 def test_on_a_thin_link_every_leader_switches_to_int8_and_the_copies_still_meet(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, in_flight: int
 ) -> None:
     caplog.set_level(logging.INFO, logger="lightning_fedhog.engine")
     world_size, numel = 2, 1 << 14  # 64 kB in fp32: 260 ms a round at 0.25 MB/s, int8 about a quarter
     with _thin_link(monkeypatch, bytes_per_s=2.5e5):
-        _store, vectors, steps, engines = _engine_fleet(world_size, numel, 1, period=4, compression="auto")
+        _store, vectors, steps, engines = _engine_fleet(
+            world_size, numel, in_flight, period=4, compression="auto", rounds_in_flight=in_flight
+        )
         for engine in engines:
             engine.start()
         _train(vectors, steps, _kept_or_stuck(engines), step_s=0.001)
@@ -164,9 +169,12 @@ def test_on_a_thin_link_every_leader_switches_to_int8_and_the_copies_still_meet(
         run_in_threads(lambda r: engines[r].stop(), world_size)
 
 
-def test_on_a_fast_link_the_rounds_stay_exact_and_allocate_no_reference() -> None:
+@pytest.mark.parametrize("in_flight", [1, 2])
+def test_on_a_fast_link_the_rounds_stay_exact_and_allocate_no_reference(in_flight: int) -> None:
     world_size, numel = 2, 1 << 16
-    _store, vectors, steps, engines = _engine_fleet(world_size, numel, 1, period=64, compression="auto")
+    _store, vectors, steps, engines = _engine_fleet(
+        world_size, numel, in_flight, period=64, compression="auto", rounds_in_flight=in_flight
+    )
     for engine in engines:
         engine.start()
     _train(vectors, steps, lambda: min(engine.rounds for engine in engines) >= 3 * SWITCH_ROUNDS, step_s=0.005)

@@ -322,8 +322,12 @@ def test_the_fingerprint_sees_one_ulp_a_swap_and_a_sign_and_not_how_the_vector_i
     flipped[7] = -flipped[7]
     for other in (nudged, swapped, flipped):
         assert not torch.equal(averaging.fingerprint(other), print_)
-    for dtype in (torch.bfloat16, torch.float64):  # any float width
-        assert not torch.equal(averaging.fingerprint(values.to(dtype)), averaging.fingerprint(nudged.to(dtype) * 2))
+    for dtype, word in ((torch.bfloat16, torch.int16), (torch.float16, torch.int16), (torch.float64, torch.int64)):
+        same = values.to(dtype)
+        flipped_bit = same.clone()
+        flipped_bit.view(word)[-1] ^= 1  # one ulp of the last element, in that dtype's own bits
+        assert torch.equal(averaging.fingerprint(same), averaging.fingerprint(same.clone()))
+        assert not torch.equal(averaging.fingerprint(same), averaging.fingerprint(flipped_bit)), dtype
 
 
 def test_after_a_consensus_a_copy_that_differs_fails_loudly_naming_its_device(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_fedhog.compression import INT8_CHUNK, decode, encode, encoded_bytes, exchange_compressed_
+from lightning_fedhog.compression import (
+    INT8_CHUNK,
+    PIECE,
+    decode,
+    decode_piece,
+    encode,
+    encoded_bytes,
+    exchange_compressed_,
+)
 from lightning_fedhog.config import FedHogConfig
 from tests.conftest import run_in_threads, thread_groups
 from tests.test_averaging import _engine_fleet, _stop_engines  # noqa: F401 - the fixture stops leftover engines
@@ -41,6 +49,23 @@ def test_codecs_round_trip_within_their_step_and_send_the_bytes_they_claim(codec
         step = padded.amax(1).repeat_interleave(INT8_CHUNK)[:numel] / 127
         assert bool((error <= step / 2 + 1e-7).all())
     assert torch.equal(decode(encode(torch.zeros(numel), codec), numel, codec), torch.zeros(numel))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("codec", ["none", "bf16", "int8"])
+def test_a_block_of_several_pieces_encodes_as_its_chunks_and_decodes_piece_by_piece(codec: str) -> None:
+    numel = 2 * PIECE + 1500  # two whole pieces and a partial one, whose last chunk is partial too
+    values = _values(numel, seed=3)
+    values[PIECE : PIECE + 5] *= 1000  # one chunk of the second piece has a coarse step, the rest a fine one
+    payload = encode(values, codec)  # type: ignore[arg-type]
+    back = decode(payload, numel, codec)  # type: ignore[arg-type]
+    for start, stop in [(0, PIECE), (PIECE, 2 * PIECE), (2 * PIECE, numel), (INT8_CHUNK, 3 * INT8_CHUNK + 7)]:
+        assert torch.equal(decode_piece(payload, numel, codec, start, stop), back[start:stop])  # type: ignore[arg-type]
+    if codec == "int8":  # each chunk's scale is its own: the coarse chunk does not coarsen its neighbours
+        chunk = slice(PIECE + INT8_CHUNK, PIECE + 2 * INT8_CHUNK)
+        step = float(values[chunk].abs().max()) / 127
+        assert float((back[chunk] - values[chunk]).abs().max()) <= step / 2 + 1e-7
+    elif codec == "none":
+        assert torch.equal(back, values)
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

@@ -47,10 +47,13 @@ def test_the_consensus_distance_counts_what_the_pause_round_already_averaged() -
     figures.round_done(0, 0.01, {"moved": 7.0}, 16)  # an ordinary round: not part of the consensus
     figures.round_done(0, 0.01, {"moved": 3.0}, 20)  # the round that agreed on the pause moved the copy by 3
     figures.paused_round()
-    figures.consensus(4.0)  # then the exact average, by 4 more (orthogonal: other elements' last steps)
-    assert figures.take(device_steps=20, period=16)["consensus_distance"] == 5.0
-    figures.consensus(0.5)  # the next consensus point had no round before it
-    assert figures.take(device_steps=20, period=16)["consensus_distance"] == 0.5
+    figures.consensus(4.0, device_steps=20)  # then the exact average, by 4 more (orthogonal: other elements' steps)
+    taken = figures.take(device_steps=20, period=16)
+    assert taken["consensus_distance"] == 5.0
+    figures.consensus(0.5, device_steps=30)  # the next consensus point had no round before it
+    taken = figures.take(device_steps=40, period=16)
+    assert taken["consensus_distance"] == 0.5
+    assert taken["staleness_steps"] == 10.0, "the consensus point at step 30 brought the block up to date"
 
 
 def _rows(out: Path) -> list[dict[str, str]]:
