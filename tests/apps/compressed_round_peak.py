@@ -3,10 +3,12 @@
     python tests/apps/compressed_round_peak.py NUMEL CODEC
 
 One leader (a gloo group of one), a block of NUMEL fp32 elements whose reference is ready, so the round sends CODEC.
-Run it with ``MALLOC_MMAP_THRESHOLD_`` fixed, so that every large buffer is mapped when allocated and unmapped when
-freed: the peak resident size then follows the live buffers instead of whatever the allocator keeps for reuse.
+The allocator's mmap threshold is fixed first (glibc's ``mallopt``, also when the process is forked rather than
+started), so that every large buffer is mapped when allocated and unmapped when freed: the peak resident size then
+follows the live buffers instead of whatever the allocator keeps for reuse.
 """
 
+import ctypes
 import resource
 import sys
 from datetime import timedelta
@@ -16,6 +18,8 @@ import torch.distributed as dist
 
 from lightning_fedhog.compression import SharedReference
 
+M_MMAP_THRESHOLD = -3
+ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 65536)
 torch.set_num_threads(1)
 numel, codec = int(sys.argv[1]), sys.argv[2]
 store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
