@@ -166,6 +166,14 @@ def median_reached(seconds: Sequence[float | None]) -> float | None:
     return statistics.mean(middle)  # type: ignore[arg-type]
 
 
+def straggler_options(seconds: float, from_epoch: int | None = None) -> list[str]:
+    """The recipe's settings that make rank 1 sleep ``seconds`` before every training batch
+    (:class:`benchmarks.straggler.Straggler`), from epoch ``from_epoch`` on where given."""
+    options = ["--trainer.callbacks+=benchmarks.straggler.Straggler", "--trainer.callbacks.slow_ranks=[1]",
+               f"--trainer.callbacks.seconds={seconds:.6f}"]
+    return options if from_epoch is None else [*options, f"--trainer.callbacks.from_epoch={from_epoch}"]
+
+
 def recipe_step_seconds(scale: Scale, data_dir: Path, workdir: Path) -> float:
     """The median training step of the MNIST-1D recipe in one process with one thread (as each of 2 workers)."""
     out = workdir / "calibration"
@@ -349,8 +357,7 @@ def p8_straggler_accuracy(scale: Scale, workdir: Path) -> dict[str, Any]:
     """
     data = workdir / "mnist1d-data"
     step = recipe_step_seconds(scale, data, workdir)
-    slow = ["--trainer.callbacks+=benchmarks.straggler.Straggler", "--trainer.callbacks.slow_ranks=[1]",
-            f"--trainer.callbacks.seconds={step:.6f}"]
+    slow = straggler_options(step)
     fedhog = ["--trainer.strategy.workers_per_device=1", *slow]
     post_local = workdir / "post_local_sgd.yaml"
     post_local.write_text(POST_LOCAL_YAML)

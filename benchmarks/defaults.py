@@ -21,7 +21,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from benchmarks import harness
-from benchmarks.accuracy import P7_CHANNELS, P7_TARGET, POST_LOCAL_YAML, Method, mnist1d, recipe_step_seconds
+from benchmarks.accuracy import (
+    P7_CHANNELS,
+    P7_TARGET,
+    POST_LOCAL_YAML,
+    Method,
+    mnist1d,
+    recipe_step_seconds,
+    straggler_options,
+)
 
 if TYPE_CHECKING:
     from benchmarks.suite import Scale
@@ -62,12 +70,9 @@ def p10_defaults(scale: Scale, workdir: Path) -> dict[str, Any]:
     step = 0.002 if smoke else recipe_step_seconds(scale, data, workdir)  # the smoke run spares a launch
     link = [] if smoke else harness.thin_link_prefix("20mbit")
 
-    def slow(from_epoch: int) -> list[str]:
-        return ["--trainer.callbacks+=benchmarks.straggler.Straggler", "--trainer.callbacks.slow_ranks=[1]",
-                f"--trainer.callbacks.seconds={step:.6f}", f"--trainer.callbacks.from_epoch={from_epoch}"]
-
     hindrance: dict[str, list[str]] = {
-        "none": [], "straggler": slow(0), "halfway": slow(1 if smoke else HALFWAY_EPOCH),
+        "none": [], "straggler": straggler_options(step, 0),
+        "halfway": straggler_options(step, 1 if smoke else HALFWAY_EPOCH),
         "thin_link": [f"--model.channels={P7_CHANNELS}"],
     }
     strategies = {

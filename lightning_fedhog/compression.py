@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_fedhog.averaging import completion_clock, staged_through_host
+from lightning_fedhog.averaging import any_nonfinite, completion_clock, staged_through_host
 
 Codec = Literal["none", "bf16", "int8"]
 """What one background round sends: fp32 (``"none"``), bf16, or int8 codes with a scale per chunk."""
@@ -198,8 +198,8 @@ def start_compressed(
     nonfinite = torch.zeros((), dtype=torch.bool, device=flat.device)  # one host sync for all pieces, not one each
     for start in range(0, numel, PIECE):
         difference = flat[start : start + PIECE].float() - ref[start : start + PIECE].float()  # live read once
-        if nonfinite_slot is not None:  # x * 0 is 0 exactly for finite x, reading each element once
-            nonfinite |= difference.mul(0).ne(0).any()
+        if nonfinite_slot is not None:
+            nonfinite |= any_nonfinite(difference)
         encode_into(payload, numel, codec, start, difference)
     sent = control.to(_CONTROL_DTYPE).clone()
     if nonfinite_slot is not None and bool(nonfinite):
@@ -247,9 +247,8 @@ class SharedReference:
     runs the rounds (on a GPU: in that thread's stream, so nothing reads it before it is written). A block's first
     compressed round has no reference yet: the engine's rounds (:mod:`~lightning_fedhog.rounds`) send it as an exact
     fp32 all-reduce that stores the average as the reference (:meth:`tracked`), which sends fewer bytes than an
-    all-gather of fp32; :meth:`start_` alone sends fp32 against a zero reference, also an exact average. With
-    ``compression="auto"`` the fp32 rounds keep an allocated reference up to date (:meth:`block_to_track`), so
-    switching codecs costs nothing.
+    all-gather of fp32; only a ready block's rounds go through :meth:`start_`. With ``compression="auto"`` the fp32
+    rounds keep an allocated reference up to date (:meth:`block_to_track`), so switching codecs costs nothing.
 
     Args:
         numel: elements of the flat vector.
@@ -276,7 +275,6 @@ class SharedReference:
     def start_(
         self,
         live: Tensor,
-        block: int,
         bounds: tuple[int, int],
         group: Any,
         world_size: int,
@@ -284,19 +282,11 @@ class SharedReference:
         codec: Codec,
         nonfinite_slot: int | None = None,
     ) -> Callable[..., Tensor]:
-        """Starts one round of ``block`` (at ``bounds`` of the flat vector) sending ``codec``; returns its second
-        half, which takes ``accept`` and ``stats`` (see :func:`start_compressed`). Rounds in flight together hold
-        distinct blocks."""
+        """Starts one compressed round of the block at ``bounds`` of the flat vector (its reference :meth:`ready`)
+        sending ``codec``; returns its second half, which takes ``accept`` and ``stats`` (see
+        :func:`start_compressed`). Rounds in flight together hold distinct blocks."""
         start, stop = bounds
-        codec = codec if self._ready[block] else "none"
-        finish = start_compressed(live, self.values[start:stop], group, world_size, control, codec, nonfinite_slot)
-
-        def finish_and_record(*, accept: Callable[[Tensor], bool], stats: dict[str, float]) -> Tensor:
-            summed = finish(accept=accept, stats=stats)
-            self._ready[block] = self._ready[block] or accept(summed)
-            return summed
-
-        return finish_and_record
+        return start_compressed(live, self.values[start:stop], group, world_size, control, codec, nonfinite_slot)
 
     def ready(self, block: int) -> bool:
         """Whether ``block`` has a reference every leader shares (its compressed rounds send codes)."""

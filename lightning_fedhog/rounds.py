@@ -137,8 +137,7 @@ class Rounds:
         if self._topology is None:
             mine = 1 + self._group.rank()  # this leader's "not finite" entry: set if what it sends is not
             if codec != "none" and self.shared is not None and self.shared.ready(block):
-                pending = self.shared.start_(live, block, (start, stop), self._group, self._world_size, control,
-                                             codec, mine)
+                pending = self.shared.start_(live, (start, stop), self._group, self._world_size, control, codec, mine)
             else:  # fp32: an all-reduce, which sets a block's reference (its first compressed round) or keeps it
                 if self.shared is not None:
                     tracked = self.shared.values[start:stop] if codec != "none" else self.shared.block_to_track(

@@ -29,11 +29,11 @@ shared = SharedReference(numel, 1, live.device)
 shared.values.fill_(0.5)
 shared.tracked(0)
 control = torch.zeros(4)
-shared.start_(torch.ones(4096), 0, (0, 4096), group, 1, control, codec)(accept=lambda summed: True, stats={})
+shared.start_(torch.ones(4096), (0, 4096), group, 1, control, codec)(accept=lambda summed: True, stats={})
 
 def peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 before = peak()
-shared.start_(live, 0, (0, numel), group, 1, control, codec)(accept=lambda summed: True, stats={})
+shared.start_(live, (0, numel), group, 1, control, codec)(accept=lambda summed: True, stats={})
 print(peak() - before)
