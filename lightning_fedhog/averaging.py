@@ -23,7 +23,7 @@ def all_finite(values: Tensor) -> bool:
 
     ``torch.isfinite`` computes ``(x == x) & (x.abs() != inf)``: three reads of each element. When a worker
     changes a value between two of them, ``x == x`` is false for a finite number, and a round would be refused
-    as "non-finite" for nothing (seen in about one in four 2-device benchmark runs). ``x * 0`` reads it once and
+    as "non-finite" for nothing (it happens in real runs). ``x * 0`` reads it once and
     is 0 exactly when ``x`` is finite (NaN for NaN and for +-inf).
     """
     return not bool(any_nonfinite(values))

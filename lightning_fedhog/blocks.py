@@ -30,8 +30,7 @@ def block_bounds(numel: int, num_blocks: int) -> list[tuple[int, int]]:
     Returns:
         ``[(start, stop), ...]`` covering the vector in order, without gaps or overlaps.
     """
-    if num_blocks < 1 or num_blocks > max(numel, 1):
-        raise ValueError(f"num_blocks must be in [1, {max(numel, 1)}], got {num_blocks}")
+    assert 1 <= num_blocks <= max(numel, 1), (num_blocks, numel)  # `FedHogConfig` refuses other counts
     base, extra = divmod(numel, num_blocks)
     bounds = []
     start = 0
@@ -62,8 +61,7 @@ def next_block(
         scores: per-block change, required by ``"largest_change"`` (round 0 has none: block 0).
         last_exchanged: the round each block was last exchanged in (-1: never), for tie-breaking.
     """
-    if rule not in BLOCK_RULES:
-        raise ValueError(f"Unknown `block_rule={rule!r}`. HINT: choose one of {', '.join(map(repr, BLOCK_RULES))}.")
+    assert rule in BLOCK_RULES, rule  # `FedHogConfig` refuses other names
     if num_blocks == 1:
         return 0
     if rule == "round_robin":
@@ -126,8 +124,7 @@ def tensor_costs(numels: Sequence[int], positions: Sequence[int], partition: Par
         partition: ``"numel"`` (the paper's element count) or ``"compute"`` (elements x positions, proportional
             to the multiply-adds of the weight gradient and of the activation gradient through that layer).
     """
-    if partition not in PARTITIONS:
-        raise ValueError(f"Unknown `partition={partition!r}`. HINT: choose one of {', '.join(map(repr, PARTITIONS))}.")
+    assert partition in PARTITIONS, partition  # `FedHogConfig` refuses other names
     if partition == "numel":
         return [float(n) for n in numels]
     return [float(n) * max(int(p), 1) for n, p in zip(numels, positions, strict=True)]

@@ -1,5 +1,7 @@
 """What fedhog adds to Lightning's checkpoints: every worker's optimizer state, and the checkpoint of a stop.
 
+``FedHogStrategy``'s checkpoint hooks call these functions.
+
 The weights in a checkpoint are the consensus model (a consensus point comes first), which loads into the plain
 module. But each Hogwild! worker has its own optimizer state (momentum, Adam moments), and Lightning saves rank 0's
 only; resuming every worker from rank 0's would change the run. So every worker's state goes under
@@ -12,16 +14,12 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
-from typing_extensions import override
 
-from lightning_fedhog import internals
 from lightning_fedhog.internals import PathLike, preemption_checkpoint_path, refresh_last_checkpoint
-from lightning_fedhog.reductions import IndependentWorkersDDP
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -38,7 +36,7 @@ def add_every_workers_optimizer_state(
     """Puts every worker's optimizer states into rank 0's ``checkpoint``, the one that is written.
 
     ``gather`` is a collective over all workers that returns the list on rank 0 and None on the others: only rank 0
-    needs them, and on a thin link sending every worker's states to every rank doubled what a checkpoint costs
+    needs them, and on a thin link sending every worker's states to every rank multiplies what a checkpoint costs
     (an Adam state is twice the model).
     """
     states = checkpoint.get("optimizer_states")
@@ -81,51 +79,3 @@ def save_stop_checkpoint(trainer: pl.Trainer, broadcast: Callable[[Any], Any]) -
             trainer.current_epoch, trainer.global_step, path, str(path),
         )
     return path
-
-
-class PerWorkerCheckpoints(IndependentWorkersDDP):
-    """Checkpoints of a run whose workers share a model but not their optimizer state.
-
-    The saved weights are taken at a consensus point (:meth:`consensus`, which subclasses provide); every worker's
-    optimizer state is added under ``checkpoint["fedhog"]`` and each worker gets its own back; subclasses may add
-    state of their own (:meth:`extra_checkpoint_state`, :meth:`load_extra_checkpoint_state`).
-    """
-
-    def consensus(self) -> None:
-        """Makes every device hold the same model; a collective over every worker."""
-
-    def extra_checkpoint_state(self) -> dict[str, Any]:
-        """Entries to add to every checkpoint (the same on every rank)."""
-        return {}
-
-    def load_extra_checkpoint_state(self, checkpoint: Mapping[str, Any]) -> None:
-        """Reads back what :meth:`extra_checkpoint_state` added."""
-
-    @override
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        self.consensus()
-        return super().lightning_module_state_dict()
-
-    @override
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], filepath: PathLike, storage_options: Any | None = None
-    ) -> None:
-        """Adds every worker's optimizer state to the checkpoint (all ranks call this), then lets rank 0 write it."""
-        if self.world_size > 1 and dist.is_initialized():
-            add_every_workers_optimizer_state(checkpoint, self.world_size, self.gather_object_to_zero)
-        checkpoint.update(self.extra_checkpoint_state())
-        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
-
-    @override
-    def load_checkpoint(self, checkpoint_path: PathLike, weights_only: bool | None = None) -> dict[str, Any]:
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        self.load_extra_checkpoint_state(checkpoint)
-        return checkpoint
-
-    @override
-    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        """Restores this worker's own optimizer state when the checkpoint has one for every rank."""
-        states = own_optimizer_states(checkpoint, self.world_size, self.global_rank)
-        for optimizer, state in zip(self.optimizers, states, strict=True):
-            optimizer.load_state_dict(state)
-            internals.optimizer_to_device(optimizer, self.root_device)

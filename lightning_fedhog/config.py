@@ -14,7 +14,6 @@ from typing import Literal, get_args
 from lightning_fedhog.blocks import BLOCK_RULES, PARTITIONS, BlockRule, Partition
 from lightning_fedhog.compression import COMPRESSIONS, Compression
 from lightning_fedhog.device_sync import AVERAGING_BACKENDS, AveragingBackend
-from lightning_fedhog.schedule import averaging_period
 from lightning_fedhog.topology import TOPOLOGIES, Topology
 from lightning_fedhog.work_sharing import WorkSharing
 
@@ -23,9 +22,16 @@ AveragingMode = Literal["allreduce", "gossip"]
 
 _AVERAGING_MODES: tuple[str, ...] = get_args(AveragingMode)
 
+DEFAULT_AVERAGING_PERIOD = 16
+"""The paper's H: device steps between two averaging rounds once the warm-up is over."""
+
+DEFAULT_TIMEOUT = timedelta(minutes=30)
+"""How long a collective may wait for a peer before the run fails naming it (Lightning's DDP default)."""
+
 PRESETS: dict[str, tuple[str, dict[str, object]]] = {
     "fedhog": (
-        "fedhog: Hogwild! workers per device chosen for the hardware, background all-reduce averaging every 16 steps",
+        "fedhog: Hogwild! workers per device chosen for the hardware, background all-reduce averaging every"
+        f" {DEFAULT_AVERAGING_PERIOD} steps",
         {},
     ),
     "fedhog_k4": ("fedhog with the paper's 4 Hogwild! workers per device", {"workers_per_device": 4}),
@@ -64,7 +70,8 @@ def _require_int(name: str, value: object, minimum: int, hint: str, maximum: int
 
 
 GPU_WORKERS_PER_DEVICE = 4
-"""``"auto"``'s K on a GPU with enough CPU cores: the paper's, and the fastest K in the P5 benchmark (one GPU)."""
+"""``"auto"``'s K on a GPU with enough CPU cores: the paper's K, which keeps a GPU busy between one worker's kernels
+and the next (the one-GPU throughput benchmark in docs/benchmarks.md measures the others)."""
 
 
 def auto_workers_per_device(device_type: str, devices: int, cpus: int, *, partial_backprop: bool) -> int:
@@ -73,8 +80,8 @@ def auto_workers_per_device(device_type: str, devices: int, cpus: int, *, partia
     On a GPU the workers keep it busy between each other's kernels, data loading and Python overhead (the reason
     for K workers in the paper), up to :data:`GPU_WORKERS_PER_DEVICE`, and each needs a CPU core of its own to
     feed it. On CPU a "device" is the cores it is given: K workers split the same cores, so they add no compute,
-    only asynchrony; in the P4 and P12b benchmarks (2 cores) more workers per device reached a test accuracy later,
-    not sooner. Partial backprop splits the model among the workers, so it gets at least 2.
+    only asynchrony, and the stale reads of more workers cost accuracy per step (docs/benchmarks.md has the CPU runs).
+    Partial backprop splits the model among the workers, so it gets at least 2.
 
     Args:
         device_type: ``torch.device.type`` of the devices (``"cuda"``, ``"cpu"``, ...).
@@ -111,101 +118,131 @@ def external_workers_per_device(processes: int, devices: int, num_nodes: int) ->
     return processes // per_run
 
 
+def averaging_period(epoch: int, *, period: int | Literal["auto"], warmup_epochs: int) -> int | Literal["auto"]:
+    """Device steps between two rounds in ``epoch``: one during the warm-up epochs, ``period`` after.
+
+    The paper (Sec. V, "pre_post_epochs") averages after every step while the learning rate is high and
+    relaxes to every H steps afterwards. A leader only changes its own pace with this; the sequence of rounds
+    and blocks stays the same on every leader, so leaders in different epochs still agree.
+    """
+    return 1 if epoch < warmup_epochs else period
+
+
 @dataclass(frozen=True, kw_only=True)
 class FedHogConfig:
-    """Validated settings of one fedhog run.
-
-    Attributes:
-        workers_per_device: K, the number of Hogwild! worker processes that share one parameter copy per device
-            (LAP-SGD, Chatterjee et al., ICDCS 2024). ``"auto"`` (the default) chooses it from the hardware once
-            the Trainer has set the devices (:func:`auto_workers_per_device`; under torchrun or SLURM, the processes
-            the launcher started per device).
-        averaging: how devices mix their copies in the background. ``"allreduce"``: every round, all device
-            leaders average one block of the flat parameter vector. ``"gossip"``: every round, each leader
-            averages the block with one peer chosen by ``topology``; less traffic per round, slower mixing.
-        topology: gossip peer schedule: ``"exponential"`` (hypercube one-peer exponential graph), ``"ring"``,
-            ``"random"`` (matchings from ``seed``). Ignored by ``"allreduce"``.
-        block_rule: which block a round exchanges when ``num_blocks > 1``: ``"round_robin"``, ``"random"``
-            (from ``seed``), ``"largest_change"`` (where the copies moved most since that block's last exchange).
-        seed: shared by all leaders for the random topology and block rule.
-        partial_backprop: None (off), or when each worker starts alternating full steps with partial steps that
-            compute gradients only for its own block of parameter tensors (LPP-SGD): an epoch number (a whole
-            number, also written as a float), or a value strictly between 0 and 1, the share of ``max_epochs`` trained
-            with full steps first (the paper's schedule is 0.1, the
-            ``"fedhog_lpp"`` preset's). Needs ``workers_per_device >= 2``.
-        partition: how parameter tensors are split into the K partial-backprop blocks: ``"numel"`` (the
-            paper's equal element counts) or ``"compute"`` (equal estimated gradient work, measured on the first
-            batch: early convolutions apply few weights at many positions).
-        rotate_ownership: move every worker to the next block each epoch, so each worker trains every block.
-        work_sharing: ``"static"``: Lightning's equal shards (reproducible; every worker takes the same number
-            of steps). ``"dynamic"``: every worker claims the epoch's batches one at a time from a counter shared
-            by the run, so faster workers take more batches and nobody idles at the epoch end behind a straggler;
-            validation and checkpoints must then happen at epoch ends. ``"auto"`` (the default): static until an
-            epoch end measures the fastest device idling 25% or more of the slowest one's training time, then
-            dynamic from the next epoch on, on every worker at once (where the run's settings allow it; otherwise
-            static, with one message that says why). Checkpoints record the switch and a resumed run keeps it.
-        nonfinite: an averaging round in which a device's block holds NaN/Inf is never applied, so the values
-            do not spread to healthy devices. ``"stop"`` then ends the run with an error naming the device;
-            ``"skip"`` carries on (the next consensus point still stops: a consensus of non-finite copies
-            cannot be formed).
-        averaging_period: device steps (optimizer steps summed over the K workers of a device) between two
-            averaging rounds once the warm-up is over. The paper's H, 8 to 16. ``"auto"`` chooses it while
-            training, as often as averaging can run while costing the workers about 5% of their throughput
-            (the workers' step rate over everything against short stretches with no round in flight); it follows
-            the link and the step time as they change, and is logged as ``fedhog/period``. Use it on a thin or
-            shared link, or when you do not know the right H.
-        averaging_warmup_epochs: during the first this-many epochs a round starts after every device step
-            (the paper's ``pre_post_epochs``, about half of training in its recipes), so copies stay close while
-            the learning rate is large.
-        num_blocks: the flat vector is cut into this many contiguous blocks and one block is exchanged per round,
-            round-robin, so a round moves ``1/num_blocks`` of the model.
-        timeout: how long a collective (averaging round, consensus barrier) may wait for a peer before the run
-            fails with an error naming the peers.
-        averaging_backend: how device leaders talk. ``"auto"``: NCCL when every device has a GPU of its own,
-            gloo on CPU and wherever a GPU hosts several devices (NCCL refuses two ranks on one GPU; gloo averages
-            CUDA tensors through host memory). ``"gloo"`` forces gloo (MIG slices, a broken NCCL); ``"nccl"``
-            refuses to start where NCCL cannot run.
-        compression: what a background all-reduce round sends. ``"auto"`` (the default): fp32 until the rounds
-            show that they keep the link busy (more than a quarter of their period's steps, two rounds in a row);
-            then int8, kept only if int8 rounds are clearly faster (else the limit was the computation: back to
-            fp32, trying again ever more rarely), and back to fp32 when fp32 rounds would take under an eighth of
-            the period. Every device agrees on each switch inside the rounds' messages; each switch is one
-            info line, and ``fedhog/compression`` logs the share of rounds that sent int8. ``"none"``: always fp32.
-            ``"bf16"`` and ``"int8"`` (plus one scale per 1024 elements): always compressed. Compressed rounds send
-            each copy's difference from the last average of that block, which every device holds (one more fp32
-            copy of the vector per device, allocated when the first round compresses), so the mean of the copies
-            is still preserved and what quantisation drops goes out with the next round of that block. Consensus
-            points stay full averages in the model's dtype. The rounds become all-gathers, whose bytes per device
-            grow with the number of devices: against an fp32 all-reduce, int8 sends a quarter with 2 devices and
-            less up to 7, bf16 half with 2 devices and less up to 3. Gossip rounds always send fp32 (``"auto"`` is
-            then fp32; a fixed codec is refused).
-        rounds_in_flight: background rounds started before the oldest one is finished. A round whose time goes to
-            waiting (a link with latency: each all-reduce needs round trips) leaves the link idle; with 2 or more,
-            the next block is on its way meanwhile, so blocks are mixed up to that many times as often. It needs
-            `averaging="allreduce"`, `block_rule="round_robin"` and `num_blocks` >= this (the blocks in flight are
-            distinct). A consensus point then waits for the rounds already started. On a link whose bandwidth is
-            the limit it changes nothing: the rounds share the bytes. Between GPUs with NCCL the collectives of
-            one group run one after the other, so rounds queue rather than overlap; the overlap is gloo's (CPU
-            devices, several devices on one GPU).
-    """
+    """Validated settings of one fedhog run; each field says what it does and when to change it."""
 
     workers_per_device: int | Literal["auto"] = "auto"
+    """K, the number of Hogwild! worker processes that share one parameter copy per device (LAP-SGD, Chatterjee et al.,
+    ICDCS 2024). ``"auto"`` (the default) chooses it from the hardware once the Trainer has set the devices
+    (:func:`auto_workers_per_device`; under torchrun or SLURM, the processes the launcher started per device).
+    """
+
     averaging: AveragingMode = "allreduce"
-    averaging_period: int | Literal["auto"] = 16
+    """How devices mix their copies in the background. ``"allreduce"``: every round, all device leaders average one
+    block of the flat parameter vector. ``"gossip"``: every round, each leader averages the block with one peer
+    chosen by ``topology``; less traffic per round, slower mixing.
+    """
+
+    averaging_period: int | Literal["auto"] = DEFAULT_AVERAGING_PERIOD
+    """Device steps (optimizer steps summed over the K workers of a device) between two averaging rounds once the
+    warm-up is over. The paper's H, 8 to 16. ``"auto"`` chooses it while training, as often as averaging can run
+    while costing the workers about 5% of their throughput (the workers' step rate over everything against short
+    stretches with no round in flight); it follows the link and the step time as they change, and is logged as
+    ``fedhog/period``. Use it on a thin or shared link, or when you do not know the right H.
+    """
+
     averaging_warmup_epochs: int = 0
+    """During the first this-many epochs a round starts after every device step (the paper's ``pre_post_epochs``, about
+    half of training in its recipes), so copies stay close while the learning rate is large.
+    """
+
     num_blocks: int = 1
-    timeout: timedelta = timedelta(minutes=30)
+    """The flat vector is cut into this many contiguous blocks and one block is exchanged per round, round-robin, so a
+    round moves ``1/num_blocks`` of the model.
+    """
+
+    timeout: timedelta = DEFAULT_TIMEOUT
+    """How long a collective (averaging round, consensus barrier) may wait for a peer before the run fails with an
+    error naming the peers.
+    """
+
     topology: Topology = "exponential"
+    """Gossip peer schedule: ``"exponential"`` (hypercube one-peer exponential graph), ``"ring"``, ``"random"``
+    (matchings from ``seed``). Ignored by ``"allreduce"``.
+    """
+
     block_rule: BlockRule = "round_robin"
+    """Which block a round exchanges when ``num_blocks > 1``: ``"round_robin"``, ``"random"`` (from ``seed``),
+    ``"largest_change"`` (where the copies moved most since that block's last exchange).
+    """
+
     seed: int = 0
+    """Shared by all leaders for the random topology and block rule."""
+
     partial_backprop: int | float | None = None
+    """None (off), or when each worker starts alternating full steps with partial steps that compute gradients only for
+    its own block of parameter tensors (LPP-SGD): an epoch number (a whole number, also written as a float), or a
+    value strictly between 0 and 1, the share of ``max_epochs`` trained with full steps first (the paper's schedule
+    is 0.1, the ``"fedhog_lpp"`` preset's). Needs ``workers_per_device >= 2``.
+    """
+
     partition: Partition = "numel"
+    """How parameter tensors are split into the K partial-backprop blocks: ``"numel"`` (the paper's equal element
+    counts) or ``"compute"`` (equal estimated gradient work, measured on the first batch: early convolutions apply
+    few weights at many positions).
+    """
+
     rotate_ownership: bool = False
+    """Move every worker to the next block each epoch, so each worker trains every block."""
+
     work_sharing: WorkSharing = "auto"
+    """``"static"``: Lightning's equal shards (reproducible; every worker takes the same number of steps).
+    ``"dynamic"``: every worker claims the epoch's batches one at a time from a counter shared by the run, so faster
+    workers take more batches and nobody idles at the epoch end behind a straggler; validation and checkpoints must
+    then happen at epoch ends. ``"auto"`` (the default): static until an epoch end measures the fastest device
+    idling 25% or more of the slowest one's training time, then dynamic from the next epoch on, on every worker at
+    once (where the run's settings allow it; otherwise static, with one message that says why). Checkpoints record
+    the switch and a resumed run keeps it.
+    """
+
     nonfinite: Literal["stop", "skip"] = "stop"
+    """An averaging round in which a device's block holds NaN/Inf is never applied, so the values do not spread to
+    healthy devices. ``"stop"`` then ends the run with an error naming the device; ``"skip"`` carries on (the next
+    consensus point still stops: a consensus of non-finite copies cannot be formed).
+    """
+
     averaging_backend: AveragingBackend = "auto"
+    """How device leaders talk. ``"auto"``: NCCL when every device has a GPU of its own, gloo on CPU and wherever a GPU
+    hosts several devices (NCCL refuses two ranks on one GPU; gloo averages CUDA tensors through host memory).
+    ``"gloo"`` forces gloo (MIG slices, a broken NCCL); ``"nccl"`` refuses to start where NCCL cannot run.
+    """
+
     compression: Compression = "auto"
+    """What a background all-reduce round sends. ``"auto"`` (the default): fp32 until the rounds show that they keep
+    the link busy (more than a quarter of their period's steps, two rounds in a row); then int8, kept only if int8
+    rounds are clearly faster (else the limit was the computation: back to fp32, trying again ever more rarely), and
+    back to fp32 when fp32 rounds would take under an eighth of the period. Every device agrees on each switch
+    inside the rounds' messages; each switch is one info line, and ``fedhog/compression`` logs the share of rounds
+    that sent int8. ``"none"``: always fp32. ``"bf16"`` and ``"int8"`` (plus one scale per 1024 elements): always
+    compressed. Compressed rounds send each copy's difference from the last average of that block, which every
+    device holds (one more fp32 copy of the vector per device, allocated when the first round compresses), so the
+    mean of the copies is still preserved and what quantisation drops goes out with the next round of that block.
+    Consensus points stay full averages in the model's dtype. The rounds become all-gathers, whose bytes per device
+    grow with the number of devices: against an fp32 all-reduce, int8 sends a quarter with 2 devices and less up to
+    7, bf16 half with 2 devices and less up to 3. Gossip rounds always send fp32 (``"auto"`` is then fp32; a fixed
+    codec is refused).
+    """
+
     rounds_in_flight: int = 1
+    """Background rounds started before the oldest one is finished. A round whose time goes to waiting (a link with
+    latency: each all-reduce needs round trips) leaves the link idle; with 2 or more, the next block is on its way
+    meanwhile, so blocks are mixed up to that many times as often. It needs `averaging="allreduce"`,
+    `block_rule="round_robin"` and `num_blocks` >= this (the blocks in flight are distinct). A consensus point then
+    waits for the rounds already started. On a link whose bandwidth is the limit it changes nothing: the rounds
+    share the bytes. Between GPUs with NCCL the collectives of one group run one after the other, so rounds queue
+    rather than overlap; the overlap is gloo's (CPU devices, several devices on one GPU).
+    """
 
     def __post_init__(self) -> None:
         if self.workers_per_device != "auto":
@@ -290,7 +327,7 @@ class FedHogConfig:
             )
 
     def period_at(self, epoch: int) -> int | Literal["auto"]:
-        """The averaging period in ``epoch`` (:func:`~lightning_fedhog.schedule.averaging_period`)."""
+        """The averaging period in ``epoch`` (:func:`averaging_period`)."""
         return averaging_period(epoch, period=self.averaging_period, warmup_epochs=self.averaging_warmup_epochs)
 
     def validate_model(self, numel: int, num_parameter_tensors: int) -> None:

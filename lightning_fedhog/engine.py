@@ -142,13 +142,10 @@ class AveragingEngine:
             flat, group, len(group_ranks), self._bounds, topology=gossip_topology, seed=seed,
             compression=compression, track_change=block_rule == "largest_change", figures=self.figures,
         )
-        if rounds_in_flight > 1 and (gossip_topology is not None or block_rule != "round_robin"
-                                     or num_blocks < rounds_in_flight):
-            raise ValueError(
-                f"rounds_in_flight={rounds_in_flight} needs all-reduce rounds of distinct blocks: round-robin and"
-                f" num_blocks >= {rounds_in_flight} (got gossip={gossip_topology is not None},"
-                f" block_rule={block_rule!r}, num_blocks={num_blocks}). HINT: see `FedHogConfig.rounds_in_flight`."
-            )
+        # the knobs' rule (`FedHogConfig`): the blocks in flight are distinct all-reduce rounds
+        assert rounds_in_flight == 1 or (
+            gossip_topology is None and block_rule == "round_robin" and num_blocks >= rounds_in_flight
+        ), (rounds_in_flight, gossip_topology, block_rule, num_blocks)
         self._max_in_flight = rounds_in_flight
         self._in_flight: deque[InFlight] = deque()  # started, not yet finished (oldest first)
         self._started = 0  # rounds started (``rounds`` counts the finished ones)

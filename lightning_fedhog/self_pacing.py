@@ -16,7 +16,7 @@ What a round costs is measured where it lands, in the workers' step rate, by com
 
 The steps lost in a cycle are those the quiet rate would have taken in its time less those taken, where the quiet
 rate is that of the two quiet windows on either side of the cycle: the machine's speed drifts by more than the cost
-being measured over a few seconds (+-10 % on two busy cores), and a drift that is linear over the cycle cancels
+being measured over a few seconds on busy cores, and a drift that is linear over the cycle cancels
 against the windows around it, where it would not against the windows before it alone. Per round, they are what one
 round costs, in steps, whatever the reason: CPU taken from the workers, the interpreter lock, a step
 stretched by a round shorter than it (a window that counted only the steps completed while a round is in flight
@@ -26,11 +26,9 @@ control message, and every leader uses the largest proposal, so the budget holds
 waits in a round for slower devices loses nothing by it (its workers keep stepping), so waiting is not counted as
 cost.
 
-One cycle's estimate is mostly noise (a quiet window of 16 steps varies by several percent, the cost sought is a few),
-so the sums weigh the last ten or so cycles (:data:`DECAY`), a leader proposes nothing before :data:`MIN_CYCLES`
+One cycle's estimate is mostly noise (a quiet window varies by as much as the cost sought), so the sums weigh the last ten or so cycles (:data:`DECAY`), a leader proposes nothing before :data:`MIN_CYCLES`
 cycles, and a proposal is at most twice or half the period in use: the period follows a link or step time that
-changes mid-run within a few probes, without swinging from 1 to hundreds on one noisy cycle (the earlier rule, with
-8-step probes and a decay by half every few, did on P6's model).
+changes mid-run within a few probes, without swinging from 1 to hundreds on one noisy cycle.
 
 Windows start and end at observed step completions, and the time a device is parked (consensus points) is in
 neither: a cycle stops at the last completion seen before a pause and restarts at the first one after it. With a
@@ -43,7 +41,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-START_PERIOD = 16
+from lightning_fedhog.config import DEFAULT_AVERAGING_PERIOD
+
+START_PERIOD = DEFAULT_AVERAGING_PERIOD
 """The period before anything has been measured (the fixed default)."""
 
 MAX_PERIOD = 4096

@@ -6,7 +6,12 @@ Alistarh, "Federated SGD with local asynchrony", ICDCS 2024). Every worker is a 
 loop, data shard and optimizer; this class is the glue between Lightning's hooks and the parts that do the work:
 the shared buffer (:mod:`~lightning_fedhog.shared_buffer`), the averaging engine (:mod:`~lightning_fedhog.engine`),
 the meetings with the other workers (:mod:`~lightning_fedhog.coordination`: consensus points, the agreed stop,
-failures, telemetry), checkpoints, work sharing and partial backprop.
+failures, telemetry), checkpoints (:mod:`~lightning_fedhog.checkpoints`), work sharing
+(:mod:`~lightning_fedhog.work_plan`) and partial backprop.
+
+What lives for one ``fit`` (the shared vector, the engine, the meetings, the work plan) is one :class:`FitState`,
+made when the environment is set up for ``fit`` and dropped at teardown; ``validate``, ``test`` and ``predict``
+have none and run as plain DDP without the wrapper.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import dataclasses
 import logging
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
@@ -23,26 +29,25 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.utilities.seed import reset_seed
+from lightning.fabric.utilities.types import ReduceOp
 from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies.ddp import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_fedhog import internals
 from lightning_fedhog.blocks import BlockRule, Partition
 from lightning_fedhog.callbacks import ConsensusFirst
-from lightning_fedhog.checkpoints import PerWorkerCheckpoints, save_stop_checkpoint
-from lightning_fedhog.checks import (
-    check_accelerator,
-    check_equal_batches,
-    checked_layout,
-    refuse_sync_batchnorm,
-    settings_blocking_dynamic_sharing,
-)
+from lightning_fedhog.checkpoints import add_every_workers_optimizer_state, own_optimizer_states, save_stop_checkpoint
+from lightning_fedhog.checks import check_accelerator, check_equal_batches, checked_layout, refuse_sync_batchnorm
 from lightning_fedhog.compression import Compression
 from lightning_fedhog.config import (
+    DEFAULT_AVERAGING_PERIOD,
+    DEFAULT_TIMEOUT,
     PRESETS,
     AveragingMode,
     FedHogConfig,
@@ -60,17 +65,44 @@ from lightning_fedhog.layout import DeviceLayout, join_default_group, store_key
 from lightning_fedhog.partial import PartialSteps
 from lightning_fedhog.shared_buffer import SharedFlatBuffer, unbind_module
 from lightning_fedhog.stragglers import StragglerWatch
-from lightning_fedhog.telemetry import Telemetry, log_as_lightning_does
+from lightning_fedhog.telemetry import Telemetry
 from lightning_fedhog.topology import Topology
-from lightning_fedhog.work_sharing import SHARING_KEY, DynamicWork, WorkSharing, loader_blocker
+from lightning_fedhog.work_plan import WorkPlan
+from lightning_fedhog.work_sharing import DynamicWork, WorkSharing
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 log = logging.getLogger(__name__)
 
+LOCAL_REDUCE_WARNING = (
+    "fedhog: a value logged with `sync_dist=True` inside a training batch is reported for each worker on its own,"
+    " because syncing it every step would stall all workers. Epoch-level values (`on_epoch=True`) are still reduced"
+    " over all workers at the end of the epoch."
+)
 
-class FedHogStrategy(PerWorkerCheckpoints):
+
+@dataclass
+class SharedCopy:
+    """The device's shared vector and the meetings over it, made together when ``setup`` shares the parameters."""
+
+    buffer: SharedFlatBuffer
+    leader_group: Any  # the device leaders' group (None: one device)
+    coordination: Coordination
+
+
+@dataclass
+class FitState:
+    """What one ``fit`` holds: made when the environment is set up for ``fit``, dropped at teardown."""
+
+    plan: WorkPlan
+    meetings: ConsensusFirst  # first in `trainer.callbacks` during the fit
+    telemetry: Telemetry = field(default_factory=Telemetry)
+    shared: SharedCopy | None = None  # from `setup` on
+    engine: AveragingEngine | None = None  # a device leader's, from `on_train_start` to the end of training
+
+
+class FedHogStrategy(DDPStrategy):
     """Hogwild! workers per device on one shared parameter copy, with non-blocking averaging between devices.
 
     ``Trainer(strategy=FedHogStrategy(...), devices=N, num_nodes=M)`` runs ``M * N * workers_per_device`` worker
@@ -80,10 +112,11 @@ class FedHogStrategy(PerWorkerCheckpoints):
     :class:`~lightning.pytorch.strategies.DDPStrategy`, but the model is never wrapped in
     ``DistributedDataParallel``: gradients are not all-reduced, models are averaged.
 
-    The knobs are those of :class:`~lightning_fedhog.FedHogConfig`, which says what each does and when to change
-    it (a test keeps this signature and the config's fields identical). ``accelerator``, ``parallel_devices``,
-    ``cluster_environment``, ``checkpoint_io`` and ``precision_plugin`` are as for every Lightning strategy; the
-    ``Trainer`` fills them in. Several devices on one GPU: ``parallel_devices=[torch.device("cuda", 0)] * 2``.
+    The knobs are those of :class:`~lightning_fedhog.FedHogConfig`, which says under each field what it does and when
+    to change it (a test keeps this signature and the config's fields identical). ``accelerator``,
+    ``parallel_devices``, ``cluster_environment``, ``checkpoint_io`` and ``precision_plugin`` are as for every
+    Lightning strategy; the ``Trainer`` fills them in. Several devices on one GPU:
+    ``parallel_devices=[torch.device("cuda", 0)] * 2``.
     """
 
     strategy_name = "fedhog"
@@ -92,10 +125,10 @@ class FedHogStrategy(PerWorkerCheckpoints):
         self,
         workers_per_device: int | Literal["auto"] = "auto",
         averaging: AveragingMode = "allreduce",
-        averaging_period: int | Literal["auto"] = 16,
+        averaging_period: int | Literal["auto"] = DEFAULT_AVERAGING_PERIOD,
         averaging_warmup_epochs: int = 0,
         num_blocks: int = 1,
-        timeout: timedelta = timedelta(minutes=30),
+        timeout: timedelta = DEFAULT_TIMEOUT,
         topology: Topology = "exponential",
         block_rule: BlockRule = "round_robin",
         seed: int = 0,
@@ -113,25 +146,36 @@ class FedHogStrategy(PerWorkerCheckpoints):
         checkpoint_io: CheckpointIO | None = None,
         precision_plugin: Precision | None = None,
     ) -> None:
-        given = locals()  # the knobs are FedHogConfig's fields, in the same order (a test keeps them identical)
-        self.config = FedHogConfig(**{field.name: given[field.name] for field in dataclasses.fields(FedHogConfig)})
+        self.config = FedHogConfig(
+            workers_per_device=workers_per_device,
+            averaging=averaging,
+            averaging_period=averaging_period,
+            averaging_warmup_epochs=averaging_warmup_epochs,
+            num_blocks=num_blocks,
+            timeout=timeout,
+            topology=topology,
+            block_rule=block_rule,
+            seed=seed,
+            partial_backprop=partial_backprop,
+            partition=partition,
+            rotate_ownership=rotate_ownership,
+            work_sharing=work_sharing,
+            nonfinite=nonfinite,
+            averaging_backend=averaging_backend,
+            compression=compression,
+            rounds_in_flight=rounds_in_flight,
+        )
         super().__init__(
             accelerator=accelerator, parallel_devices=parallel_devices, cluster_environment=cluster_environment,
             checkpoint_io=checkpoint_io, precision_plugin=precision_plugin, process_group_backend="gloo",
             timeout=timeout,
         )
-        self.buffer: SharedFlatBuffer | None = None
-        self.engine: AveragingEngine | None = None
         self.leader_backend: str | None = None  # "nccl" or "gloo", known once the Trainer set the devices
-        self.work: DynamicWork | None = None  # with work_sharing="dynamic", during fit
-        self.telemetry = Telemetry()
-        self.coordination: Coordination | None = None  # the meetings with every worker, during fit
-        self._leader_group: Any = None
-        self._generation = 0
-        self._consensus_first: ConsensusFirst | None = None
-        self._stragglers: StragglerWatch | None = None  # with static shards, during fit
+        self._fit: FitState | None = None
+        self._placement: DeviceLayout | None = None  # computed once the ranks are known
+        self._generation = 0  # set-ups so far: store keys unique to one fit
         self._carried_budget: dict[str, Any] | None = None  # dynamic sharing's budget as the last fit left it
-        self._reload_setting: int | None = None  # the user's reload_dataloaders_every_n_epochs while "auto" switches
+        self._warned_local_reduce = False
         self._partial = (
             PartialSteps(self.config.partial_backprop, partition, rotate_ownership)
             if self.config.partial_backprop is not None
@@ -147,6 +191,7 @@ class FedHogStrategy(PerWorkerCheckpoints):
         if workers == "auto":
             workers = self._choose_workers()
             self.config = dataclasses.replace(self.config, workers_per_device=workers)
+            self._placement = None
         return workers
 
     def _choose_workers(self) -> int:
@@ -167,10 +212,19 @@ class FedHogStrategy(PerWorkerCheckpoints):
         return workers
 
     @property
-    def layout(self) -> DeviceLayout:
-        return DeviceLayout(
-            self.workers_per_device, len(self.parallel_devices or []), self.local_rank, self.node_rank, self.world_size
-        )
+    def placement(self) -> DeviceLayout:
+        """This worker's device, slot and the device leaders, computed once the ranks are set."""
+        if self._placement is None:
+            self._placement = DeviceLayout(
+                self.workers_per_device, len(self.parallel_devices or []), self.local_rank, self.node_rank,
+                self.world_size,
+            )
+        return self._placement
+
+    @override
+    def set_world_ranks(self) -> None:
+        super().set_world_ranks()
+        self._placement = None  # the ranks are (re)set: in the launching process, then in every worker
 
     @property
     @override
@@ -183,13 +237,13 @@ class FedHogStrategy(PerWorkerCheckpoints):
     def root_device(self) -> torch.device:
         if not self.parallel_devices:
             raise RuntimeError("fedhog: `parallel_devices` is not set yet; the Trainer sets it.")
-        return self.parallel_devices[self.layout.local_device]
+        return self.parallel_devices[self.placement.local_device]
 
     def _key(self, name: str) -> str:
         return store_key(name, self._generation)
 
     @property
-    def _layer_sync(self) -> None:
+    def _layer_sync(self) -> None:  # an override point (internals.OVERRIDE_POINTS): `sync_batchnorm=True` is refused
         return None
 
     @_layer_sync.setter
@@ -197,7 +251,7 @@ class FedHogStrategy(PerWorkerCheckpoints):
         refuse_sync_batchnorm(layer_sync)
 
     @override
-    def _configure_launcher(self) -> None:
+    def _configure_launcher(self) -> None:  # an override point (internals.OVERRIDE_POINTS)
         check_accelerator(self.accelerator)
         if self.cluster_environment is None:
             raise RuntimeError("fedhog: the Trainer did not set a cluster environment.")
@@ -222,50 +276,19 @@ class FedHogStrategy(PerWorkerCheckpoints):
         trainer = self._trainer()
         if trainer.state.fn != TrainerFn.FITTING:
             return
+        place = self.placement
+        plan = WorkPlan(
+            self.config.work_sharing, world_size=self.world_size, rank=self.global_rank, report=self.is_global_zero,
+            carried=self._carried_budget,
+            watch=lambda switch: StragglerWatch(  # `num_devices` counts every node's devices
+                self.gather_object, place.device_index, place.num_devices, report=self.is_global_zero, switch=switch
+            ),
+        )
+        meetings = ConsensusFirst(self.consensus, self._epoch_ends, partial(plan.epoch_over, trainer))
+        self._fit = FitState(plan, meetings)
         # before the user's `setup` hook, which may already read `trainer.estimated_stepping_batches`
-        self._consensus_first = ConsensusFirst(self.consensus, self._epoch_ends, self._epoch_over)
-        trainer.callbacks.insert(0, self._consensus_first)
-        mode = self.config.work_sharing
-        carried = mode == "auto" and self._carried_budget is not None  # the last fit switched: steps differ by rank
-        if carried and (blocker := settings_blocking_dynamic_sharing(trainer)) is not None:
-            raise ValueError(
-                f"fedhog: this Trainer's previous `fit` switched to dynamic work sharing (`work_sharing='auto'`), so"
-                f" its workers' step counts differ and this `fit` must share work dynamically too, but {blocker}"
-            )
-        if mode == "dynamic" or carried:
-            self._share_dynamically(trainer)
-        else:
-            self._stragglers = StragglerWatch(  # `num_devices` counts every node's devices
-                self.gather_object, self.layout.device_index, self.layout.num_devices, report=self.is_global_zero,
-                switch=self._switch_to_dynamic if mode == "auto" else None,
-            )
-
-    def _share_dynamically(self, trainer: pl.Trainer, attach: bool = True) -> None:
-        self.work = DynamicWork(self.world_size, self.global_rank, carried=self._carried_budget)
-        if attach:
-            self.work.attach(trainer)
-        self._stragglers = None
-
-    def _switch_to_dynamic(self) -> str | None:
-        """``work_sharing="auto"`` measured idle devices: dynamic sharing from the next epoch on (the loader is set up
-        again then). Called at the same epoch-end meeting on every rank, which all decide alike from the same figures.
-
-        Returns:
-            None when it switched, else why the run's settings rule dynamic sharing out.
-        """
-        trainer = self._trainer()
-        blocker = settings_blocking_dynamic_sharing(trainer) or loader_blocker(trainer)
-        if blocker is not None:
-            return blocker
-        self._share_dynamically(trainer, attach=False)  # the estimate stays Lightning's until the new loader exists
-        self._reload_setting = trainer.reload_dataloaders_every_n_epochs  # given back once the loader is new
-        return None
-
-    def _epoch_over(self) -> None:
-        """After the epoch's validation: a switch decided in this epoch sets the training loader up again at the next
-        epoch's start (only then, or the validation loader would be set up again as well)."""
-        if self._reload_setting is not None:
-            self._trainer().reload_dataloaders_every_n_epochs = 1
+        trainer.callbacks.insert(0, meetings)
+        plan.begin(trainer)
 
     # ------------------------------------------------------------------------------------------------ set-up
     @override
@@ -276,83 +299,96 @@ class FedHogStrategy(PerWorkerCheckpoints):
         self.accelerator.setup(trainer)
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
-        fitting = trainer.state.fn == TrainerFn.FITTING
-        if fitting:
-            self._share_parameters()
+        fit = self._fit
+        if fit is not None:
+            fit.shared = self._share_parameters(fit.plan)
             internals.replace_sigterm_broadcast(trainer, lambda: check_sigterm_locally(trainer))
             self.setup_optimizers(trainer)
-            if self.work is not None:
-                self.work.pace(trainer, self.lr_scheduler_configs)
+            fit.plan.set_up(trainer, self.lr_scheduler_configs)
         else:
             internals.sync_module_states(self.model)
         self.setup_precision_plugin()
-        if fitting:
+        if fit is not None:
             internals.optimizers_to_device(self.optimizers, self.root_device)
 
-    def _share_parameters(self) -> None:
+    def _share_parameters(self, plan: WorkPlan) -> SharedCopy:
         """Moves the module into the device's shared flat buffer, gives every device rank 0's values, meets peers."""
         module = self._module()
         layout = checked_layout(self.config, module)  # again here: `configure_model` may have built the layers
-        place = self.layout
+        place = self.placement
         store = internals.default_store()
         copy = share_parameters(
             module, layout, place, self.root_device, self.parallel_devices or [], store,
             self._key(f"device{place.device_index}"), self.config.timeout, self.config.averaging_backend,
         )
-        self.buffer, self._leader_group = copy.buffer, copy.leader_group
         self.leader_backend = copy.leader_backend or self.leader_backend
         peers, faults, points = meet_peers(
             store, self._key, rank=self.global_rank, device=place.device_index, slot=place.slot,
-            world_size=self.world_size, timeout=self.config.timeout, engine=lambda: self.engine,
+            world_size=self.world_size, timeout=self.config.timeout, engine=self._engine,
             settle=lambda: settle(self.root_device),
         )
-        self.telemetry = Telemetry()  # this fit's figures only
-        self.coordination = Coordination(
-            points, faults, self.telemetry, gather=self.gather_object, stop=self._stop, engine=lambda: self.engine,
-            publish=partial(self.telemetry.publish, self._trainer()) if self.is_global_zero else None,
-            stragglers=self._stragglers, device=place.device_index,
+        telemetry = self._fit.telemetry if self._fit is not None else Telemetry()
+        coordination = Coordination(
+            points, faults, telemetry, gather=self.gather_object, stop=self._stop, engine=self._engine,
+            publish=partial(telemetry.publish, self._trainer()) if self.is_global_zero else None,
+            stragglers=plan.stragglers, device=place.device_index,
         )
         self.barrier("fedhog-shared")
         peers.load()
         log.debug("fedhog: rank %d shares %d elements on %s", self.global_rank, layout.numel, self.root_device)
+        return SharedCopy(copy.buffer, copy.leader_group, coordination)
+
+    @property
+    def work(self) -> DynamicWork | None:
+        """The dynamic work sharing of the ``fit`` in progress (None with static shards and outside ``fit``)."""
+        return self._fit.plan.work if self._fit is not None else None
+
+    def _engine(self) -> AveragingEngine | None:
+        return self._fit.engine if self._fit is not None else None
+
+    def _shared(self) -> SharedCopy | None:
+        """This fit's shared copy once ``setup`` made it (None outside ``fit``)."""
+        return self._fit.shared if self._fit is not None else None
 
     # ---------------------------------------------------------------------------------------- training hooks
     @override
     def on_train_start(self) -> None:
-        trainer = self._trainer()
-        if self.buffer is not None and self._leader_group is not None and self.layout.is_leader:
-            self.engine = AveragingEngine.configured(
-                self.config, self.buffer.flat, self.buffer.device_steps, self._leader_group, self.layout.leader_ranks,
+        fit, trainer = self._fit, self._trainer()
+        if fit is None or fit.shared is None:
+            return
+        shared, place = fit.shared, self.placement
+        if shared.leader_group is not None and place.is_leader:
+            fit.engine = AveragingEngine.configured(
+                self.config, shared.buffer.flat, shared.buffer.device_steps, shared.leader_group, place.leader_ranks,
                 period=self.config.period_at(trainer.current_epoch),
             )
-            self.engine.start()
-        if self.buffer is not None and self.coordination is not None:
-            self.coordination.training_starts()
-            if self.work is None:  # static shards: one collective, once per fit
-                check_equal_batches(self.gather_object(trainer.num_training_batches))
-            install_stop_handler(self.coordination.faults, internals.user_sigterm_handler(trainer))
-        if self.work is not None:
-            self.work.on_train_start(trainer)
-        self._log_work_sharing(trainer)
+            fit.engine.start()
+        shared.coordination.training_starts()
+        if fit.plan.work is None:  # static shards: one collective, once per fit
+            check_equal_batches(self.gather_object(trainer.num_training_batches))
+        install_stop_handler(shared.coordination.faults, internals.user_sigterm_handler(trainer))
+        fit.plan.training_starts(trainer)
         if self._partial is not None:
             self._partial.begin(self._module(), trainer.max_epochs, self.workers_per_device)
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if self.coordination is not None:
-            self.coordination.before_batch(batch)
-        if self.work is not None:
-            self.work.on_train_batch()
-        if self.engine is not None:
-            self.engine.period = self.config.period_at(self._trainer().current_epoch)
+        fit = self._fit
+        if fit is None or fit.shared is None:
+            return
+        fit.shared.coordination.before_batch(batch)
+        fit.plan.batch_starts()
+        if fit.engine is not None:
+            fit.engine.period = self.config.period_at(self._trainer().current_epoch)
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         """Runs the user's ``training_step``; on a partial step only the worker's block requires gradients."""
-        if self._partial is None or self.buffer is None:
+        shared = self._shared()
+        if self._partial is None or shared is None:
             return super().training_step(*args, **kwargs)
-        worker_steps = int(self.buffer.steps[self.layout.slot])
-        with self._partial.step(self._module(), self._trainer().current_epoch, worker_steps, self.layout.slot):
+        slot = self.placement.slot
+        with self._partial.step(self._module(), self._trainer().current_epoch, int(shared.buffer.steps[slot]), slot):
             return super().training_step(*args, **kwargs)
 
     @override
@@ -360,8 +396,8 @@ class FedHogStrategy(PerWorkerCheckpoints):
         self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None, **kwargs: Any
     ) -> Any:
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
-        if self.buffer is not None:
-            self.buffer.steps[self.layout.slot] += 1
+        if (shared := self._shared()) is not None:
+            shared.buffer.steps[self.placement.slot] += 1
         return output
 
     @override
@@ -371,28 +407,18 @@ class FedHogStrategy(PerWorkerCheckpoints):
     @override
     def on_train_end(self) -> None:
         self.consensus()
-        if self.engine is not None:
-            self.engine.stop()
-            self.engine = None
+        if self._fit is not None and self._fit.engine is not None:
+            self._fit.engine.stop()
+            self._fit.engine = None
 
     @override
     def process_dataloader(self, dataloader: object) -> object:
         """Under dynamic sharing, gives the training loader a sampler fed by the run's shared counter."""
-        trainer = self._trainer()
-        if self.work is None or not trainer.training:
+        if self._fit is None:
             return dataloader
-        loader = self.work.loader(dataloader, trainer, internals.default_store(), self._key("work"))
-        if self._reload_setting is not None:  # the first loader after `"auto"` switched
-            trainer.reload_dataloaders_every_n_epochs, self._reload_setting = self._reload_setting, None
-            self.work.attach(trainer)
-            self.work.pace(trainer, self.lr_scheduler_configs)
-            self._log_work_sharing(trainer)
-        return loader
-
-    def _log_work_sharing(self, trainer: pl.Trainer) -> None:
-        """``fedhog/work_sharing`` through the Trainer's loggers: 1 once batches are shared dynamically, else 0."""
-        if self.is_global_zero and self.config.work_sharing == "auto":
-            log_as_lightning_does(trainer, {"fedhog/work_sharing": float(self.work is not None)})
+        return self._fit.plan.loader(
+            dataloader, self._trainer(), internals.default_store(), self._key("work"), self.lr_scheduler_configs
+        )
 
     # ------------------------------------------------------------------------------------------- consensus
     def consensus(self) -> None:
@@ -401,14 +427,14 @@ class FedHogStrategy(PerWorkerCheckpoints):
         A collective over all workers (:class:`~lightning_fedhog.coordination.Coordination`); Lightning calls it
         at the same points on every rank: validation start, checkpoint save, end of fit.
         """
-        if self.coordination is not None:
-            self.coordination.consensus()
+        if (shared := self._shared()) is not None:
+            shared.coordination.consensus()
 
     def _epoch_ends(self, epoch: int, skipped: bool) -> None:
         """Every worker meets once per epoch after its last batch, before any epoch-end collective (the stop is
         agreed there, :class:`~lightning_fedhog.coordination.Coordination`)."""
-        if self.coordination is not None:
-            self.coordination.epoch_ends(epoch, skipped)
+        if (shared := self._shared()) is not None:
+            shared.coordination.epoch_ends(epoch, skipped)
 
     def _stop(self) -> NoReturn:
         """Every rank agreed to stop (SIGTERM): saves a resumable checkpoint of the consensus model and stops.
@@ -419,82 +445,118 @@ class FedHogStrategy(PerWorkerCheckpoints):
         save_stop_checkpoint(self._trainer(), self.broadcast)
         raise SIGTERMException()
 
+    # ------------------------------------------------------------------------------------------- reductions
+    @override
+    def reduce(self, tensor: Tensor, group: Any | None = None, reduce_op: ReduceOp | str | None = "mean") -> Tensor:
+        """All-reduces ``tensor``, except inside a training batch of ``fit``, where the worker's own value is returned.
+
+        fedhog's workers never meet during a training step: a per-step ``self.log(..., sync_dist=True)`` would put
+        every worker in lock-step with the slowest. Values logged per step are therefore the worker's own; values
+        accumulated per epoch are still reduced over all workers when the epoch ends, outside the batch.
+        """
+        trainer = internals.attached_trainer(self.lightning_module)
+        independent = self._shared() is not None and trainer is not None and internals.in_training_batch(trainer)
+        if isinstance(tensor, Tensor) and independent:
+            if not self._warned_local_reduce:
+                self._warned_local_reduce = True
+                rank_zero_warn(LOCAL_REDUCE_WARNING)
+            return tensor
+        return super().reduce(tensor, group=group, reduce_op=reduce_op)
+
+    @override
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        # decisions (early stopping, ...) must agree on all ranks: always reduce them for real
+        total = internals.sync_ddp_if_available(
+            torch.tensor(int(decision), device=self.root_device), None, reduce_op=ReduceOp.SUM  # type: ignore[arg-type]
+        )
+        return bool(total == self.world_size) if all else bool(total)
+
+    def gather_object(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (a collective over all workers), indexed by global rank."""
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
+    def gather_object_to_zero(self, value: Any) -> list[Any] | None:
+        """Every rank's ``value`` on rank 0 only (None elsewhere): a collective over all workers that moves each
+        value once, where :meth:`gather_object` sends every value to every rank."""
+        gathered: list[Any] | None = [None] * self.world_size if self.global_rank == 0 else None
+        dist.gather_object(value, gathered, dst=0)
+        return gathered
+
     # -------------------------------------------------------------------------------------------- checkpoints
     @override
-    def _workers_independent(self) -> bool:
-        return self.buffer is not None
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The consensus model: a consensus point comes first (a collective; every rank saves)."""
+        self.consensus()
+        return super().lightning_module_state_dict()
 
     @override
-    def extra_checkpoint_state(self) -> dict[str, Any]:
-        """How work is shared (``"auto"`` resumes into it) and, under dynamic sharing, what the run's ``max_steps``
-        budget has spent (the same on every rank)."""
-        if self.work is None:
-            return {SHARING_KEY: "static"}
-        return {SHARING_KEY: "dynamic", **self.work.checkpoint_state()}
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: internals.PathLike, storage_options: Any | None = None
+    ) -> None:
+        """Adds every worker's optimizer state (Lightning keeps rank 0's only) and how work is shared to the
+        checkpoint (all ranks call this), then lets rank 0 write it."""
+        if self.world_size > 1 and dist.is_initialized():
+            add_every_workers_optimizer_state(checkpoint, self.world_size, self.gather_object_to_zero)
+        if self._fit is not None:
+            checkpoint.update(self._fit.plan.checkpoint_state())
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     @override
-    def load_extra_checkpoint_state(self, checkpoint: Mapping[str, Any]) -> None:
-        trainer = self._trainer()
-        if trainer.state.fn != TrainerFn.FITTING:  # `validate`/`test` from a checkpoint: no work to share
-            return
-        if self.config.work_sharing == "auto" and self.work is None and checkpoint.get(SHARING_KEY) == "dynamic":
-            blocker = settings_blocking_dynamic_sharing(trainer)
-            if blocker is None:
-                self._share_dynamically(trainer)  # before `setup`: the coordination is built without stragglers
-            elif self.is_global_zero:  # every rank resumes from the same step, so static shards are safe
-                log.warning(  # through logging: advice that a `warnings` filter should not swallow
-                    "fedhog: the checkpoint was saved while work was shared dynamically (`work_sharing='auto'`"
-                    " switched), but this run's settings rule that out, so it resumes with static shards: %s", blocker
-                )
-        if self.work is not None:
-            self.work.resume_from(checkpoint, trainer)
+    def load_checkpoint(self, checkpoint_path: internals.PathLike, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        if self._fit is not None:  # `validate`/`test` from a checkpoint: no work to share
+            self._fit.plan.resume_from(checkpoint, self._trainer())
+        return checkpoint
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        """Restores this worker's own optimizer state when the checkpoint has one for every rank."""
+        states = own_optimizer_states(checkpoint, self.world_size, self.global_rank)
+        for optimizer, state in zip(self.optimizers, states, strict=True):
+            optimizer.load_state_dict(state)
+            internals.optimizer_to_device(optimizer, self.root_device)
 
     # ----------------------------------------------------------------------------------------------- teardown
     @override
     def on_exception(self, exception: BaseException) -> None:
-        if self.engine is not None:
-            self.engine.stop()
-        if self.coordination is not None:
-            self.coordination.failed(exception)
+        if (engine := self._engine()) is not None:
+            engine.stop()
+        if (shared := self._shared()) is not None:
+            shared.coordination.failed(exception)
         super().on_exception(exception)
 
     @override
     def teardown(self) -> None:
-        failed = self.coordination.finish() if self.coordination is not None else False
-        self.coordination = None
-        clean = True  # destroying a group that a blocked thread still uses could hang
-        if self.engine is not None:
-            clean = self.engine.stop()
-            self.engine = None
+        fit, self._fit = self._fit, None
+        if fit is not None:
+            clean = self._end_fit(fit)  # destroying a group that a blocked thread still uses could hang
+            if fit.shared is not None and fit.shared.leader_group is not None and clean:
+                dist.destroy_process_group(fit.shared.leader_group)
+        super().teardown()
+
+    def _end_fit(self, fit: FitState) -> bool:
+        """Stops what the fit started and gives back what it changed on the Trainer: callbacks, limits, schedulers,
+        its class. Returns whether the engine stopped cleanly (its group may then be destroyed)."""
+        failed = fit.shared.coordination.finish() if fit.shared is not None else False
+        clean = fit.engine.stop() if fit.engine is not None else True
         module = self.lightning_module
         trainer = internals.attached_trainer(module)
-        if self.buffer is not None:
+        if fit.shared is not None:
             if module is not None:
                 unbind_module(module)
             if trainer is not None:
                 internals.restore_sigterm_broadcast(trainer)
-            self._release_buffer(wait=not failed)
-        if trainer is not None:  # give back what `fit` changed on the Trainer: callbacks, limits, schedulers, class
-            if self._consensus_first in trainer.callbacks:
-                trainer.callbacks.remove(self._consensus_first)
-            if self.work is not None:
-                self._carried_budget = self.work.carried_budget() or self._carried_budget
-                self.work.detach(trainer, self.lr_scheduler_configs)
-            if self._reload_setting is not None:  # "auto" switched after the last epoch's loader was set up
-                trainer.reload_dataloaders_every_n_epochs, self._reload_setting = self._reload_setting, None
-        self.work, self._stragglers, self._consensus_first = None, None, None
+            if not failed and dist.is_initialized():  # the store is the default group's
+                key = self._key(f"device{self.placement.device_index}/released")
+                release(self.root_device, self.placement, internals.default_store(), key, self.config.timeout)
+        if trainer is not None and fit.meetings in trainer.callbacks:
+            trainer.callbacks.remove(fit.meetings)
+        self._carried_budget = fit.plan.end(trainer, self.lr_scheduler_configs)
         if self._partial is not None:
             self._partial.clear()
-        if self._leader_group is not None and clean:
-            dist.destroy_process_group(self._leader_group)
-        self._leader_group = None
-        super().teardown()
-
-    def _release_buffer(self, wait: bool) -> None:
-        self.buffer = None
-        if wait and dist.is_initialized():  # the store is the default group's
-            key = self._key(f"device{self.layout.device_index}/released")
-            release(self.root_device, self.layout, internals.default_store(), key, self.config.timeout)
+        return clean
 
     def _module(self) -> pl.LightningModule:
         module = self.lightning_module

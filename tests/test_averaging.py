@@ -214,18 +214,6 @@ def test_with_two_rounds_in_flight_the_next_round_starts_before_the_last_one_is_
     run_in_threads(lambda r: engines[r].stop(), 2)
 
 
-def test_rounds_in_flight_are_refused_where_blocks_in_flight_could_repeat() -> None:
-    _store, groups = thread_groups(2)
-    refused = ({"num_blocks": 1}, {"num_blocks": 2, "block_rule": "random"},
-               {"num_blocks": 2, "gossip_topology": "ring"})
-    for kwargs in refused:
-        with pytest.raises(ValueError, match=r"rounds_in_flight=2 needs all-reduce rounds of distinct blocks"):
-            AveragingEngine(
-                torch.zeros(8), lambda: 0, groups[0], [0, 1], period=1, timeout=timedelta(seconds=5),
-                rounds_in_flight=2, **kwargs,
-            )
-
-
 def test_a_failed_round_is_reported_to_the_main_thread_with_the_peers() -> None:
     _store, groups = thread_groups(2, timeout=1.0)
     engine = AveragingEngine(

@@ -184,7 +184,8 @@ def test_workers_map_to_their_device() -> None:
     seen = []
     for local_rank in range(6):
         strategy.cluster_environment = _FixedRank(local_rank)
-        seen.append((strategy.root_device.index, strategy.layout.slot, strategy.layout.is_leader))
+        strategy.set_world_ranks()  # as Lightning does once it has set the environment
+        seen.append((strategy.root_device.index, strategy.placement.slot, strategy.placement.is_leader))
     assert seen == [(0, 0, True), (0, 1, False), (0, 2, False), (1, 0, True), (1, 1, False), (1, 2, False)]
 
 
@@ -218,8 +219,11 @@ def test_settings_that_bring_back_per_step_lockstep_are_warned_about() -> None:
 
 def test_the_strategy_signature_and_the_config_are_one_list_of_knobs() -> None:
     """Every knob appears once in each, in the same order, with the same type and default (they cannot drift)."""
+    import ast
     import dataclasses
     import inspect
+    import itertools
+    import textwrap
 
     fields = [(f.name, str(f.type), f.default) for f in dataclasses.fields(FedHogConfig)]
     lightning_args = {"self", "accelerator", "parallel_devices", "cluster_environment", "checkpoint_io",
@@ -230,7 +234,12 @@ def test_the_strategy_signature_and_the_config_are_one_list_of_knobs() -> None:
         if p.name not in lightning_args
     ]
     assert parameters == fields
-    documented = FedHogConfig.__doc__ or ""
-    assert all(f"{name}:" in documented for name, _, _ in fields), "every knob has its docstring entry"
+    body = ast.parse(textwrap.dedent(inspect.getsource(FedHogConfig))).body[0].body  # type: ignore[attr-defined]
+    documented = [
+        node.target.id for node, after in itertools.pairwise(body)
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+        and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)
+    ]
+    assert documented == [name for name, _, _ in fields], "every knob has its docstring right under the field"
     built = FedHogStrategy(**{name: default for name, _, default in fields})
     assert built.config == FedHogConfig()

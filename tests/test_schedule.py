@@ -3,7 +3,7 @@ import itertools
 import pytest
 
 from lightning_fedhog.blocks import block_bounds, next_block
-from lightning_fedhog.schedule import averaging_period
+from lightning_fedhog.config import averaging_period
 
 
 @pytest.mark.parametrize(("numel", "num_blocks"), [(10, 1), (10, 3), (10, 10), (7, 2), (1000, 16)])
@@ -14,12 +14,6 @@ def test_blocks_cover_the_vector_in_order_with_balanced_sizes(numel: int, num_bl
     assert all(stop == next_start for (_, stop), (next_start, _) in itertools.pairwise(bounds))
     sizes = [stop - start for start, stop in bounds]
     assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
-
-
-@pytest.mark.parametrize("num_blocks", [0, 11])
-def test_block_count_outside_the_vector_is_refused(num_blocks: int) -> None:
-    with pytest.raises(ValueError, match="num_blocks"):
-        block_bounds(10, num_blocks)
 
 
 def test_round_robin_visits_every_block_once_per_cycle() -> None:
