@@ -1,9 +1,12 @@
-"""Every private Lightning and torch name fedhog touches, in one place, each behind a small function.
+"""Every private Lightning and torch name the repo touches, in one place, each behind a small function.
 
 Lightning exposes no public hook for some of what a strategy with several processes per device needs; each such
-touch is a liability, because a Lightning or torch release can move the name silently. So no other module of
-fedhog spells a private name: they call the functions here, and ``tests/test_internals.py`` holds a sub-second
-canary per name that fails with the name and this module's function when an upgrade moves it.
+touch is a liability, because a Lightning or torch release can move the name silently. So no other file of the
+repository (package, benchmarks, recipes, tests) spells a private Lightning or torch name: they call the functions
+here, except for the override points in :data:`OVERRIDE_POINTS`, which a subclass must spell to override or call
+(the strategy and the launcher). ``tests/test_internals.py`` holds a sub-second canary per name that fails with the
+name and what uses it when an upgrade moves it, and ``tests/test_fence.py`` scans the repository for private names
+used anywhere else.
 
 The list (what, and why no public API does it):
 
@@ -11,8 +14,8 @@ The list (what, and why no public API does it):
   ``_sync_module_states``, ``_update_dataloader``, ``_set_num_threads_if_needed``, ``_SubprocessScriptLauncher``,
   ``_StrategyRegistry``, ``_PATH``: the helpers Lightning's own ``DDPStrategy`` and launcher are made of; fedhog
   reuses them instead of copying them.
-- ``DDPStrategy._configure_launcher``, ``_layer_sync``, ``_launcher``: the override points and state
-  of a strategy subclass (every Lightning strategy sets its launcher this way).
+- ``DDPStrategy._configure_launcher``, ``_layer_sync``, ``_launcher`` and
+  ``_SubprocessScriptLauncher._call_children_scripts``: the override points (:data:`OVERRIDE_POINTS`).
 - ``DDPStrategy.setup`` and ``_SubprocessScriptLauncher.launch``: fedhog's versions follow their bodies; the canary
   compares a fingerprint of Lightning's source, so a change upstream is reviewed, not inherited blindly.
 - ``_TrainingEpochLoop._broadcast_sigterm_tensor``: a broadcast before every training batch that would put all
@@ -35,7 +38,7 @@ The list (what, and why no public API does it):
 - ``DistributedSamplerWrapper.dataset._sampler``: the user's own sampler inside the one Lightning puts around it,
   whose indices dynamic work sharing hands out.
 - ``LightningModule._trainer``: whether a module is attached, without the error ``module.trainer`` raises.
-- ``_SubprocessScriptLauncher._call_children_scripts`` and ``procs``: starting and watching the workers.
+- ``nn.Module._forward_hooks``: the hooks a module holds (a test checks that partial backprop removes its own).
 - ``trainer._logger_connector._first_loop_iter``: whether a training batch is in progress (``sync_dist`` inside a
   batch stays local); ``_progress_bar_metrics``: the averaging rate next to the user's progress-bar values.
 - torch: ``distributed_c10d._get_default_store`` (the rendezvous store, for counters that are not collectives),
@@ -63,6 +66,7 @@ from lightning.fabric.utilities.optimizer import _optimizers_to_device as optimi
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.overrides.distributed import _sync_module_states as sync_module_states
+from lightning.pytorch.strategies.ddp import DDPStrategy
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher as ScriptLauncher
 from lightning.pytorch.utilities.data import _update_dataloader as update_dataloader
 from torch import nn
@@ -87,6 +91,16 @@ __all__ = [
 ]
 
 
+OVERRIDE_POINTS: dict[str, tuple[type, str]] = {
+    "_configure_launcher": (DDPStrategy, "FedHogStrategy sets its launcher there, as every Lightning strategy does"),
+    "_launcher": (DDPStrategy, "the launcher FedHogStrategy._configure_launcher sets"),
+    "_layer_sync": (DDPStrategy, "FedHogStrategy refuses `sync_batchnorm=True` when the Trainer sets it"),
+    "_call_children_scripts": (ScriptLauncher, "FedHogLauncher.launch starts the workers with it"),
+}
+"""The private names of Lightning classes that fedhog's subclasses override, set or call on themselves: the name, the
+class that defines it, and what fedhog does with it."""
+
+
 # ------------------------------------------------------------------------------------------------------ torch
 def default_store() -> Any:
     """The rendezvous store of the default process group (atomic counters and flags without a collective)."""
@@ -104,6 +118,11 @@ def set_default_timeout(timeout: timedelta) -> None:
 def registered_tensors(owner: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
     """The module's own parameter and buffer dicts (not its children's), to swap entries in place."""
     return owner._parameters, owner._buffers
+
+
+def forward_hook_count(module: nn.Module) -> int:
+    """Forward hooks registered on ``module`` itself (not its children)."""
+    return len(module._forward_hooks)
 
 
 def cuda_ipc_handle(tensor: torch.Tensor) -> bytes:

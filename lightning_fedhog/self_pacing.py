@@ -26,9 +26,10 @@ control message, and every leader uses the largest proposal, so the budget holds
 waits in a round for slower devices loses nothing by it (its workers keep stepping), so waiting is not counted as
 cost.
 
-One cycle's estimate is mostly noise (a quiet window varies by as much as the cost sought), so the sums weigh the last ten or so cycles (:data:`DECAY`), a leader proposes nothing before :data:`MIN_CYCLES`
-cycles, and a proposal is at most twice or half the period in use: the period follows a link or step time that
-changes mid-run within a few probes, without swinging from 1 to hundreds on one noisy cycle.
+One cycle's estimate is mostly noise (a quiet window varies by as much as the cost sought), so the sums weigh the
+last ten or so cycles (:data:`DECAY`), a leader proposes nothing before :data:`MIN_CYCLES` cycles, and a proposal is
+at most twice or half the period in use: the period follows a link or step time that changes mid-run within a few
+probes, without swinging from 1 to hundreds on one noisy cycle.
 
 Windows start and end at observed step completions, and the time a device is parked (consensus points) is in
 neither: a cycle stops at the last completion seen before a pause and restarts at the first one after it. With a

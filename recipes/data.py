@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torchvision
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
@@ -29,22 +31,37 @@ def _loader(dataset: Dataset, hparams: Any, shuffle: bool) -> DataLoader:
     )
 
 
-class _LocalCIFAR10(torchvision.datasets.CIFAR10):
-    """torchvision's CIFAR-10 reader; the files only have to exist (the md5 check would reject any copy that was
-    re-packed, and ours are checked by loading them)."""
-
-    def _check_integrity(self) -> bool:
-        folder = Path(self.root) / self.base_folder
-        return all((folder / name).is_file() for name, _ in self.train_list + self.test_list)
-
-    def _load_meta(self) -> None:
-        with open(Path(self.root) / self.base_folder / self.meta["filename"], "rb") as infile:
-            self.classes = pickle.load(infile, encoding="latin1")[self.meta["key"]]
-        self.class_to_idx = {name: index for index, name in enumerate(self.classes)}
+CIFAR_FILES = {
+    10: ("cifar-10-batches-py", [f"data_batch_{index}" for index in range(1, 6)], ["test_batch"], "labels"),
+    100: ("cifar-100-python", ["train"], ["test"], "fine_labels"),
+}
+"""Per data set: its folder, its training and test files, and the key of the labels in each file."""
 
 
-class _LocalCIFAR100(_LocalCIFAR10, torchvision.datasets.CIFAR100):
-    pass
+class CIFARPickles(Dataset):
+    """CIFAR-10/100 read from the python-pickle files in ``root`` (``<root>/cifar-10-batches-py/data_batch_1``...).
+
+    Read here rather than with torchvision's reader, whose md5 check rejects any copy of the files that was packed
+    again; the files are checked by loading them. Items are ``(transform(PIL image), label)``, as torchvision's.
+    """
+
+    def __init__(self, root: str | Path, num_classes: int, train: bool, transform: Any = None) -> None:
+        folder, training, testing, key = CIFAR_FILES[num_classes]
+        images, self.labels = [], []
+        for name in training if train else testing:
+            with open(Path(root) / folder / name, "rb") as infile:
+                entry = pickle.load(infile, encoding="latin1")
+            images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            self.labels += [int(label) for label in entry[key]]
+        self.images = np.concatenate(images)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image = Image.fromarray(self.images[index])
+        return (self.transform(image) if self.transform is not None else image), self.labels[index]
 
 
 class CIFARDataModule(L.LightningDataModule):
@@ -67,17 +84,14 @@ class CIFARDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
 
-    def _dataset_cls(self) -> type[torchvision.datasets.CIFAR10]:
-        return _LocalCIFAR10 if self.num_classes == 10 else _LocalCIFAR100
-
     def _folder(self) -> Path:
-        return Path(self.hparams.data_dir) / self._dataset_cls().base_folder
+        return Path(self.hparams.data_dir) / CIFAR_FILES[self.num_classes][0]
 
     def prepare_data(self) -> None:
-        cls = self._dataset_cls()
         if self.hparams.download:
+            torchvision_cls = torchvision.datasets.CIFAR10 if self.num_classes == 10 else torchvision.datasets.CIFAR100
             for train in (True, False):
-                cls(self.hparams.data_dir, train=train, download=True)
+                torchvision_cls(self.hparams.data_dir, train=train, download=True)
         else:
             self._require_folder()
 
@@ -96,9 +110,9 @@ class CIFARDataModule(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         self._require_folder()  # prepare_data ran on local rank 0 only; every rank checks before reading
-        cls = self._dataset_cls()
-        self.train = cls(self.hparams.data_dir, train=True, transform=self._transform(True))
-        self.test = cls(self.hparams.data_dir, train=False, transform=self._transform(False))
+        root, classes = self.hparams.data_dir, self.num_classes
+        self.train = CIFARPickles(root, classes, train=True, transform=self._transform(True))
+        self.test = CIFARPickles(root, classes, train=False, transform=self._transform(False))
 
     def train_dataloader(self) -> DataLoader:
         return _loader(self.train, self.hparams, shuffle=True)

@@ -106,10 +106,16 @@ def test_model_checkpoint_internals() -> None:
     assert internals.saves_by_time(by_time) and not internals.saves_by_time(by_steps)
 
 
-def test_strategy_and_launcher_override_points() -> None:
-    for name in ("_configure_launcher", "_layer_sync", "_launcher"):
-        _has(DDPStrategy(), name, internals.attached_trainer)
-    _has(_SubprocessScriptLauncher, "_call_children_scripts", internals.set_num_threads_if_needed)
+@pytest.mark.parametrize("name", list(internals.OVERRIDE_POINTS))
+def test_strategy_and_launcher_override_points(name: str) -> None:
+    owner, used_for = internals.OVERRIDE_POINTS[name]
+    instance_names = set(vars(DDPStrategy())) if owner is DDPStrategy else set()
+    assert hasattr(owner, name) or name in instance_names, (
+        f"{owner.__name__}.{name} is gone: {used_for}; update lightning_fedhog.internals.OVERRIDE_POINTS and its user"
+    )
+
+
+def test_lightning_module_trainer() -> None:
     module = L.LightningModule()
     _has(module, "_trainer", internals.attached_trainer)
     assert internals.attached_trainer(module) is None and internals.attached_trainer(None) is None
@@ -128,6 +134,9 @@ def test_torch_internals() -> None:
     parameters, buffers = internals.registered_tensors(nn.BatchNorm1d(2))
     assert set(parameters) == {"weight", "bias"} and "running_mean" in buffers
     assert callable(torch.multiprocessing.reductions.reduce_tensor), "update lightning_fedhog.internals.cuda_ipc_handle"
+    linear = nn.Linear(1, 1)
+    linear.register_forward_hook(lambda *_: None)
+    assert internals.forward_hook_count(linear) == 1, "update lightning_fedhog.internals.forward_hook_count"
 
 
 def test_estimated_stepping_batches_can_be_overridden_per_trainer_and_given_back() -> None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_fedhog import internals
 from lightning_fedhog.blocks import partition_tensors, tensor_costs
 from lightning_fedhog.partial import PartialSteps, first_partial_epoch, gradients_only_for, record_positions
 
@@ -75,7 +76,7 @@ def test_positions_measure_where_each_weight_is_applied() -> None:
 
 
 def _hooks(module: nn.Module) -> int:
-    return sum(len(layer._forward_hooks) for layer in module.modules())
+    return sum(internals.forward_hook_count(layer) for layer in module.modules())
 
 
 def test_the_measuring_hooks_go_after_the_first_step_or_at_the_end_of_a_fit_that_took_none() -> None:
