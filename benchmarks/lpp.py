@@ -81,7 +81,7 @@ def p12_lpp_time(scale: Scale, workdir: Path) -> dict[str, Any]:
 def partial_step_saving(channels: int, workers: int = 4, batch: int = 32, repeats: int = 30) -> dict[str, Any]:
     """A partial step's forward+backward time over a full step's, per worker's block, on the recipe's CNN."""
     from benchmarks.partial_backprop import timed
-    from lightning_fedhog.blocks import partition_tensors, tensor_costs
+    from lightning_fedhog.partitions import partition_tensors, tensor_costs
     from recipes.mnist1d import ConvNet1D
 
     threads = torch.get_num_threads()

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_fedhog.blocks import partition_tensors, tensor_costs
 from lightning_fedhog.partial import gradients_only_for, record_positions
+from lightning_fedhog.partitions import partition_tensors, tensor_costs
 
 
 def small_cnn() -> nn.Module:

@@ -11,16 +11,20 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal, get_args
 
-from lightning_fedhog.blocks import BLOCK_RULES, PARTITIONS, BlockRule, Partition
+from lightning_fedhog.blocks import BLOCK_RULES, BlockRule
 from lightning_fedhog.compression import COMPRESSIONS, Compression
 from lightning_fedhog.device_sync import AVERAGING_BACKENDS, AveragingBackend
+from lightning_fedhog.partitions import PARTITIONS, Partition
 from lightning_fedhog.topology import TOPOLOGIES, Topology
-from lightning_fedhog.work_sharing import WorkSharing
 
 AveragingMode = Literal["allreduce", "gossip"]
 """How device leaders mix their copies: a global all-reduce (the paper's reference code) or pairwise gossip."""
 
 _AVERAGING_MODES: tuple[str, ...] = get_args(AveragingMode)
+
+WorkSharing = Literal["static", "dynamic", "auto"]
+"""How the workers share an epoch's batches: Lightning's equal shards, a counter shared by the run, or static shards
+until stragglers show."""
 
 DEFAULT_AVERAGING_PERIOD = 16
 """The paper's H: device steps between two averaging rounds once the warm-up is over."""
@@ -258,7 +262,7 @@ class FedHogConfig:
         _require_choice("topology", self.topology, TOPOLOGIES)
         _require_choice("block_rule", self.block_rule, BLOCK_RULES)
         _require_choice("partition", self.partition, PARTITIONS)
-        _require_choice("work_sharing", self.work_sharing, ("static", "dynamic", "auto"))
+        _require_choice("work_sharing", self.work_sharing, get_args(WorkSharing))
         _require_choice("nonfinite", self.nonfinite, ("stop", "skip"))
         _require_choice("averaging_backend", self.averaging_backend, AVERAGING_BACKENDS)
         _require_choice("compression", self.compression, COMPRESSIONS)

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 from torch import Tensor, nn
 
-from lightning_fedhog.blocks import Partition, owned_block, partition_tensors, tensor_costs
+from lightning_fedhog.partitions import Partition, owned_block, partition_tensors, tensor_costs
 
 
 def first_partial_epoch(setting: int | float, max_epochs: int | None) -> int:

@@ -40,7 +40,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_fedhog import internals
-from lightning_fedhog.blocks import BlockRule, Partition
+from lightning_fedhog.blocks import BlockRule
 from lightning_fedhog.callbacks import ConsensusFirst
 from lightning_fedhog.checkpoints import add_every_workers_optimizer_state, own_optimizer_states, save_stop_checkpoint
 from lightning_fedhog.checks import check_accelerator, check_equal_batches, checked_layout, refuse_sync_batchnorm
@@ -51,6 +51,7 @@ from lightning_fedhog.config import (
     PRESETS,
     AveragingMode,
     FedHogConfig,
+    WorkSharing,
     auto_workers_per_device,
     available_cpus,
     external_workers_per_device,
@@ -63,12 +64,13 @@ from lightning_fedhog.faults import check_sigterm_locally, install_stop_handler
 from lightning_fedhog.launcher import FedHogLauncher, exit_with_launcher
 from lightning_fedhog.layout import DeviceLayout, join_default_group, store_key
 from lightning_fedhog.partial import PartialSteps
+from lightning_fedhog.partitions import Partition
 from lightning_fedhog.shared_buffer import SharedFlatBuffer, unbind_module
 from lightning_fedhog.stragglers import StragglerWatch
 from lightning_fedhog.telemetry import Telemetry
 from lightning_fedhog.topology import Topology
 from lightning_fedhog.work_plan import WorkPlan
-from lightning_fedhog.work_sharing import DynamicWork, WorkSharing
+from lightning_fedhog.work_sharing import DynamicWork
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl

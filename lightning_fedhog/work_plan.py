@@ -14,10 +14,11 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from lightning_fedhog.checks import settings_blocking_dynamic_sharing
+from lightning_fedhog.checks import loader_blocker, settings_blocking_dynamic_sharing
+from lightning_fedhog.config import WorkSharing
 from lightning_fedhog.stragglers import StragglerWatch
 from lightning_fedhog.telemetry import log_as_lightning_does
-from lightning_fedhog.work_sharing import SHARING_KEY, DynamicWork, WorkSharing, loader_blocker
+from lightning_fedhog.work_sharing import SHARING_KEY, DynamicWork
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl

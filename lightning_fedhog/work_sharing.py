@@ -11,24 +11,21 @@ that is already spent ends ``fit`` at once, and ``trainer.estimated_stepping_bat
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sized
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.trainer.states import RunningStage
-from lightning.pytorch.utilities import CombinedLoader
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 from lightning_fedhog import internals
+from lightning_fedhog.checks import claims_by_batch, in_order, refuse_several_loaders
 from lightning_fedhog.epoch_indices import EpochIndices
-from lightning_fedhog.pacing import pace_step_schedulers, unpace
+from lightning_fedhog.lr_pacing import pace_step_schedulers, unpace
 from lightning_fedhog.shared_counter import SharedCounterSampler
 from lightning_fedhog.work_budget import WorkBudget
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
-
-WorkSharing = Literal["static", "dynamic", "auto"]
 
 CHECKPOINT_KEY = "fedhog_work"
 """The checkpoint entry of the dynamic work-sharing budget (chunks spent, epoch)."""
@@ -177,7 +174,7 @@ class DynamicWork:
         return self.estimated_stepping_batches()
 
     def pace(self, trainer: pl.Trainer, configs: list[Any]) -> None:
-        """Makes the per-step LR schedules in ``configs`` follow the run's progress (:mod:`~.pacing`)."""
+        """Makes the per-step LR schedules in ``configs`` follow the run's progress (:mod:`~.lr_pacing`)."""
         if not any(config.interval == "step" for config in configs):
             return
         total = trainer.estimated_stepping_batches
@@ -242,118 +239,3 @@ class DynamicWork:
         if self.sampler is None:
             return 0.0
         return self.sampler.trained_through / (self.world_size * self._accumulate)
-
-
-def claims_by_batch(loader: object) -> bool:
-    """Whether dynamic sharing can hand out ``loader``'s batches: a ``DataLoader`` over a map-style data set with a
-    ``batch_size`` (one claim is one batch)."""
-    return (
-        isinstance(loader, DataLoader)
-        and loader.batch_size is not None
-        and not isinstance(loader.dataset, IterableDataset)
-    )
-
-
-def in_order(loader: DataLoader) -> bool:
-    """Whether ``loader`` returns batches in the order its sampler yields them (what claim counting relies on)."""
-    return getattr(loader, "in_order", True) is not False
-
-
-def training_loaders(trainer: pl.Trainer) -> list[Any]:
-    """The run's training loaders as Lightning set them up (one per entry of a dict or list of loaders)."""
-    loaders = trainer.train_dataloader
-    return [] if loaders is None else CombinedLoader(loaders).flattened
-
-
-def refuse_several_loaders(trainer: pl.Trainer) -> None:
-    """Dynamic sharing hands out one loader's batches; with several, each step would draw from each loader's counter
-    at its own pace and Lightning's cycling of the shorter ones would train chunks twice or not at all."""
-    count = len(training_loaders(trainer))
-    if count > 1:
-        raise ValueError(
-            f"fedhog: `work_sharing='dynamic'` shares out the batches of one training loader, but this run has"
-            f" {count} training loaders. HINT: combine the data sets into one loader (e.g. `ConcatDataset`, with a"
-            f" sampler that weights them), or use `work_sharing='static'`."
-        )
-
-
-def dynamic_blocker(
-    val_check_interval: object,
-    step_checkpoints: list[str],
-    max_time: bool = False,
-    min_steps: int | None = None,
-    dataloader_iter: bool = False,
-) -> str | None:
-    """Why the Trainer's settings rule dynamic sharing out (they need every worker to reach the same step, or batches
-    in claim order), with the fix; None when nothing does.
-
-    Args:
-        val_check_interval: the Trainer's ``val_check_interval``.
-        step_checkpoints: descriptions of callbacks that act every N steps or every T seconds.
-        max_time: the Trainer has a ``Timer`` (``max_time=...``), which broadcasts after every step.
-        min_steps: the Trainer's ``min_steps``: compared with each worker's own step count, so workers would
-            disagree on whether an early stop may end the run.
-        dataloader_iter: ``training_step`` takes the loader's iterator (it fetches batches itself, so fedhog
-            cannot tell which batch a step trains).
-    """
-    hint = "HINT: keep validation and checkpoints at epoch ends, or use `work_sharing='static'`."
-    if max_time:
-        return (
-            "dynamic sharing gives workers different step counts, but `Trainer(max_time=...)` (the `Timer` callback)"
-            " broadcasts from rank 0 after every step, so the workers' broadcasts would not pair up and the run would"
-            " hang at the first epoch end. HINT: bound the run with `max_epochs` or `max_steps`, or use"
-            " `work_sharing='static'`."
-        )
-    if min_steps:
-        return (
-            f"dynamic sharing gives workers different step counts, so `Trainer(min_steps={min_steps})` would let an"
-            f" early stop end `fit` on some workers and not on others. HINT: use `min_epochs`, or"
-            f" `work_sharing='static'`."
-        )
-    if dataloader_iter:
-        return (
-            "dynamic sharing counts which of its claimed batches each worker trains, but this `training_step` takes"
-            " `dataloader_iter` and fetches batches itself. HINT: take `batch` in `training_step`, or use"
-            " `work_sharing='static'`."
-        )
-    if not (isinstance(val_check_interval, float) and val_check_interval == 1.0):
-        return (
-            f"dynamic sharing gives workers different numbers of batches per epoch, so validation can only run at the"
-            f" end of an epoch, but `val_check_interval={val_check_interval!r}`. {hint}"
-        )
-    if step_checkpoints:
-        return (
-            f"dynamic sharing gives workers different step counts, so a checkpoint every N steps or T seconds would"
-            f" be taken at different moments on different workers: {', '.join(step_checkpoints)}. {hint}"
-        )
-    return None
-
-
-def loader_blocker(trainer: pl.Trainer) -> str | None:
-    """Why the run's training loader rules dynamic sharing out (for ``"auto"``, which decides during training)."""
-    flattened = training_loaders(trainer)
-    if not flattened:
-        return "the training loader is not set up. HINT: use `work_sharing='static'` or `'dynamic'`."
-    if len(flattened) > 1:
-        return (
-            f"it shares out one training loader's batches and this run has {len(flattened)}. HINT: combine the data"
-            f" sets into one loader (`ConcatDataset`), or accept the idle time."
-        )
-    loader = flattened[0]
-    if not claims_by_batch(loader):
-        return (
-            "it needs a `DataLoader` over a map-style data set with a `batch_size`. HINT: give the loader a"
-            " `batch_size` (not a custom `batch_sampler`) over a data set with `__getitem__` and `__len__`."
-        )
-    if not isinstance(loader.sampler, DistributedSampler):
-        return (
-            "the training loader's sampler is not Lightning's distributed sampler (`use_distributed_sampler=False`), so"
-            " each worker's loader may hold a shard of its own, and sharing one index list would mix them up. HINT: use"
-            " `work_sharing='dynamic'` if every worker's loader holds the whole data set, else `'static'`."
-        )
-    if not in_order(loader):
-        return "it needs the loader's batches in order. HINT: leave `in_order=True` (the default)."
-    sampler = internals.sampler_inside_wrapper(loader.sampler) or loader.sampler
-    if not isinstance(sampler, Sized):
-        return f"it needs a sampler with a length, and {type(sampler).__name__} has none. HINT: give it `__len__`."
-    return None

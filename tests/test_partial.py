@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from lightning_fedhog import internals
-from lightning_fedhog.blocks import partition_tensors, tensor_costs
 from lightning_fedhog.partial import PartialSteps, first_partial_epoch, gradients_only_for, record_positions
+from lightning_fedhog.partitions import partition_tensors, tensor_costs
 
 
 def _cnn() -> nn.Module:

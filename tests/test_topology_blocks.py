@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lightning_fedhog.blocks import next_block, owned_block, partition_tensors, tensor_costs
+from lightning_fedhog.blocks import next_block
+from lightning_fedhog.partitions import owned_block, partition_tensors, tensor_costs
 from lightning_fedhog.topology import TOPOLOGIES, cycle_length, peers
 
 

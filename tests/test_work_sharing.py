@@ -15,10 +15,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import SubsetRandomSampler, WeightedRandomSampler
 
+from lightning_fedhog.checks import dynamic_blocker, loader_blocker
 from lightning_fedhog.epoch_indices import EpochIndices, draw, permutation
 from lightning_fedhog.shared_counter import SharedCounterSampler
 from lightning_fedhog.work_budget import WorkBudget, chunks_per_epoch
-from lightning_fedhog.work_sharing import dynamic_blocker, loader_blocker
 from tests.conftest import run_app, run_in_threads
 
 

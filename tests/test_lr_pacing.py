@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lightning_fedhog.pacing import PacedScheduler, pace_step_schedulers, unpace
+from lightning_fedhog.lr_pacing import PacedScheduler, pace_step_schedulers, unpace
 from lightning_fedhog.stragglers import StragglerWatch, idle_report
 
 
