@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_fedhog.device_sync import AveragingBackend, leader_backend, settle
-from lightning_fedhog.layout import DeviceLayout
+from lightning_fedhog.placement import Placement
 from lightning_fedhog.shared_buffer import FlatLayout, SharedFlatBuffer, bind_module, hand_back
 
 RELEASE_SECONDS = 15.0
@@ -36,7 +36,7 @@ class DeviceCopy:
 def share_parameters(
     module: nn.Module,
     layout: FlatLayout,
-    place: DeviceLayout,
+    place: Placement,
     device: torch.device,
     devices: list[torch.device],
     store: Any,
@@ -65,7 +65,7 @@ def share_parameters(
     return DeviceCopy(buffer, group, chosen)
 
 
-def release(device: torch.device, place: DeviceLayout, store: Any, key: str, timeout: timedelta) -> None:
+def release(device: torch.device, place: Placement, store: Any, key: str, timeout: timedelta) -> None:
     """At the end of ``fit`` on CUDA: the leader keeps its memory until its followers have let go (at most 15 s).
 
     On CPU the ``/dev/shm`` mapping lives until the last process that holds it lets go: nothing to wait for.

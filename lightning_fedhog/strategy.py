@@ -62,9 +62,10 @@ from lightning_fedhog.device_sync import AveragingBackend, leader_backend, settl
 from lightning_fedhog.engine import AveragingEngine
 from lightning_fedhog.faults import check_sigterm_locally, install_stop_handler
 from lightning_fedhog.launcher import FedHogLauncher, exit_with_launcher
-from lightning_fedhog.layout import DeviceLayout, join_default_group, store_key
 from lightning_fedhog.partial import PartialSteps
 from lightning_fedhog.partitions import Partition
+from lightning_fedhog.placement import Placement
+from lightning_fedhog.rendezvous import join_default_group, store_key
 from lightning_fedhog.shared_buffer import SharedFlatBuffer, unbind_module
 from lightning_fedhog.stragglers import StragglerWatch
 from lightning_fedhog.telemetry import Telemetry
@@ -174,7 +175,7 @@ class FedHogStrategy(DDPStrategy):
         )
         self.leader_backend: str | None = None  # "nccl" or "gloo", known once the Trainer set the devices
         self._fit: FitState | None = None
-        self._placement: DeviceLayout | None = None  # computed once the ranks are known
+        self._placement: Placement | None = None  # computed once the ranks are known
         self._generation = 0  # set-ups so far: store keys unique to one fit
         self._carried_budget: dict[str, Any] | None = None  # dynamic sharing's budget as the last fit left it
         self._warned_local_reduce = False
@@ -184,7 +185,7 @@ class FedHogStrategy(DDPStrategy):
             else None
         )
 
-    # ------------------------------------------------------------------------------------------ process layout
+    # ----------------------------------------------------------------------------------- processes and placement
     @property
     def workers_per_device(self) -> int:
         """K; ``"auto"`` is chosen on first use, once the Trainer has set the devices (Lightning reads the process
@@ -214,10 +215,10 @@ class FedHogStrategy(DDPStrategy):
         return workers
 
     @property
-    def placement(self) -> DeviceLayout:
+    def placement(self) -> Placement:
         """This worker's device, slot and the device leaders, computed once the ranks are set."""
         if self._placement is None:
-            self._placement = DeviceLayout(
+            self._placement = Placement(
                 self.workers_per_device, len(self.parallel_devices or []), self.local_rank, self.node_rank,
                 self.world_size,
             )

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.environments import TorchElasticEnvironment
 
-from lightning_fedhog.layout import restart_safe_store
+from lightning_fedhog.rendezvous import restart_safe_store
 from tests.conftest import assert_one_model, free_port, load_rank, run_app
 
 STEPS_PER_EPOCH = 8  # 256 samples, batches of 16, 2 workers
