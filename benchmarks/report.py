@@ -155,7 +155,7 @@ def _paired_lines(report: dict[str, Any]) -> list[str]:
 def _cost_lines(report: dict[str, Any]) -> list[str]:
     """What the engines measured averaging to cost (``fedhog/averaging_cost``) and the period, where logged."""
     measured = [
-        f"{method} {figures['averaging_cost']:.1%}" + _period(r)
+        f"{method} {figures['averaging_cost']:.1%}" + _period_note(r)
         for method, r in report["results"].items()
         if "averaging_cost" in (figures := r.get("fedhog") or {})
     ]
@@ -165,7 +165,7 @@ def _cost_lines(report: dict[str, Any]) -> list[str]:
             " everything against stretches with no round in flight; median over repeats): " + ", ".join(measured) + "."]
 
 
-def _period(result: dict[str, Any]) -> str:
+def _period_note(result: dict[str, Any]) -> str:
     """`` at period N`` for a run that averaged at one period; nothing where the logged mean holds phases without
     rounds (period :data:`~benchmarks.catalog.NO_ROUNDS`: P6's runs with ``--alternate``, half their time)."""
     period = result["fedhog"].get("period", 0)
