@@ -30,7 +30,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
 import lightning_fedhog  # noqa: F401 - registers strategy names
-from benchmarks.catalog import NO_ROUNDS
 from lightning_fedhog import FedHogStrategy
 from lightning_fedhog.config import FedHogConfig
 from recipes.models import resnet20
@@ -53,6 +52,11 @@ def averaging_phase(now: float, seconds: float) -> tuple[int, bool]:
     """
     number = int(now // seconds)
     return number, number % 2 == 1
+
+
+NO_ROUNDS = 10**9
+"""The period of a phase without rounds: :data:`benchmarks.catalog.NO_ROUNDS`, which this program cannot import (it
+runs as a script, where only installed packages are; tests/test_benchmarks.py checks that the two agree)."""
 
 
 @dataclass(frozen=True, kw_only=True)

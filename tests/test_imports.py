@@ -20,6 +20,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("lightning_fedhog", "benchmarks", "recipes", "tests")
+INSTALLED = ("lightning_fedhog", "recipes")
+"""The packages ``pip install`` makes importable from anywhere (``[tool.setuptools.packages.find]``)."""
+SCRIPTS = ("benchmarks.throughput", "benchmarks.partial_backprop", "tests.apps.train",
+           "tests.apps.compressed_round_peak")
+"""Programs run by their path (``python benchmarks/throughput.py``): Python puts their own folder on ``sys.path``, not
+the repository's, so of the repository's modules they can import only the installed packages'."""
 
 
 def modules(root: Path, packages: Iterable[str] = PACKAGES) -> dict[str, Path]:
@@ -110,6 +116,13 @@ def cycles(graph: Mapping[str, set[str]]) -> list[list[str]]:
 def test_the_repository_has_no_import_circle() -> None:
     found = cycles(import_graph(modules(ROOT)))
     assert not found, "import circles:\n" + "\n".join(" -> ".join(circle) for circle in found)
+
+
+def test_the_programs_run_by_path_import_only_installed_packages() -> None:
+    known = modules(ROOT)
+    for script in SCRIPTS:
+        outside = {name for name in imports(script, known) if name.split(".")[0] not in INSTALLED}
+        assert not outside, f"{known[script]} runs as a script, where {sorted(outside)} cannot be imported"
 
 
 def test_a_circle_is_found_and_named(tmp_path: Path) -> None:
