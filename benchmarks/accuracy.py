@@ -15,16 +15,12 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from benchmarks import harness
-
-if TYPE_CHECKING:
-    from benchmarks.suite import Scale
-
-Method = Callable[[Path], dict[str, Any]]
+from benchmarks.catalog import Method, Scale
 
 POST_LOCAL_YAML = """\
 trainer:
@@ -100,11 +96,11 @@ def accuracy_curve(out: Path, target: float = 0.90, blocks: int = 1) -> dict[str
     epochs = next((epoch for epoch, (_, accuracy) in enumerate(curve, 1) if accuracy >= target), None)
     result = {"curve": curve, "seconds_to_target": reached, "epochs_to_target": epochs,
               "final_accuracy": curve[-1][1] if curve else None, "train_s": curve[-1][0] if curve else None}
-    figures = fedhog_figures(rows, blocks=blocks)
+    figures = averaging_figures(rows, blocks=blocks)
     return {**result, "fedhog": figures} if figures else result
 
 
-def fedhog_figures(rows: list[dict[str, str]], batch: int = 32, blocks: int = 1) -> dict[str, float]:
+def averaging_figures(rows: list[dict[str, str]], batch: int = 32, blocks: int = 1) -> dict[str, float]:
     """What fedhog's averaging did during a run, from the figures it logged at each consensus point.
 
     ``effective_period`` is the device steps between two exchanges of the same element: what the configured
@@ -137,7 +133,7 @@ def fedhog_figures(rows: list[dict[str, str]], batch: int = 32, blocks: int = 1)
     }
 
 
-def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians over one method's seeds, with every seed's figures and one curve to plot."""
     epochs = [r.get("epochs_to_target") for r in runs]
     summary = {
@@ -200,7 +196,7 @@ def p4_time_to_accuracy(scale: Scale, workdir: Path) -> dict[str, Any]:
         "fedhog": mnist1d([], 4, scale, data),  # the recipe's default: 2 devices x 2 workers
         "fedhog_2x1": mnist1d(["--trainer.strategy.workers_per_device=1"], 2, scale, data),  # DDP's 2 processes
     }
-    return {"methods": methods, "baseline": "ddp", "kind": "accuracy",
+    return {"methods": methods, "baseline": "ddp",
             "settings": {"target_accuracy": 0.90, "epochs": scale.mnist_epochs, "batch_per_process": 32,
                          "samples": scale.mnist_samples, "recipe": "python -m recipes.mnist1d fit",
                          "fedhog": "2 devices x 2 workers (the recipe's default)", "fedhog_2x1": "2 devices x 1 worker",
@@ -222,7 +218,6 @@ def p13_period_auto(scale: Scale, workdir: Path) -> dict[str, Any]:
         "fedhog_period_auto": mnist1d([one, "--trainer.strategy.averaging_period=auto"], 2, scale, data),
     }
     return {"methods": methods, "baseline": "ddp", "baselines": {"fedhog_period_auto": "fedhog_period_16"},
-            "kind": "accuracy",
             "settings": {"target_accuracy": 0.90, "epochs": scale.mnist_epochs, "batch_per_process": 32,
                          "samples": scale.mnist_samples, "recipe": "python -m recipes.mnist1d fit",
                          "fedhog_period_16": "2 devices x 1 worker, averaging_period=16",
@@ -256,7 +251,7 @@ def p7_thin_link(rate: str, scale: Scale, workdir: Path) -> dict[str, Any]:
         "fedhog": mnist1d(fedhog, 2, scale, data, epochs, **thin),
         "fedhog_unlimited": mnist1d(fedhog, 2, scale, data, epochs, target=P7_TARGET),
     }
-    return {"methods": methods, "baseline": "ddp", "limit": "fedhog_unlimited", "kind": "accuracy",
+    return {"methods": methods, "baseline": "ddp", "limit": "fedhog_unlimited",
             "settings": {"target_accuracy": P7_TARGET, "epochs": epochs, "batch_per_process": 32,
                          "samples": scale.mnist_samples, "model": f"ConvNet1D, channels={P7_CHANNELS} (105,738"
                          " parameters, 423 kB in fp32)", "recipe": "python -m recipes.mnist1d fit --model.channels=128",
@@ -328,7 +323,7 @@ def p9_mixing_per_byte(scale: Scale, workdir: Path) -> dict[str, Any]:
         ),
         "fedhog_unlimited": mnist1d(no_knobs, 2, scale, data, epochs, target=P7_TARGET),
     }
-    return {"methods": methods, "baseline": "ddp", "limit": "fedhog_unlimited", "kind": "accuracy",
+    return {"methods": methods, "baseline": "ddp", "limit": "fedhog_unlimited",
             "settings": {"target_accuracy": P7_TARGET, "epochs": epochs, "batch_per_process": 32,
                          "samples": scale.mnist_samples, "model": f"ConvNet1D, channels={P7_CHANNELS} (105,738"
                          " parameters, 423 kB in fp32)", "recipe": "python -m recipes.mnist1d fit --model.channels=128",
@@ -368,7 +363,7 @@ def p8_straggler_accuracy(scale: Scale, workdir: Path) -> dict[str, Any]:
         "fedhog_static": mnist1d(fedhog, 2, scale, data, epochs),
         "fedhog_dynamic": mnist1d([*fedhog, "--trainer.strategy.work_sharing=dynamic"], 2, scale, data, epochs),
     }
-    return {"methods": methods, "baseline": "ddp", "kind": "accuracy",
+    return {"methods": methods, "baseline": "ddp",
             "settings": {"target_accuracy": 0.90, "epochs": epochs, "batch_per_process": 32,
                          "samples": scale.mnist_samples, "recipe": "python -m recipes.mnist1d fit",
                          "slow_rank": 1, "slow_seconds": round(step, 6),

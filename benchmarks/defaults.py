@@ -18,21 +18,11 @@ target is read from the same epoch ends whether or not the run goes on.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from benchmarks import harness
-from benchmarks.accuracy import (
-    P7_CHANNELS,
-    P7_TARGET,
-    POST_LOCAL_YAML,
-    Method,
-    mnist1d,
-    recipe_step_seconds,
-    straggler_options,
-)
-
-if TYPE_CHECKING:
-    from benchmarks.suite import Scale
+from benchmarks.accuracy import P7_CHANNELS, P7_TARGET, POST_LOCAL_YAML, mnist1d, recipe_step_seconds, straggler_options
+from benchmarks.catalog import Method, Scale
 
 SCENARIOS = ("none", "straggler", "halfway", "thin_link")
 METHODS = ("ddp", "post_local_sgd", "fedhog", "fedhog_best")
@@ -93,7 +83,7 @@ def p10_defaults(scale: Scale, workdir: Path) -> dict[str, Any]:
             methods[f"{scenario}_{method}"] = mnist1d(options, 2, scale, data, epochs, target=target,
                                                      prefix=prefix or ())
             baselines[f"{scenario}_{method}"] = f"{scenario}_ddp"
-    return {"methods": methods, "baseline": "none_ddp", "baselines": baselines, "kind": "accuracy",
+    return {"methods": methods, "baseline": "none_ddp", "baselines": baselines,
             "settings": {"target_accuracy": TARGET, "thin_link_target_accuracy": P7_TARGET, "batch_per_process": 32,
                          "samples": scale.mnist_samples, "recipe": "python -m recipes.mnist1d fit",
                          "processes": "2 for every method (2 devices; fedhog with no knobs takes 1 worker per CPU"

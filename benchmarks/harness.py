@@ -24,20 +24,21 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from benchmarks.catalog import ROOT
 
-from benchmarks.forkserver import ForkServer
+if TYPE_CHECKING:
+    from tests.forkserver import ForkServer
 
-ROOT = Path(__file__).resolve().parent.parent
 THROUGHPUT = ROOT / "benchmarks" / "throughput.py"
 CPUS = os.cpu_count() or 1
 
 
 def machine() -> dict[str, Any]:
     """What the figures were measured on: a ratio means little without it."""
-    import lightning
+    import lightning  # here, not at the top: the report reads results without importing torch or Lightning
+    import torch
 
     return {
         "platform": platform.platform(),
@@ -91,11 +92,11 @@ def paired_costs(ranks: Sequence[dict[str, Any]], settle_s: float = 0.4) -> list
     step time against the mean of the phases without rounds on either side of it, on the same rank (each rank's
     data holds its phases and their length in seconds, ``"alternate"``).
 
-    Phases seconds apart share the machine's load, so a drift that would swamp a comparison between runs (this
-    machine's speed moved +-20 % between repeats) cancels, to first order where the phases on both sides are
-    measured. A step's time is the gap to the rank's next step in the same phase and epoch; the first ``settle_s`` of
-    a phase are left out (a round started just before a phase without rounds finishes there: P6's rounds take
-    0.15-0.3 s).
+    Phases seconds apart share the machine's load, so a drift that would swamp a comparison between runs (the
+    repeats of one method in ``p6_overhead.json`` spread wider than the costs) cancels, to first order where the
+    phases on both sides are measured. A step's time is the gap to the rank's next step in the same phase and epoch;
+    the first ``settle_s`` of a phase are left out (a round started just before a phase without rounds finishes
+    there).
     """
     costs = []
     for rank in ranks:
@@ -130,11 +131,17 @@ _FORKS: ForkServer | None = None
 
 
 def fork_ranks() -> None:
-    """From now on, launches without a prefix fork their ranks from one process that imported Lightning once
-    (``benchmarks/zygote.py``) instead of starting programs: the smoke run checks the harness in a few seconds per
-    launch rather than ~10 s of imports per process. Measured runs never do this."""
+    """From now on, launches without a prefix fork their ranks from one process that imported Lightning once (the
+    test suite's zygote, ``tests/zygote.py``) instead of starting programs.
+
+    The smoke run checks the harness and every code path, and importing Lightning is most of what a short run's
+    processes do on a small machine (the README's testing section has the figure): forked ranks skip it. Measured
+    runs never do this: a user's program pays its imports.
+    """
     global _FORKS
     if _FORKS is None:
+        from tests.forkserver import ForkServer
+
         _FORKS = ForkServer()
         atexit.register(_FORKS.close)
 
@@ -145,8 +152,8 @@ def run_ranks(
     """Runs every rank of one launch at once, as torchrun does, and returns (status, the ranks' stderr).
 
     Lightning's own launcher starts the other ranks only once rank 0 has imported everything and reached ``fit``,
-    so a launch pays the ~10 s import of Lightning twice in a row; started together (with the environment
-    Lightning's launcher gives its children) the ranks import side by side. The first rank to fail ends the others.
+    so a launch pays the import of Lightning twice in a row; started together (with the environment Lightning's
+    launcher gives its children) the ranks import side by side. The first rank to fail ends the others.
     With one process the command simply runs. With a ``prefix`` (a network namespace), all ranks must share what
     it sets up, so ``python -m benchmarks.ranks`` runs inside it and starts them there.
     """
@@ -247,7 +254,7 @@ def launch(
         "step_s": step_seconds(ranks),
         "steps_per_rank": [len(rank["times"]) for rank in ranks],
         "process_wall_s": time.perf_counter() - began,
-        "fedhog": fedhog_figures(out / "logs"),
+        "fedhog": logged_figures(out / "logs"),
         "paired_costs": paired_costs(ranks),
     }
 
@@ -283,8 +290,11 @@ def _sum_or_none(values: list[float | None]) -> float | None:
     return None if any(value is None for value in values) else sum(values)  # type: ignore[misc]
 
 
-def fedhog_figures(logs: Path) -> dict[str, float]:
-    """fedhog's own averaging figures from a run's CSVLogger file, averaged over its consensus points."""
+def logged_figures(logs: Path) -> dict[str, float]:
+    """fedhog's own averaging figures from a throughput run's CSVLogger file, each the mean over its consensus points.
+
+    (A time-to-accuracy run derives more from the same log: :func:`benchmarks.accuracy.averaging_figures`.)
+    """
     files = sorted(logs.glob("**/metrics.csv"))
     if not files:
         return {}
@@ -309,10 +319,10 @@ def interleave(
             result = method(workdir / f"{name}-{repeat}")
             log(f"  {name} #{repeat + 1}: {result['samples_per_s']:,.0f} samples/s")
             runs[name].append(result)
-    return {name: summarize(results) for name, results in runs.items()}
+    return {name: summarize_repeats(results) for name, results in runs.items()}
 
 
-def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize_repeats(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Median figures of one method's repeats, keeping every repeat's value and the exact command."""
     summary: dict[str, Any] = {
         "samples_per_s": statistics.median(r["samples_per_s"] for r in results),

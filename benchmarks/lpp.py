@@ -11,15 +11,13 @@ per worker on that model (forward and backward of one batch, one thread).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from benchmarks.accuracy import Method, mnist1d
+from benchmarks.accuracy import mnist1d
+from benchmarks.catalog import Method, Scale
 from lightning_fedhog.partial import first_partial_epoch
-
-if TYPE_CHECKING:
-    from benchmarks.suite import Scale
 
 K4 = "--trainer.strategy.workers_per_device=4"
 LPP = "--trainer.strategy=fedhog_lpp"
@@ -39,7 +37,7 @@ def p12_lpp_accuracy(scale: Scale, workdir: Path) -> dict[str, Any]:
         "fedhog_lpp": mnist1d([LPP], 4, scale, data),
         "fedhog_lpp_k4": mnist1d([K4, PARTIAL], 8, scale, data),
     }
-    return {"methods": methods, "baseline": "fedhog", "kind": "accuracy",
+    return {"methods": methods, "baseline": "fedhog",
             "settings": {"target_accuracy": 0.90, "epochs": scale.mnist_epochs, "batch_per_process": 32,
                          "samples": scale.mnist_samples, "recipe": "python -m recipes.mnist1d fit (Adam, lr 0.01)",
                          "fedhog": "2 devices x 2 workers (the recipe's default)",
@@ -62,7 +60,7 @@ def p12_lpp_time(scale: Scale, workdir: Path) -> dict[str, Any]:
         "fedhog_k4": mnist1d([*wide, K4], 8, scale, data, epochs, target=TIME_TARGET),
         "fedhog_lpp": mnist1d([*wide, K4, PARTIAL], 8, scale, data, epochs, target=TIME_TARGET),
     }
-    return {"methods": methods, "baseline": "ddp", "kind": "accuracy",
+    return {"methods": methods, "baseline": "ddp",
             "baselines": {"fedhog_lpp_k2": "fedhog", "fedhog_lpp": "fedhog_k4"},  # partial steps against full ones
             "once": {"partial_step": lambda: partial_step_saving(WIDE_CHANNELS),
                      "partial_step_k2": lambda: partial_step_saving(WIDE_CHANNELS, workers=2)},

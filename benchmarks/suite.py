@@ -5,7 +5,10 @@
     python -m benchmarks --smoke --output /tmp/bench   # a few seconds each, for the test suite
 
 Each benchmark writes ``<name>.json`` (medians, every repeat, ratios, the exact commands, settings, machine);
-``python -m benchmarks.report`` then draws the PNGs and regenerates the README's results section.
+``python -m benchmarks.report`` then draws the PNGs and regenerates the README's results section. The list of
+benchmarks (titles, kinds, targets, smoke-run methods) is :data:`benchmarks.catalog.BENCHMARKS`; the throughput
+benchmarks are defined here, the time-to-accuracy ones in :mod:`benchmarks.accuracy`, :mod:`benchmarks.lpp` and
+:mod:`benchmarks.defaults`.
 
 The benchmarks:
 
@@ -37,62 +40,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import importlib
 import shlex
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from benchmarks import consensus, harness, throughput
-from benchmarks.accuracy import (
-    p4_time_to_accuracy,
-    p7_thin_link_20mbit,
-    p7_thin_link_100mbit,
-    p8_straggler_accuracy,
-    p9_mixing_per_byte,
-    p13_period_auto,
-    summarize,
-)
-from benchmarks.defaults import p10_defaults
-from benchmarks.lpp import TIME_TARGET, p12_lpp_accuracy, p12_lpp_time
-
-RESULTS = harness.ROOT / "benchmarks" / "results"
-
-
-@dataclass(frozen=True)
-class Scale:
-    """How long the runs are: the real measurement, or a few seconds each to keep the harness from rotting."""
-
-    name: str
-    samples: int  # per launch and epoch, all processes together
-    epochs: int
-    scaling_epochs: int  # P1: long enough that a repeat's rate does not hinge on start-up and the machine's moods
-    repeats: int
-    accuracy_repeats: int  # P4's runs are ~1 min each: fewer of them
-    thin_samples: int  # fedhog's samples in the thin-link benchmark (DDP gets a quarter: it is 20x slower there)
-    thin_model: str
-    mnist_epochs: int
-    mnist_samples: int
-    straggler_epochs: int  # P8: long enough to pass 0.90 with a straggler
-    thin_accuracy_epochs: int  # P7: long enough for every method to pass 0.85 on a 20 Mbit/s link
-    gpu_samples: int  # P5 at batch 256 per worker (batch 64: a quarter), all workers together, per epoch
-    gpu_epochs: int
-    consensus_elements: int
-
-
-FULL = Scale(name="full", samples=12288, epochs=3, scaling_epochs=12, repeats=5, accuracy_repeats=3, thin_samples=4096,
-             thin_model="wide", mnist_epochs=100, mnist_samples=5000, straggler_epochs=30, thin_accuracy_epochs=5,
-             gpu_samples=16384, gpu_epochs=2, consensus_elements=25_557_032)
-SMOKE = Scale(name="smoke", samples=1024, epochs=1, scaling_epochs=1, repeats=1, accuracy_repeats=1, thin_samples=1024,
-              thin_model="mlp", mnist_epochs=2, mnist_samples=1000, straggler_epochs=2, thin_accuracy_epochs=2,
-              gpu_samples=2048, gpu_epochs=1, consensus_elements=1_000_000)
-
-Method = Callable[[Path], dict[str, Any]]
+from benchmarks.accuracy import summarize_seeds
+from benchmarks.catalog import BENCHMARKS, FULL, NO_ROUNDS, RESULTS, SMOKE, Method, Scale, is_accuracy
 
 
 def _common(scale: Scale, devices: int, samples: int | None = None, epochs: int | None = None) -> list[str]:
@@ -104,7 +65,7 @@ def _throughput(args: list[str], processes: int, prefix: list[str] | None = None
     return lambda out: harness.launch(args, out, processes, prefix or [])
 
 
-def p1_scaling(scale: Scale) -> dict[str, Any]:
+def p1_scaling(scale: Scale, workdir: Path) -> dict[str, Any]:
     """P1: does fedhog use the machine as well as independent processes would?"""
     epochs = scale.scaling_epochs
     one = ["--model", "mlp", *_common(scale, 1, epochs=epochs)]
@@ -128,7 +89,7 @@ def p1_scaling(scale: Scale) -> dict[str, Any]:
                          "fedhog_2x1_auto": "averaging_period='auto' (rounds may cost 5% of the workers' throughput)"}}
 
 
-def p2_straggler(scale: Scale) -> dict[str, Any]:
+def p2_straggler(scale: Scale, workdir: Path) -> dict[str, Any]:
     """P2: one device 2x slower by a fixed sleep per step (its compute time, measured once); who waits for it?
 
     The sleep does not depend on the method, so every method faces the same hindrance; each method also runs
@@ -162,7 +123,7 @@ def p2_straggler(scale: Scale) -> dict[str, Any]:
                          " (its hook installed on CPU too; Lightning installs it on CUDA only)"}}
 
 
-def p3_thin_link(scale: Scale) -> dict[str, Any]:
+def p3_thin_link(scale: Scale, workdir: Path) -> dict[str, Any]:
     """P3: a communication-heavy model on a 100 Mbit/s link: DDP all-reduces 38 MB of gradients per step."""
     prefix = harness.thin_link_prefix("100mbit")
     if prefix is None:
@@ -182,7 +143,7 @@ def p3_thin_link(scale: Scale) -> dict[str, Any]:
                          "fedhog": "2 devices x 1 worker, 4 blocks, 2 epochs (one consensus in the window)"}}
 
 
-def p5_gpu(scale: Scale) -> dict[str, Any]:
+def p5_gpu(scale: Scale, workdir: Path) -> dict[str, Any]:
     """P5: K Hogwild! workers sharing one GPU vs one process owning it, and the cost of a consensus point."""
     if not torch.cuda.is_available():
         return {"skipped": "skipped: no CUDA device on this machine (run it where `torch.cuda.is_available()`)"}
@@ -207,20 +168,21 @@ def p5_gpu(scale: Scale) -> dict[str, Any]:
                          " leaders (ResNet-50: 25,557,032)"}}
 
 
-def p6_overhead(scale: Scale) -> dict[str, Any]:
+def p6_overhead(scale: Scale, workdir: Path) -> dict[str, Any]:
     """P6: what the background averaging costs the workers' throughput, and how much it moves.
 
-    Runs minutes apart differ by more than the cost measured (this machine's speed moved +-20 % between repeats),
-    so the cost is measured inside each run: phases of 2 s with and without rounds alternate (``--alternate``), and
-    each phase with rounds is compared with its neighbours (:func:`harness.paired_costs`).
+    Runs minutes apart differ by more than the cost measured (the repeats of one method in ``p1_scaling.json`` and
+    ``p6_overhead.json`` spread wider than the costs), so the cost is measured inside each run: phases with and
+    without rounds alternate (``--alternate``), and each phase with rounds is compared with its neighbours
+    (:func:`harness.paired_costs`).
     """
     # as long as P1's runs: "auto" needs a few probe cycles (each >= 96 device steps and 2 rounds) to measure costs
     fedhog = ["--model", "mlp", *_common(scale, 2, epochs=scale.scaling_epochs), "--strategy", "fedhog", "--workers",
               "1", "--csv"]
-    phase_s = "2.0"  # ~80 steps of this model on 2 busy cores: a few rounds at period 16, 0.4 s left out at the start
+    phase_s = "2.0"  # long enough for a few rounds at period 16 after the start of a phase that is left out
     methods: dict[str, Method] = {
         # a period longer than the run: no rounds at all, only the consensus at epoch ends
-        "averaging_off": _throughput([*fedhog, "--period", str(10**9)], 2),
+        "averaging_off": _throughput([*fedhog, "--period", str(NO_ROUNDS)], 2),
         "alternating_16": _throughput([*fedhog, "--period", "16", "--alternate", phase_s], 2),
         "alternating_auto": _throughput([*fedhog, "--period", "auto", "--alternate", phase_s], 2),
     }
@@ -232,72 +194,12 @@ def p6_overhead(scale: Scale) -> dict[str, Any]:
                          "num_blocks": 1}}
 
 
-BENCHMARKS = {
-    "p1_scaling": ("P1 scaling on 2 CPU cores", p1_scaling),
-    "p2_straggler": ("P2 one device 2x slower", p2_straggler),
-    "p3_thin_link": ("P3 100 Mbit/s link", p3_thin_link),
-    "p4_time_to_accuracy": ("P4 MNIST-1D time to 0.90", p4_time_to_accuracy),
-    "p5_gpu": ("P5 one GPU", p5_gpu),
-    "p6_overhead": ("P6 averaging overhead", p6_overhead),
-    "p7_thin_link_100mbit": ("P7 MNIST-1D time to 0.85 on a 100 Mbit/s link", p7_thin_link_100mbit),
-    "p7_thin_link_20mbit": ("P7 MNIST-1D time to 0.85 on a 20 Mbit/s link", p7_thin_link_20mbit),
-    "p8_straggler_accuracy": ("P8 MNIST-1D time to 0.90 with one device 2x slower", p8_straggler_accuracy),
-    "p9_mixing_per_byte": ("P9 MNIST-1D time to 0.85 on a 20 Mbit/s link, fedhog's link options", p9_mixing_per_byte),
-    "p12_lpp_accuracy": ("P12a MNIST-1D recipe accuracy with LPP-SGD (partial backprop)", p12_lpp_accuracy),
-    "p12_lpp_time": (f"P12b MNIST-1D time to {TIME_TARGET} with a backward-heavy CNN: LPP-SGD vs LAP-SGD vs DDP",
-                     p12_lpp_time),
-    "p13_period_auto": ("P13 MNIST-1D time to 0.90 with averaging_period 16 and 'auto'", p13_period_auto),
-    "p10_defaults": ("P10 the defaults matrix: no hindrance, a straggler, one from halfway, a 20 Mbit/s link",
-                     p10_defaults),
-}
-ACCURACY = (
-    "p4_time_to_accuracy", "p7_thin_link_100mbit", "p7_thin_link_20mbit", "p8_straggler_accuracy", "p9_mixing_per_byte",
-    "p12_lpp_accuracy", "p12_lpp_time", "p13_period_auto", "p10_defaults",
-)
-SMOKE_METHODS = {
-    # each launch costs the test suite ~12 s of imports: a method left out runs the same code as one kept somewhere,
-    # with other settings (DDP's throughput path in p1 and p2, the recipe's DDP in p4/p8's code, post-local SGD's
-    # strategy class in p8, fedhog's throughput path in p2, p3 and p6, the thin-link namespace in p3 and p7)
-    "p1_scaling": ("physical_limit", "ddp"),
-    "p2_straggler": ("ddp", "fedhog_dynamic"),
-    "p3_thin_link": ("fedhog",),
-    "p4_time_to_accuracy": ("fedhog_2x1",),
-    "p7_thin_link_100mbit": ("fedhog",),
-    "p7_thin_link_20mbit": ("fedhog",),
-    "p8_straggler_accuracy": ("post_local_sgd", "fedhog_dynamic"),
-    "p9_mixing_per_byte": ("fedhog_int8_auto_overlap",),
-    "p5_gpu": ("one_process_b256", "fedhog_k2_b256"),
-    "p12_lpp_accuracy": ("fedhog_lpp",),
-    "p12_lpp_time": (),  # the measurement of one partial step still runs
-    "p13_period_auto": ("fedhog_period_auto",),
-    "p10_defaults": ("halfway_fedhog",),  # no knobs, a straggler from epoch 1, the early stop
-}
-TARGETS = {
-    "p1_scaling": "fedhog >= 0.95 of the physical limit and above DDP",
-    "p2_straggler": "fedhog >= 1.4x DDP",
-    "p3_thin_link": "fedhog >= 2x DDP",
-    "p4_time_to_accuracy": "fedhog <= 0.8x DDP's time, final accuracy within 1 point",
-    "p7_thin_link_100mbit": "fedhog <= 0.5x DDP's time, and within 2x of its own time on an unlimited link",
-    "p7_thin_link_20mbit": "fedhog within 2x of its own time on an unlimited link",
-    "p8_straggler_accuracy": "fedhog with the straggler setting <= 0.75x DDP's time to 0.90",
-    "p9_mixing_per_byte": "the best option within 1.5x of fedhog's own time on an unlimited link (<= 0.25x DDP's),"
-    " int8 >= 2x the rounds/s of fp32 at equal bytes/s",
-    "p5_gpu": "fedhog K=4 >= 1.3x one process on ResNet-20",
-    "p12_lpp_accuracy": "fedhog_lpp's final accuracy within 1 point of fedhog's (median of 3 seeds)",
-    "p12_lpp_time": "none set: says whether partial steps reach the target sooner than full steps at the same K",
-    "p13_period_auto": "'auto' no slower than period 16 to 0.90 (it becomes the default only then)",
-    "p10_defaults": "fedhog with no knobs within 1.15x of its best setting's time and ahead of DDP and post-local SGD"
-    " in every scenario; <= 0.9x DDP's time with no hindrance, <= 0.75x with a straggler, <= 0.85x with one from"
-    " halfway",
-}
-
-
 def _ratios(
     name: str, results: dict[str, dict[str, Any]], baseline: str, limit: str | None, baselines: dict[str, str]
 ) -> dict[str, float]:
     """Each method over its baseline (``baselines[method]`` where given, else ``baseline``) and the limit."""
     ratios: dict[str, float] = {}
-    if name in ACCURACY:
+    if is_accuracy(name):
         for method, r in results.items():
             for own in (baselines.get(method, baseline), limit):
                 base = results.get(own or "")
@@ -322,20 +224,21 @@ def _ratios(
 
 def run_benchmark(name: str, scale: Scale, workdir: Path, log: Callable[[str], None]) -> dict[str, Any]:
     """Runs one benchmark's methods interleaved and returns its report (not yet written)."""
-    title, define = BENCHMARKS[name]
-    spec = define(scale, workdir) if name in ACCURACY else define(scale)
-    report: dict[str, Any] = {"benchmark": name, "title": title, "date": datetime.date.today().isoformat(),
+    entry = BENCHMARKS[name]
+    define: Callable[[Scale, Path], dict[str, Any]] = getattr(importlib.import_module(entry.module), name)
+    spec = define(scale, workdir)
+    report: dict[str, Any] = {"benchmark": name, "title": entry.title, "date": datetime.date.today().isoformat(),
                               "invocation": shlex.join(["python", "-m", "benchmarks", *sys.argv[1:]]),
                               "machine": harness.machine(), "scale": scale.name,
-                              "repeats": scale.accuracy_repeats if name in ACCURACY else scale.repeats}
+                              "repeats": scale.accuracy_repeats if is_accuracy(name) else scale.repeats}
     if "skipped" in spec:
         log(f"{name}: {spec['skipped']}")
         return {**report, "skipped": spec["skipped"]}
-    if scale.name == "smoke" and name in SMOKE_METHODS:  # every code path once, to keep the test suite short
-        spec["methods"] = {m: call for m, call in spec["methods"].items() if m in SMOKE_METHODS[name]}
-    log(f"{name}: {title}")
+    if scale.name == "smoke" and entry.smoke_methods is not None:  # every code path once: a short test suite
+        spec["methods"] = {m: call for m, call in spec["methods"].items() if m in entry.smoke_methods}
+    log(f"{name}: {entry.title}")
     began = time.perf_counter()
-    if spec.get("kind") == "accuracy":
+    if is_accuracy(name):
         runs: dict[str, list[dict[str, Any]]] = {m: [] for m in spec["methods"]}
         for repeat in range(scale.accuracy_repeats):
             for method, call in spec["methods"].items():
@@ -343,7 +246,7 @@ def run_benchmark(name: str, scale: Scale, workdir: Path, log: Callable[[str], N
                 last = runs[method][-1]
                 log(f"  {method} #{repeat + 1}: {last['seconds_to_target']} s to target,"
                     f" final {last['final_accuracy']}")
-        results = {m: summarize(rs) for m, rs in runs.items()}
+        results = {m: summarize_seeds(rs) for m, rs in runs.items()}
     else:
         results = harness.interleave(spec["methods"], scale.repeats, workdir / name, log)
     once = {}
@@ -353,7 +256,7 @@ def run_benchmark(name: str, scale: Scale, workdir: Path, log: Callable[[str], N
     return {
         **report,
         "settings": spec["settings"],
-        "target": TARGETS.get(name),
+        "target": entry.target,
         "baseline": spec["baseline"],
         "baselines": spec.get("baselines", {}),
         "limit": spec.get("limit"),

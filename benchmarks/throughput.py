@@ -15,16 +15,17 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.overrides.distributed import _register_ddp_comm_hook
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.post_localSGD_hook import PostLocalSGDState, post_localSGD_hook
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
@@ -53,6 +54,11 @@ def averaging_phase(now: float, seconds: float) -> tuple[int, bool]:
     return number, number % 2 == 1
 
 
+NO_ROUNDS = 10**9
+"""The period of a phase without rounds: :data:`benchmarks.catalog.NO_ROUNDS`, which this program cannot import (it
+runs as a script, where only installed packages are; tests/test_benchmarks.py checks that the two agree)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class AlternatingConfig(FedHogConfig):
     """fedhog's settings, with no round in every other phase of ``phase_s`` seconds (the period set out of reach)."""
@@ -62,7 +68,7 @@ class AlternatingConfig(FedHogConfig):
     @override
     def period_at(self, epoch: int) -> int | Literal["auto"]:
         with_rounds = averaging_phase(time.time(), self.phase_s)[1]
-        return super().period_at(epoch) if with_rounds else 10**9
+        return super().period_at(epoch) if with_rounds else NO_ROUNDS
 
 
 class Alternating(FedHogStrategy):
@@ -110,15 +116,30 @@ class PostLocalSGDOnCPU(DDPStrategy):
 
     Lightning registers ``ddp_comm_hook`` only for CUDA devices, so on CPU its post-local SGD all-reduces every
     gradient *and* averages the parameters: slower than DDP, not the baseline the paper compares with. torch's
-    hook itself works with gloo.
+    hook itself works with gloo, so on other devices this strategy registers it on the
+    :class:`~torch.nn.parallel.DistributedDataParallel` module itself (public torch API) once Lightning has wrapped
+    the model. Lightning's parameter averaging (``model_averaging_period``, from the state's
+    ``start_localSGD_iter`` on) is unchanged.
+
+    Args:
+        ddp_comm_state: the hook's state (:class:`~torch.distributed.algorithms.ddp_comm_hooks.post_localSGD_hook.
+            PostLocalSGDState` for post-local SGD).
+        ddp_comm_hook: the hook (``post_localSGD_hook``).
+        **kwargs: the rest of :class:`~lightning.pytorch.strategies.DDPStrategy`'s arguments
+            (``model_averaging_period``, ...).
     """
 
+    def __init__(self, ddp_comm_state: object | None = None, ddp_comm_hook: Callable | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(ddp_comm_state=ddp_comm_state, ddp_comm_hook=ddp_comm_hook, **kwargs)
+        self.comm_state, self.comm_hook = ddp_comm_state, ddp_comm_hook
+
     @override
-    def _register_ddp_hooks(self) -> None:
-        _register_ddp_comm_hook(
-            model=self.model, ddp_comm_state=self._ddp_comm_state, ddp_comm_hook=self._ddp_comm_hook,
-            ddp_comm_wrapper=self._ddp_comm_wrapper,
-        )
+    def configure_ddp(self) -> None:
+        super().configure_ddp()  # wraps the model; registers the hook on CUDA devices
+        if self.comm_hook is not None and self.root_device.type != "cuda":
+            assert isinstance(self.model, DistributedDataParallel)
+            self.model.register_comm_hook(state=self.comm_state, hook=self.comm_hook)
 
 
 def calibrate_step(model: str, batch: int, steps: int = 20) -> float:

@@ -1,8 +1,11 @@
 """Test hygiene: every test leaves no shared-memory file, environment change or stray thread behind.
 
 The benchmarks' smoke run (``tests/test_benchmarks.py``) starts when the suite starts, at the lowest CPU priority,
-and its tests run last: it has no timing to disturb and uses the cores the other tests leave idle (about 40% of
-two cores while the suite runs serially, waiting on processes and timeouts).
+and its tests run last: it has no timing to disturb, and it uses the cores the other tests leave idle (a serial
+suite spends much of its time waiting on processes and timeouts).
+
+Runs of several ranks are forked from the session's zygote (:func:`forkserver`, ``tests/zygote.py``) unless the way
+processes start is what a test is about.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from benchmarks.forkserver import ForkServer
 from lightning_fedhog.shared_buffer import SHM_DIR, SHM_PREFIX
+from tests.forkserver import ForkServer
 
 APP = Path(__file__).parent / "apps" / "train.py"
 TIMEOUT = 4.0  # `timeout` in seconds of the runs that fail on purpose: short, so that a stuck peer is found quickly
@@ -176,7 +179,7 @@ def _close_forkserver() -> Iterator[None]:
 
 
 def forkserver() -> ForkServer:
-    """The session's zygote (``benchmarks/zygote.py``), started at first use."""
+    """The session's zygote (``tests/zygote.py``), started at first use."""
     global _FORKSERVER
     _FORKSERVER = _FORKSERVER or ForkServer()
     return _FORKSERVER
@@ -197,9 +200,9 @@ def run_app(out: Path, *app_args: str, launcher: list[str] | None = None, env: d
             timeout: float = 240.0) -> list[dict]:
     """Runs tests/apps/train.py and returns every rank's report, ordered by rank.
 
-    Without ``launcher`` the ranks are forked from the session's zygote (``benchmarks/zygote.py``), which imported
-    Lightning once: a run then costs its training, not ~10 s of imports per process. With a ``launcher`` (e.g.
-    ``[sys.executable]`` for Lightning's own launcher, or torchrun) it is a real program start.
+    Without ``launcher`` the ranks are forked from the session's zygote (``tests/zygote.py``), which imported
+    Lightning once: a run then costs its training, not each process's import of Lightning. With a ``launcher``
+    (e.g. ``[sys.executable]`` for Lightning's own launcher, or torchrun) it is a real program start.
     """
     out.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}

@@ -8,17 +8,24 @@ turns it into tables and plots, and the README shows exactly what the committed 
 
 from __future__ import annotations
 
+import importlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.post_localSGD_hook import PostLocalSGDState, post_localSGD_hook
+from torch.nn.parallel import DistributedDataParallel
 
-from benchmarks import report, throughput
-from benchmarks.accuracy import median_reached, summarize
+from benchmarks import lpp, report, throughput
+from benchmarks.accuracy import median_reached, summarize_seeds
+from benchmarks.catalog import BENCHMARKS, NO_ROUNDS, RESULTS, is_accuracy
 from benchmarks.harness import aggregate, paired_costs
-from benchmarks.suite import ACCURACY, BENCHMARKS, RESULTS, SMOKE_METHODS
-from tests.conftest import smoke_results
+from tests.conftest import free_port, smoke_results
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,12 +80,13 @@ def test_a_figure_some_seeds_lack_is_summarized_over_the_others() -> None:
     run = {"seconds_to_target": 7.0, "epochs_to_target": 4, "final_accuracy": 0.9, "train_s": 9.0,
            "process_wall_s": 20.0, "curve": [], "command": "c"}
     runs = [{**run, "fedhog": {"period": 16.0}}, {**run, "fedhog": {"period": 24.0, "averaging_cost": 0.04}}]
-    assert summarize(runs)["fedhog"] == {"period": 20.0, "averaging_cost": 0.04}
+    assert summarize_seeds(runs)["fedhog"] == {"period": 20.0, "averaging_cost": 0.04}
 
 
 def test_alternating_runs_switch_the_period_on_the_machines_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     config = throughput.AlternatingConfig(averaging_period=16, phase_s=2.0)
-    for now, period in [(100.0, 10**9), (101.9, 10**9), (102.0, 16), (103.99, 16), (104.5, 10**9)]:
+    assert throughput.NO_ROUNDS == NO_ROUNDS  # the program cannot import the catalog: the same value twice
+    for now, period in [(100.0, NO_ROUNDS), (101.9, NO_ROUNDS), (102.0, 16), (103.99, 16), (104.5, NO_ROUNDS)]:
         monkeypatch.setattr(throughput.time, "time", lambda now=now: now)
         assert config.period_at(3) == period, now
     assert throughput.averaging_phase(102.5, 2.0) == (51, True)
@@ -88,6 +96,36 @@ def test_a_seed_that_never_reached_the_target_counts_as_the_slowest() -> None:
     assert median_reached([5.0, None, 3.0]) == 5.0  # two of three reached it: the median seed took 5 s
     assert median_reached([None, None, 3.0]) is None  # the median seed never reached it
     assert median_reached([4.0, 2.0]) == 3.0
+
+
+def test_every_benchmark_of_the_catalog_is_defined_where_it_says() -> None:
+    for name, entry in BENCHMARKS.items():
+        assert callable(getattr(importlib.import_module(entry.module), name, None)), (name, entry.module)
+    assert f"time to {lpp.TIME_TARGET} " in BENCHMARKS["p12_lpp_time"].title
+
+
+def test_the_report_reads_results_without_torch_or_lightning() -> None:
+    code = "import sys, benchmarks.report; print(sorted({'torch', 'lightning'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", "benchmarks.report imports torch or Lightning again (through what?)"
+
+
+def test_post_local_sgd_registers_its_hook_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Lightning registers DDP communication hooks on CUDA only: on CPU, DDP with post-local SGD would all-reduce
+    # every gradient and average the parameters too
+    registered = []
+    monkeypatch.setattr(DistributedDataParallel, "register_comm_hook",
+                        lambda module, state, hook: registered.append((state, hook)))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    state = PostLocalSGDState(process_group=None, subgroup=None, start_localSGD_iter=1,
+                              post_local_gradient_allreduce=False)
+    strategy = throughput.PostLocalSGDOnCPU(model_averaging_period=16, ddp_comm_state=state,
+                                            ddp_comm_hook=post_localSGD_hook, parallel_devices=[torch.device("cpu")])
+    strategy.model = throughput.Timed("mlp", lr=0.01, slow_rank=-1, slow_factor=1.0)
+    strategy.configure_ddp()
+    assert isinstance(strategy.model, DistributedDataParallel)
+    assert registered == [(state, post_localSGD_hook)]
 
 
 @pytest.fixture(scope="module")
@@ -111,13 +149,13 @@ def test_smoke_mode_runs_every_benchmark_and_its_methods(smoke: Path) -> None:
             assert result["skipped"].startswith("skipped: ")
             continue
         assert result["settings"]
-        if name in SMOKE_METHODS:
-            assert sorted(result["results"]) == sorted(SMOKE_METHODS[name])
+        if (kept := BENCHMARKS[name].smoke_methods) is not None:
+            assert sorted(result["results"]) == sorted(kept)
         else:
             assert result["baseline"] in result["results"]
         for method, figures in result["results"].items():
             assert figures["command"], method
-            if name in ACCURACY:
+            if is_accuracy(name):
                 assert 0.0 < figures["final_accuracy"] <= 1.0, (method, figures)
                 assert len(figures["curve"]) == 2, "one (seconds, accuracy) point per epoch"
             else:

@@ -2,7 +2,7 @@
 through ``bash -n`` (there is no SLURM here; the syntax is still checked). ``text`` blocks are diagrams.
 
 Python blocks that train with several processes run as the ranks torchrun would start, forked from the test
-session's zygote (``benchmarks/zygote.py``): the same script, without ~10 s of imports per process. Lightning's own
+session's zygote (``tests/zygote.py``): the same script, without each process's import of Lightning. Lightning's own
 launcher (re-running the script per rank) is what the README example and the launching tests exercise.
 """
 

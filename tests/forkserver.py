@@ -1,4 +1,8 @@
-"""The client of ``benchmarks/zygote.py``: start it once, ask it for runs, read their output."""
+"""The client of ``tests/zygote.py``: start it once, ask it for runs, read their output.
+
+The test suite uses one per session (:func:`tests.conftest.forkserver`), and the benchmarks' smoke run one per run
+(:func:`benchmarks.harness.fork_ranks`).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]  # `python -m benchmarks.zygote` runs from here
+ROOT = Path(__file__).resolve().parents[1]  # `python -m tests.zygote` runs from here
 
 
 class ForkServer:
@@ -26,15 +30,27 @@ class ForkServer:
         if self._proc is None or self._proc.poll() is not None:
             env = {**os.environ, "PYTHONWARNINGS": "ignore"}
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "benchmarks.zygote"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                [sys.executable, "-m", "tests.zygote"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                 env=env, cwd=ROOT,
             )
         return self._proc
 
     def run(self, script: Path | None, args: list[str], nproc: int, env: dict[str, str], cwd: Path,
             timeout: float, module: str | None = None) -> tuple[int, str]:
-        """Runs ``script args`` (or ``python -m module args``) as ``nproc`` ranks of one node; returns the status and
-        the ranks' output (stdout and stderr of all of them, in one)."""
+        """Runs ``script args`` (or ``python -m module args``) as ``nproc`` ranks of one node.
+
+        Args:
+            script: the script to run as ``__main__`` (``None`` with ``module``).
+            args: its command-line arguments.
+            nproc: the ranks, each with torchrun's environment variables.
+            env: the environment of every rank (before those variables).
+            cwd: the working directory of the ranks.
+            timeout: seconds after which the zygote kills the ranks (status 124).
+            module: the module to run as ``python -m`` would, instead of ``script``.
+
+        Returns:
+            The run's status (the first failing rank's) and the output of all ranks, stdout and stderr in one.
+        """
         proc = self._start()
         self._runs += 1
         log = self._logs / f"run{self._runs}.log"

@@ -1,16 +1,16 @@
 """A process that imports torch and Lightning once, then forks every rank of the runs it is asked for.
 
-On a 2-core machine ``import lightning`` costs about 10 s of CPU per process, so a 2-device x 2-worker run
-launched the usual way spends most of its ~25 s importing. The test suite (and the benchmarks' smoke mode) starts
-this program once; for each run it forks a *launch* process (its own session, output to a log file) that forks the
-ranks with the environment torchrun gives them, so Lightning sees a ``TorchElasticEnvironment`` and starts nothing
-itself. Each rank runs the script (or module, as ``python -m`` would) with ``runpy`` as ``__main__``.
+Importing Lightning is most of what a short run's processes do on a small machine (the README's testing section
+has the figure), and a 2-device x 2-worker run pays it four times. The test suite (and the benchmarks' smoke mode)
+starts this program once; for each run it forks a *launch* process (its own session, output to a log file) that
+forks the ranks with the environment torchrun gives them, so Lightning sees a ``TorchElasticEnvironment`` and starts
+nothing itself. Each rank runs the script (or module, as ``python -m`` would) with ``runpy`` as ``__main__``.
 
 What this does not exercise is Lightning's own launcher (re-running the script per rank); the tests of launching
 (plain script, torchrun, SLURM), of failures and the docs' shell commands start real processes, and the
 benchmarks' measured runs are real program starts.
 
-Protocol: one JSON request per line on stdin, one JSON reply per line on stdout (see ``benchmarks/forkserver.py``).
+Protocol: one JSON request per line on stdin, one JSON reply per line on stdout (see ``tests/forkserver.py``).
 This process never runs torch code, creates no thread and initializes no CUDA, so it can fork any number of times.
 """
 
@@ -32,7 +32,8 @@ import lightning_fedhog  # noqa: F401
 import recipes.cli  # noqa: F401 - LightningCLI, jsonargparse, torchvision: the recipes' imports
 
 _GRACE = 15.0
-"""Seconds the other ranks get to stop on their own after one failed (fedhog's peers notice within seconds)."""
+"""Seconds the other ranks get to stop on their own after one failed (fedhog's peers notice a failed rank and stop
+by themselves); the ranks still running after it are killed."""
 
 
 def _free_port() -> int:
