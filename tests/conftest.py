@@ -25,11 +25,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
 
+from lightning_fedhog.engine import AveragingEngine
 from lightning_fedhog.shared_buffer import SHM_DIR, SHM_PREFIX
 from tests.forkserver import ForkServer
 
@@ -293,3 +295,38 @@ def fit_refused(model, message: str, strategy=None, **trainer_kwargs) -> None:
     with pytest.raises(ValueError, match=message):
         trainer.fit(model)
     assert trainer.strategy.launcher.procs == [], "a worker process was spawned before the error"
+
+
+_engines: list[AveragingEngine] = []  # started by `engine_fleet`, stopped after each test
+
+
+@pytest.fixture(autouse=True)
+def _stop_engines() -> Iterator[None]:
+    """A failing test must not leave engine threads behind: abandon whatever is still running."""
+    yield
+    while _engines:
+        _engines.pop().stop()
+
+
+def engine_fleet(world_size: int, numel: int, num_blocks: int, period: int, **engine_kwargs: Any) -> tuple[Any, ...]:
+    """One averaging engine per simulated device leader over :func:`thread_groups`, each on a random vector and a step
+    counter the test advances. Returns ``(store, vectors, steps, engines)``; the engines are stopped after the test."""
+    store, groups = thread_groups(world_size)
+    vectors = [torch.randn(numel, generator=torch.Generator().manual_seed(10 + rank)) for rank in range(world_size)]
+    steps = [[0] for _ in range(world_size)]
+    engines = [
+        AveragingEngine(
+            vectors[rank],
+            lambda rank=rank: steps[rank][0],
+            groups[rank],
+            list(range(world_size)),
+            num_blocks=num_blocks,
+            period=period,
+            timeout=timedelta(seconds=20),
+            poll_interval=0.0002,
+            **engine_kwargs,
+        )
+        for rank in range(world_size)
+    ]
+    _engines.extend(engines)
+    return store, vectors, steps, engines

@@ -24,8 +24,7 @@ from lightning_fedhog.auto_compression import (
     round_load,
 )
 from lightning_fedhog.config import FedHogConfig
-from tests.conftest import run_in_threads
-from tests.test_averaging import _engine_fleet, _stop_engines  # noqa: F401 - the fixture stops leftover engines
+from tests.conftest import engine_fleet, run_in_threads
 
 
 def _rounds(choice: CodecChoice, count: int, load: float, seconds: float, sent: str = "none") -> CodecChoice:
@@ -146,7 +145,7 @@ def test_on_a_thin_link_every_leader_switches_to_int8_and_the_copies_still_meet(
     caplog.set_level(logging.INFO, logger="lightning_fedhog.engine")
     world_size, numel = 2, 1 << 14  # 64 kB in fp32: 260 ms a round at 0.25 MB/s, int8 about a quarter
     with _thin_link(monkeypatch, bytes_per_s=2.5e5):
-        _store, vectors, steps, engines = _engine_fleet(
+        _store, vectors, steps, engines = engine_fleet(
             world_size, numel, in_flight, period=4, compression="auto", rounds_in_flight=in_flight
         )
         for engine in engines:
@@ -172,7 +171,7 @@ def test_on_a_thin_link_every_leader_switches_to_int8_and_the_copies_still_meet(
 @pytest.mark.parametrize("in_flight", [1, 2])
 def test_on_a_fast_link_the_rounds_stay_exact_and_allocate_no_reference(in_flight: int) -> None:
     world_size, numel = 2, 1 << 16
-    _store, vectors, steps, engines = _engine_fleet(
+    _store, vectors, steps, engines = engine_fleet(
         world_size, numel, in_flight, period=64, compression="auto", rounds_in_flight=in_flight
     )
     for engine in engines:
@@ -190,7 +189,7 @@ def test_on_a_fast_link_the_rounds_stay_exact_and_allocate_no_reference(in_fligh
 
 def test_exact_rounds_keep_an_existing_reference_so_a_switch_back_to_int8_sends_no_fp32_round() -> None:
     world_size, numel = 2, 3000
-    _store, vectors, _steps, engines = _engine_fleet(world_size, numel, 2, period=1, compression="auto")
+    _store, vectors, _steps, engines = engine_fleet(world_size, numel, 2, period=1, compression="auto")
     rounds = [engine._rounds for engine in engines]
     for round_ in rounds:
         assert round_.shared is not None

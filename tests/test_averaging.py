@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
@@ -13,7 +12,7 @@ import torch
 import lightning_fedhog.averaging as averaging
 from lightning_fedhog.averaging import all_finite, apply_average_delta_, exchange_average_, exchange_with_peer_
 from lightning_fedhog.engine import AveragingEngine
-from tests.conftest import run_in_threads, thread_groups
+from tests.conftest import engine_fleet, run_in_threads, thread_groups
 
 
 def test_finite_check_finds_nan_and_inf_and_no_false_alarm_while_a_worker_writes() -> None:
@@ -62,39 +61,6 @@ def test_exchange_preserves_the_mean_and_sums_flags(world_size: int) -> None:
         torch.testing.assert_close(vector, mean)
 
 
-_started: list[AveragingEngine] = []
-
-
-@pytest.fixture(autouse=True)
-def _stop_engines() -> Iterator[None]:
-    """A failing test must not leave engine threads behind: abandon whatever is still running."""
-    yield
-    while _started:
-        _started.pop().stop()
-
-
-def _engine_fleet(world_size: int, numel: int, num_blocks: int, period: int, **engine_kwargs):
-    store, groups = thread_groups(world_size)
-    vectors = [torch.randn(numel, generator=torch.Generator().manual_seed(10 + rank)) for rank in range(world_size)]
-    steps = [[0] for _ in range(world_size)]
-    engines = [
-        AveragingEngine(
-            vectors[rank],
-            lambda rank=rank: steps[rank][0],
-            groups[rank],
-            list(range(world_size)),
-            num_blocks=num_blocks,
-            period=period,
-            timeout=timedelta(seconds=20),
-            poll_interval=0.0002,
-            **engine_kwargs,
-        )
-        for rank in range(world_size)
-    ]
-    _started.extend(engines)
-    return store, vectors, steps, engines
-
-
 @pytest.mark.parametrize(
     ("world_size", "engine_kwargs"),
     [
@@ -114,7 +80,7 @@ def _engine_fleet(world_size: int, numel: int, num_blocks: int, period: int, **e
 def test_engine_without_training_preserves_the_mean_and_converges(world_size: int, engine_kwargs: dict) -> None:
     num_blocks = 4
     gossip = "gossip_topology" in engine_kwargs
-    _store, vectors, steps, engines = _engine_fleet(world_size, 37, num_blocks, period=1, **engine_kwargs)
+    _store, vectors, steps, engines = engine_fleet(world_size, 37, num_blocks, period=1, **engine_kwargs)
     mean = torch.stack(vectors).mean(0)
     for engine in engines:
         engine.start()
@@ -154,7 +120,7 @@ def _wait_until(predicate, seconds: float) -> None:
 def test_leaders_of_very_different_speed_agree_to_pause_average_and_resume(engine_kwargs: dict) -> None:
     world_size = 3
     settings = {"period": 4, **engine_kwargs}
-    _store, vectors, steps, engines = _engine_fleet(world_size, numel=64, num_blocks=2, **settings)
+    _store, vectors, steps, engines = engine_fleet(world_size, numel=64, num_blocks=2, **settings)
     for engine in engines:
         engine.start()
     stop = threading.Event()
@@ -193,7 +159,7 @@ def test_leaders_of_very_different_speed_agree_to_pause_average_and_resume(engin
 @pytest.mark.parametrize("compression", ["none", "int8"])
 def test_with_two_rounds_in_flight_the_next_round_starts_before_the_last_one_is_finished(compression: str) -> None:
     # leader 1 takes no step, so it starts no round: leader 0 starts two, of distinct blocks, and finishes none
-    _store, vectors, steps, engines = _engine_fleet(2, 64, 2, period=1, rounds_in_flight=2, compression=compression)
+    _store, vectors, steps, engines = engine_fleet(2, 64, 2, period=1, rounds_in_flight=2, compression=compression)
     mean = torch.stack(vectors).mean(0)
     for engine in engines:
         engine.start()
@@ -229,7 +195,7 @@ def test_a_failed_round_is_reported_to_the_main_thread_with_the_peers() -> None:
 @pytest.mark.parametrize("gossip", [None, "exponential"])
 def test_a_non_finite_block_is_never_spread_to_other_devices(on_non_finite: str, gossip: str | None) -> None:
     world_size = 3
-    _store, vectors, steps, engines = _engine_fleet(
+    _store, vectors, steps, engines = engine_fleet(
         world_size, 16, 1, period=1, on_non_finite=on_non_finite, gossip_topology=gossip
     )
     vectors[1][3] = float("nan")  # device 1's copy went bad
@@ -331,7 +297,7 @@ def test_after_a_consensus_a_copy_that_differs_fails_loudly_naming_its_device(mo
         return summed
 
     monkeypatch.setattr(engine_module, "exchange_average_", with_a_stray_write)
-    _store, _vectors, _steps, engines = _engine_fleet(3, 64, 1, period=1)
+    _store, _vectors, _steps, engines = engine_fleet(3, 64, 1, period=1)
     for engine in engines:
         engine.start()
     run_in_threads(lambda r: engines[r].pause(), 3)

@@ -19,8 +19,7 @@ from lightning_fedhog.compression import (
     exchange_compressed_,
 )
 from lightning_fedhog.config import FedHogConfig
-from tests.conftest import forkserver, run_in_threads, thread_groups
-from tests.test_averaging import _engine_fleet, _stop_engines  # noqa: F401 - the fixture stops leftover engines
+from tests.conftest import engine_fleet, forkserver, run_in_threads, thread_groups
 
 APPS = Path(__file__).resolve().parent / "apps"
 
@@ -112,7 +111,7 @@ def test_repeated_compressed_rounds_reach_the_exact_mean_nothing_accumulates(cod
 
 def test_the_engine_averages_with_int8_after_an_exact_first_round_and_every_leader_agrees() -> None:
     world_size, numel = 2, 4096
-    _store, vectors, steps, engines = _engine_fleet(world_size, numel, 2, period=1, compression="int8")
+    _store, vectors, steps, engines = engine_fleet(world_size, numel, 2, period=1, compression="int8")
     for engine in engines:
         engine.start()
     for _ in range(400):

@@ -13,15 +13,15 @@ from lightning_fedhog.coordination import Coordination
 from lightning_fedhog.faults import FaultWatch, PeerLostError
 from lightning_fedhog.stragglers import StragglerWatch
 from lightning_fedhog.telemetry import Telemetry
-from tests import test_consensus as consensus_fakes
-from tests.test_consensus import Calls, FakeCollectives, FakePeers
+from tests import fakes
+from tests.fakes import Calls, FakeCollectives, FakePeers
 
 
 class StoppedError(Exception):
     """What the fake stop raises, so a test sees that the run ended there."""
 
 
-class FakeEngine(consensus_fakes.FakeEngine):
+class FakeEngine(fakes.FakeEngine):
     """The consensus tests' engine, plus what a worker asks of it between points: its thread's failure, figures."""
 
     def __init__(self, calls: Calls, thread_error: BaseException | None = None) -> None:

@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from lightning_fedhog.self_pacing import MIN_CYCLES, START_PERIOD, Pace, SelfPacing, agreed_period
-from tests.conftest import run_in_threads
-from tests.test_averaging import _engine_fleet, _stop_engines  # noqa: F401 - the fixture stops leftover engines
+from tests.conftest import engine_fleet, run_in_threads
 
 BUDGET = 0.05
 
@@ -240,7 +239,7 @@ def test_noisy_steps_give_an_unbiased_cost_and_a_steady_period() -> None:
 def test_parked_time_is_not_taken_for_a_slowdown_by_the_engine() -> None:
     # long parks between short stretches of steps at a steady rate: counted, they would look like rounds that cost
     # most of the throughput (every consensus point a stall)
-    _store, _vectors, steps, engines = _engine_fleet(2, 64, 1, period="auto")
+    _store, _vectors, steps, engines = engine_fleet(2, 64, 1, period="auto")
     for engine in engines:
         engine.start()
 
@@ -265,7 +264,7 @@ def test_parked_time_is_not_taken_for_a_slowdown_by_the_engine() -> None:
 
 def test_self_paced_leaders_agree_on_one_period_and_report_it_and_its_cost() -> None:
     world_size = 2
-    _store, _vectors, steps, engines = _engine_fleet(world_size, 64, 1, period="auto")
+    _store, _vectors, steps, engines = engine_fleet(world_size, 64, 1, period="auto")
     for engine in engines:
         engine.start()
     deadline = time.monotonic() + 20
