@@ -5,7 +5,8 @@ not take for a straggler, next to the idle share one device 2x slower causes.
 
 Each run is the MNIST-1D recipe with ``work_sharing="static"`` and a CSV logger; ``fedhog/idle_share`` is read for
 every epoch end (with the straggler it is acted on, so logged once). The slow rank sleeps as long as one process's
-step takes alone (P8's calibration, 8.2 ms on the project's 2-core machine).
+step takes alone: P8's calibration, read from its committed JSON (``settings.slow_seconds``), so both benchmarks
+slow the same rank by the same amount.
 """
 
 from __future__ import annotations
@@ -20,12 +21,20 @@ import tempfile
 import time
 from pathlib import Path
 
+P8_RESULTS = Path(__file__).resolve().parent / "results" / "p8_straggler_accuracy.json"
+
+
+def p8_step_seconds() -> float:
+    """P8's calibrated step time (one process alone), rounded to 0.1 ms as the committed idle-share runs used it."""
+    return round(float(json.loads(P8_RESULTS.read_text())["settings"]["slow_seconds"]), 4)
+
+
 SETTINGS = {
     "2x2": [],  # the recipe's 2 devices x 2 workers: 4 processes on 2 cores
     "2x1": ["--trainer.strategy.workers_per_device=1"],
     "2x1_straggler": [
         "--trainer.strategy.workers_per_device=1", "--trainer.callbacks+=benchmarks.straggler.Straggler",
-        "--trainer.callbacks.slow_ranks=[1]", "--trainer.callbacks.seconds=0.0082",
+        "--trainer.callbacks.slow_ranks=[1]", f"--trainer.callbacks.seconds={p8_step_seconds()}",
     ],
 }
 
