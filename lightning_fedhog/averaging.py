@@ -145,23 +145,28 @@ def start_average(
 
 _WORDS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _FINGERPRINT_CHUNK = 1 << 20
+_WEIGHT_PERIOD = 65521  # a prime: the two position weights below tell every pair of positions apart
 
 
 def fingerprint(values: Tensor) -> Tensor:
-    """Two int64 checksums of the bits of ``values``: their sum and a position-weighted sum.
+    """Three int64 checksums of the bits of ``values``: their sum and two position-weighted sums.
 
     Two copies with the same fingerprint are the same bits but for a vanishing chance; any difference in one
-    element, a swap of two elements or a flipped sign changes it. Summing integers in wrap-around arithmetic gives
-    the same result in any order, so it does not depend on the device or on how a sum is split. The vector is
-    read in chunks, so the extra memory is a few chunk-sized int64 temporaries whatever the model's size.
+    element, a swap of two elements or a flipped sign changes it. Position ``i`` is weighted by ``i mod p + 1`` in
+    one sum and by ``i div p + 1`` in the other (``p`` prime): no two positions share both weights, so a swap of
+    any two different elements changes one of the sums, and each product stays far below 2**63 (a word is at
+    most 2**32 before the weight). Summing integers in wrap-around arithmetic gives the same result in any order,
+    so it does not depend on the device or on how a sum is split. The vector is read in chunks, so the extra
+    memory is a few chunk-sized int64 temporaries whatever the model's size.
     """
     words = values.detach().reshape(-1).view(_WORDS[values.element_size()])
-    sums = torch.zeros(2, dtype=torch.int64, device=values.device)
+    sums = torch.zeros(3, dtype=torch.int64, device=values.device)
     for offset in range(0, words.numel(), _FINGERPRINT_CHUNK):
         chunk = words[offset : offset + _FINGERPRINT_CHUNK].to(torch.int64)
-        weights = torch.arange(offset, offset + chunk.numel(), dtype=torch.int64, device=values.device) % 65521 + 1
+        positions = torch.arange(offset, offset + chunk.numel(), dtype=torch.int64, device=values.device)
         sums[0] += chunk.sum()
-        sums[1] += (chunk * weights).sum()
+        sums[1] += (chunk * (positions % _WEIGHT_PERIOD + 1)).sum()
+        sums[2] += (chunk * (positions // _WEIGHT_PERIOD + 1)).sum()
     return sums
 
 
@@ -169,7 +174,7 @@ def differing_copies(values: Tensor, group: Any, world_size: int) -> list[int]:
     """Gathers every leader's :func:`fingerprint` of ``values`` (one small all-reduce) and returns the ranks, within
     ``group``, whose copy differs from the copy most leaders hold (every leader when no copy is held by more than
     half, as with two leaders); empty when all agree."""
-    prints = torch.zeros(world_size, 2, dtype=torch.int64, device=values.device)
+    prints = torch.zeros(world_size, 3, dtype=torch.int64, device=values.device)
     prints[group.rank()] = fingerprint(values)
     dist.all_reduce(prints, op=dist.ReduceOp.SUM, group=group)  # one non-zero row per leader: exact in int64
     rows = [tuple(row) for row in prints.cpu().tolist()]

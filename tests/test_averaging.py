@@ -272,9 +272,11 @@ def test_the_fingerprint_sees_one_ulp_a_swap_and_a_sign_and_not_how_the_vector_i
     nudged[-1] = torch.nextafter(nudged[-1], torch.tensor(float("inf")))
     swapped = values.clone()
     swapped[[5, 6]] = values[[6, 5]]
+    far_swap = values.clone()  # positions one weight period apart share the first weight, not the second
+    far_swap[[5, 5 + averaging._WEIGHT_PERIOD]] = values[[5 + averaging._WEIGHT_PERIOD, 5]]
     flipped = values.clone()
     flipped[7] = -flipped[7]
-    for other in (nudged, swapped, flipped):
+    for other in (nudged, swapped, far_swap, flipped):
         assert not torch.equal(averaging.fingerprint(other), print_)
     for dtype, word in ((torch.bfloat16, torch.int16), (torch.float16, torch.int16), (torch.float64, torch.int64)):
         same = values.to(dtype)
