@@ -5,7 +5,7 @@
     python -m benchmarks --smoke --output /tmp/bench   # a few seconds each, for the test suite
 
 Each benchmark writes ``<name>.json`` (medians, every repeat, ratios, the exact commands, settings, machine);
-``python -m benchmarks.report`` then draws the PNGs and regenerates the README's results section.
+``python -m benchmarks.report`` then draws the PNGs and regenerates the tables of docs/benchmarks.md.
 
 The benchmarks:
 

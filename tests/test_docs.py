@@ -11,7 +11,8 @@ Bash blocks run in bash as written. In the blocks of ``BASH_FORKED`` the ``pytho
 the ranks of a forked command are forks of the zygote, given the command's own module and arguments. A torchrun
 command (``python -m torch.distributed.run ...``) is parsed by torchrun's own argument parser first, so a flag
 torchrun does not know fails the block, and its ``--nproc-per-node`` ranks are forked as torchrun would start
-them (real torchrun, its restarts included, is what tests/test_launch.py and tests/test_restart.py run).
+them (real torchrun, its restarts included, is what tests/test_launch.py and tests/test_restart.py run). The
+recipes' commands that need a downloaded data set and GPUs are parsed, not trained (``CONFIG``).
 """
 
 from __future__ import annotations
@@ -45,16 +46,19 @@ BLOCKS = [
 FORKED = {("quickstart.md", 0): 2, ("migrating-from-ddp.md", 0): 4, ("launching.md", 2): 4}
 """Python blocks whose ranks are forked, with their number of processes (devices x workers per device)."""
 
-TORCHRUN = "torchrun"
+TORCHRUN, CONFIG = "torchrun", "print_config"
 BASH_FORKED: dict[tuple[str, int], list[int | str | None]] = {
     # the fedhog run is a real program start, as `make demo` is: Lightning's launcher re-runs `python -m
     # recipes.mnist1d` for the second rank. The DDP run (2 devices) and the chart (1 process) are forked
     ("observability.md", 0): [None, 2, 1],
     ("launching.md", 0): [TORCHRUN],
     ("launching.md", 3): [TORCHRUN],
+    ("recipes.md", 0): [CONFIG, CONFIG, CONFIG],  # CIFAR-10 to download, hours on GPUs: parsed, not trained
 }
 """Bash blocks run with the ``python`` shim: for each ``python`` command of the block, in order, ``None`` (run it
-for real), a number of ranks to fork (``python -m MODULE ...``), or ``TORCHRUN`` (its ranks from its flags)."""
+for real), a number of ranks to fork (``python -m MODULE ...``), ``TORCHRUN`` (its ranks from its flags) or
+``CONFIG`` (one forked process with ``--print_config`` added: LightningCLI parses the config and every flag,
+prints the result and stops before anything is built)."""
 
 SHIM = """\
 import json, os, socket, sys
@@ -118,7 +122,9 @@ class _Shim:
         if argv[:1] != ["-m"] or len(argv) < 2:
             raise AssertionError(f"a forked command is `python -m MODULE ...`, not `python {' '.join(argv)}`")
         module, args = argv[1], argv[2:]
-        if how == TORCHRUN:
+        if how == CONFIG:
+            how, args = 1, [*args, "--print_config"]
+        elif how == TORCHRUN:
             from torch.distributed.run import parse_args
 
             if module != "torch.distributed.run":
@@ -169,6 +175,30 @@ def test_the_docs_have_code_and_only_known_kinds() -> None:
     assert all(blocks.get(block) == "bash" for block in BASH_FORKED), "BASH_FORKED names a block that is not bash"
 
 
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's anchors of a page's headings: lower case, punctuation other than ``-`` and ``_`` dropped."""
+    headings = re.findall(r"^#+ (.+)$", BLOCK.sub("", page.read_text()), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}
+
+
+def test_links_between_the_pages_resolve() -> None:
+    broken = []
+    for page in [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in LINK.findall(BLOCK.sub("", page.read_text())):
+            if re.match(r"[a-z]+:", target):
+                continue  # a web address
+            path, _, anchor = target.partition("#")
+            resolved = (page.parent / path).resolve() if path else page
+            if not resolved.exists():
+                broken.append(f"{page.name}: {target} (no such file)")
+            elif anchor and resolved.suffix == ".md" and anchor not in _anchors(resolved):
+                broken.append(f"{page.name}: {target} (no such heading)")
+    assert not broken, broken
+
+
 @pytest.fixture
 def shim(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[_Shim | None]:
     page, index = request.node.callspec.params["page"], request.node.callspec.params["index"]
@@ -192,6 +222,8 @@ def test_code_block_runs(request: pytest.FixtureRequest, shim: _Shim | None, tmp
     env = _env()
     if "recipes.mnist1d fit" in code and "--print_config" not in code:  # what a first run leaves for the next
         shutil.copytree(request.getfixturevalue("mnist1d_cache"), tmp_path / "data" / "mnist1d")
+    if "recipes/configs/" in code:  # commands run from the repository's root
+        (tmp_path / "recipes").symlink_to(ROOT / "recipes")
     if language == "python":
         script = tmp_path / "snippet.py"
         script.write_text(code)
