@@ -103,8 +103,8 @@ def _of(own: str, report: dict[str, Any]) -> str:
 
 
 def section(report: dict[str, Any], image: str | None = None) -> str:
-    """One benchmark's generated part: its table and figures, its plot (``image``: the PNG's path from the page),
-    and the command that measured it."""
+    """One benchmark's generated part: its table and figures, a link to its plot (``image``: the PNG's path from
+    the page), and the command that measured it."""
     gpu = f", {report['machine']['gpu']}" if report["machine"].get("gpu") else ""
     repeats = f"{report['repeats']} repeat" + ("s" if report["repeats"] != 1 else "")
     out = [f"**{report['title']}** (`{report['benchmark']}.json`, {report['date']}, "
@@ -142,7 +142,7 @@ def section(report: dict[str, Any], image: str | None = None) -> str:
     if report.get("target"):
         out += ["", f"Target: {report['target']}."]
     if image:
-        out += ["", f"![{report['title']}]({image})"]
+        out += ["", f"Plot: [{report['benchmark']}.png]({image})"]
     out += ["", f"`{report['invocation']}`"]
     return "\n".join(out)
 
