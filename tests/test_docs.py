@@ -26,6 +26,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,7 +87,7 @@ class _Shim:
         python = folder / "python"
         python.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "{folder / "shim.py"}" "$@"\n')
         python.chmod(0o755)
-        self.address = str(folder / "socket")
+        self.address = str(Path(tempfile.mkdtemp(prefix="fedhog-docs-")) / "shim")  # AF_UNIX: 107 bytes at most
         self._listener = socket.socket(socket.AF_UNIX)
         self._listener.bind(self.address)
         self._listener.listen()
@@ -146,6 +147,7 @@ class _Shim:
         self._open = False
         self._thread.join(10)
         self._listener.close()
+        shutil.rmtree(Path(self.address).parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
