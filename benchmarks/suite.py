@@ -5,7 +5,7 @@
     python -m benchmarks --smoke --output /tmp/bench   # a few seconds each, for the test suite
 
 Each benchmark writes ``<name>.json`` (medians, every repeat, ratios, the exact commands, settings, machine);
-``python -m benchmarks.report`` then draws the PNGs and regenerates the README's results section. The list of
+``python -m benchmarks.report`` then draws the PNGs and regenerates the tables of docs/benchmarks.md. The list of
 benchmarks (titles, kinds, targets, smoke-run methods) is :data:`benchmarks.catalog.BENCHMARKS`; the throughput
 benchmarks are defined here, the time-to-accuracy ones in :mod:`benchmarks.accuracy`, :mod:`benchmarks.lpp` and
 :mod:`benchmarks.defaults`.

@@ -3,13 +3,14 @@
 No timing is asserted here (a loaded 2-core test machine says nothing about speed); the figures come from
 ``python -m benchmarks`` and live in ``benchmarks/results/``. What is asserted: every method of every benchmark
 ran and produced figures, the JSON has what a reader needs to trust it (command, settings, machine), the report
-turns it into tables and plots, and the README shows exactly what the committed JSON holds.
+turns it into tables and plots, and docs/benchmarks.md shows exactly what the committed JSON holds.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -170,19 +171,27 @@ def test_smoke_mode_runs_every_benchmark_and_its_methods(smoke: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_report_draws_every_plot_and_writes_the_readme_section(smoke: Path, tmp_path: Path) -> None:
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# title\n\n{report.BEGIN}\nold\n{report.END}\n\nafter\n")
-    report.main(["--results", str(smoke), "--readme", str(readme)])
-    text = readme.read_text()
-    assert "old" not in text and text.endswith("after\n")
-    for name in BENCHMARKS:
+    """The tables of docs/benchmarks.md (once the README's section; conftest.SMOKE_TESTS knows this name)."""
+    page = tmp_path / "benchmarks.md"
+    first = next(iter(BENCHMARKS))
+    page.write_text(f"# title\n\n{report.begin(first)}\nold\n{report.end(first)}\n\nprose\n")
+    with pytest.raises(SystemExit):  # the page does not show the results yet
+        report.main(["--results", str(smoke), "--page", str(page), "--check"])
+    report.main(["--results", str(smoke), "--page", str(page)])
+    text = page.read_text()
+    assert "old" not in text and text.index(report.end(first)) < text.index("prose")  # replaced where it was
+    for name in BENCHMARKS:  # the others are appended, each between its own markers
         result = json.loads((smoke / f"{name}.json").read_text())
-        assert result["title"] in text
+        assert result["title"] in text and report.begin(name) in text and report.end(name) in text
         if not result.get("skipped"):
             assert (smoke / f"{name}.png").read_bytes().startswith(b"\x89PNG")
-    report.main(["--results", str(smoke), "--readme", str(readme), "--check"])
+            assert f"]({Path(os.path.relpath(smoke / f'{name}.png', tmp_path)).as_posix()})" in text  # its plot
+    report.main(["--results", str(smoke), "--page", str(page), "--check"])
+    page.write_text(text.replace("| method |", "| methods |", 1))  # a generated table edited by hand
+    with pytest.raises(SystemExit):
+        report.main(["--results", str(smoke), "--page", str(page), "--check"])
 
 
-def test_the_readme_shows_what_the_committed_results_hold() -> None:
+def test_the_benchmarks_page_shows_what_the_committed_results_hold() -> None:
     assert (RESULTS / "p1_scaling.json").exists(), "run `python -m benchmarks` and commit benchmarks/results/"
-    report.main(["--check"])  # exits non-zero when the README's section differs from the JSON
+    report.main(["--check"])  # exits non-zero when a table of docs/benchmarks.md differs from the JSON

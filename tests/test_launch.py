@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_torchrun_single_node(tmp_path: Path) -> None:
-    # 2 devices x 1 worker (the docs' torchrun command runs 2 x 2 workers under torchrun too: tests/test_docs.py)
+    # 2 devices x 1 worker; 2 workers sharing a device under torchrun: the two-node test below (the docs' 2 x 2
+    # torchrun commands run as ranks forked the way torchrun starts them: tests/test_docs.py)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}"]
     reports = run_app(tmp_path, "--devices", "2", "--workers", "1", "--epochs", "1", launcher=launcher)
     assert [r["local_rank"] for r in reports] == [0, 1]
