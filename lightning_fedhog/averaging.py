@@ -143,7 +143,7 @@ def start_average(
     return finish
 
 
-_WORDS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_WORDS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int32}  # 64-bit values as two 32-bit words
 _FINGERPRINT_CHUNK = 1 << 20
 _WEIGHT_PERIOD = 65521  # a prime: the two position weights below tell every pair of positions apart
 
@@ -154,8 +154,8 @@ def fingerprint(values: Tensor) -> Tensor:
     Two copies with the same fingerprint are the same bits but for a vanishing chance; any difference in one
     element, a swap of two elements or a flipped sign changes it. Position ``i`` is weighted by ``i mod p + 1`` in
     one sum and by ``i div p + 1`` in the other (``p`` prime): no two positions share both weights, so a swap of
-    any two different elements changes one of the sums, and each product stays far below 2**63 (a word is at
-    most 2**32 before the weight). Summing integers in wrap-around arithmetic gives the same result in any order,
+    any two different words changes one of the sums, and each product stays far below 2**63 (a word is at most
+    32 bits: a 64-bit value is read as two). Summing integers in wrap-around arithmetic gives the same result in any order,
     so it does not depend on the device or on how a sum is split. The vector is read in chunks, so the extra
     memory is a few chunk-sized int64 temporaries whatever the model's size.
     """

@@ -65,7 +65,8 @@ class FedHogLauncher(ScriptLauncher):
                 self._call_children_scripts()
             finally:
                 os.environ.pop(LAUNCHER_PID, None)
-            _Observer(self.procs, self._config.timeout.total_seconds()).start()
+            if self.procs:  # one process in all: nobody to watch
+                _Observer(self.procs, self._config.timeout.total_seconds()).start()
         set_num_threads_if_needed(num_processes=self.num_processes)
         try:
             return function(*args, **kwargs)

@@ -325,19 +325,25 @@ class FedHogStrategy(DDPStrategy):
             self._key(f"device{place.device_index}"), self.config.timeout, self.config.averaging_backend,
         )
         self.leader_backend = copy.leader_backend or self.leader_backend
-        peers, faults, points = meet_peers(
-            store, self._key, rank=self.global_rank, device=place.device_index, slot=place.slot,
-            world_size=self.world_size, timeout=self.config.timeout, engine=self._engine,
-            settle=lambda: settle(self.root_device),
-        )
-        telemetry = self._fit.telemetry if self._fit is not None else Telemetry()
-        coordination = Coordination(
-            points, faults, telemetry, gather=self.gather_object, stop=self._stop, engine=self._engine,
-            publish=partial(telemetry.publish, self._trainer()) if self.is_global_zero else None,
-            stragglers=plan.stragglers, device=place.device_index,
-        )
-        self.barrier("fedhog-shared")
-        peers.load()
+        try:
+            peers, faults, points = meet_peers(
+                store, self._key, rank=self.global_rank, device=place.device_index, slot=place.slot,
+                world_size=self.world_size, timeout=self.config.timeout, engine=self._engine,
+                settle=lambda: settle(self.root_device),
+            )
+            telemetry = self._fit.telemetry if self._fit is not None else Telemetry()
+            coordination = Coordination(
+                points, faults, telemetry, gather=self.gather_object, stop=self._stop, engine=self._engine,
+                publish=partial(telemetry.publish, self._trainer()) if self.is_global_zero else None,
+                stragglers=plan.stragglers, device=place.device_index,
+            )
+            self.barrier("fedhog-shared")  # fails when a peer died during its own set-up
+            peers.load()
+        except BaseException:  # teardown knows nothing of the copy yet: give back what sharing it took
+            unbind_module(module)
+            if copy.leader_group is not None:
+                dist.destroy_process_group(copy.leader_group)
+            raise
         log.debug("fedhog: rank %d shares %d elements on %s", self.global_rank, layout.numel, self.root_device)
         return SharedCopy(copy.buffer, copy.leader_group, coordination)
 

@@ -88,7 +88,7 @@ class CIFARDataModule(L.LightningDataModule):
         return Path(self.hparams.data_dir) / CIFAR_FILES[self.num_classes][0]
 
     def prepare_data(self) -> None:
-        if self.hparams.download:
+        if self.hparams.download and not self._folder().is_dir():  # a copy already there is used as it is
             torchvision_cls = torchvision.datasets.CIFAR10 if self.num_classes == 10 else torchvision.datasets.CIFAR100
             for train in (True, False):
                 torchvision_cls(self.hparams.data_dir, train=train, download=True)

@@ -1,11 +1,13 @@
-"""The private-API fence: no file of the repo but ``lightning_fedhog/internals.py`` touches a private name of Lightning
-or torch, except the override points that module lists (each with its canary in ``tests/test_internals.py``).
+"""The private-API fence: no file of the repo but ``lightning_fedhog/internals.py`` touches a private name of another
+library (Lightning, torch, torchvision, ...), except the override points that module lists (each with its canary in
+``tests/test_internals.py``).
 
-A private name is "foreign" when the repo does not define it itself: ``from lightning... import _name``, or
-``something._name`` where no module, class or ``self._name = ...`` of the repo defines ``_name``. Inside a class whose
-bases come from Lightning or torch, ``self._name`` (read, written or defined as a method) is foreign when such a base
-defines or sets it. Reads of a name that both the repo and a library define on an object that is not ``self`` count as
-the repo's own: the scan cannot tell whose object it is, so review that case by eye.
+A private name is "foreign" when the repo does not define it itself: ``from lightning... import _name``, an import of
+a private module (``torch._utils``), ``something._name`` or ``getattr(something, "_name")`` where no module, class or
+``self._name = ...`` of the repo defines ``_name``. Inside a class whose bases come from another library, ``self._name``
+(read, written or defined as a method) is foreign when such a base defines or sets it. What the scan cannot see, review
+by eye: a name that both the repo and a library define, read on an object that is not ``self``
+(``module._trainer``), and classes defined inside functions (they cannot be imported to find their bases).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import importlib
+import importlib.util
 import inspect
 import re
 from functools import cache
@@ -62,10 +65,19 @@ def _module_name(path: Path) -> str:
     return ".".join(path.relative_to(ROOT).with_suffix("").parts)
 
 
+def _load(path: Path) -> object:
+    if path.is_relative_to(ROOT):
+        return importlib.import_module(_module_name(path))
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
 def _foreign_bases(path: Path, class_name: str) -> list[type]:
-    """The Lightning/torch classes in the MRO of ``class_name`` (imported: AST alone cannot resolve bases)."""
+    """The other libraries' classes in the MRO of ``class_name`` (imported: AST alone cannot resolve bases)."""
     try:
-        cls = getattr(importlib.import_module(_module_name(path)), class_name)
+        cls = getattr(_load(path), class_name)
     except Exception:  # a class defined inside a function, or a module that needs a GPU: nothing to resolve
         return []
     return [base for base in cls.__mro__[1:] if base.__module__.split(".")[0] not in {*OURS, "builtins", "typing"}]
@@ -82,11 +94,21 @@ def _defined_by(base: type) -> frozenset[str]:
 def _violations(path: Path) -> list[str]:
     tree = ast.parse(path.read_text(), str(path))
     own, found = _own_names(), []
-    where = path.relative_to(ROOT)
+    where = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] not in OURS:
             imported = [alias.name for alias in node.names if _private(alias.name)]
+            if any(_private(part) for part in node.module.split(".")):
+                imported.append("* (a private module)")
             found += [f"{where}:{node.lineno}: from {node.module} import {name}" for name in imported]
+        elif isinstance(node, ast.Import):
+            found += [f"{where}:{node.lineno}: import {alias.name}" for alias in node.names
+                      if alias.name.split(".")[0] not in OURS and any(_private(p) for p in alias.name.split("."))]
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+              and node.func.id in {"getattr", "setattr", "hasattr", "delattr"} and len(node.args) >= 2
+              and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)
+              and _private(node.args[1].value) and node.args[1].value not in own):
+            found.append(f"{where}:{node.lineno}: {node.func.id}(..., {node.args[1].value!r})")
         elif isinstance(node, ast.Attribute) and _private(node.attr) and node.attr not in PUBLIC_UNDERSCORE:
             receiver = node.value
             on_self = isinstance(receiver, ast.Name) and receiver.id in {"self", "cls"}
@@ -116,20 +138,18 @@ def test_no_private_library_name_outside_internals(path: Path) -> None:
 
 
 def test_the_scan_finds_what_it_must(tmp_path: Path) -> None:
-    """The fence can fail: a private import, a foreign attribute and an inherited private name are all caught."""
-    probe = ROOT / "tests" / "_fence_probe.py"
+    """The fence can fail: private imports, foreign attributes and inherited private names are all caught."""
+    probe = tmp_path / "fence_probe.py"
     probe.write_text(
+        "import torch._utils\n"
         "from lightning.pytorch.utilities.data import _update_dataloader\n"
-        "from lightning.pytorch.strategies.ddp import DDPStrategy\n\n"
-        "def peek(trainer):\n    return trainer._signal_connector\n\n"
+        "from lightning.pytorch.strategies.ddp import DDPStrategy\n"
+        "from torch._utils import classproperty\n\n"
+        "def peek(trainer):\n    return trainer._signal_connector, getattr(trainer, '_checkpoint_connector')\n\n"
         "class Probe(DDPStrategy):\n    def _get_process_group_backend(self):\n        return self._ddp_kwargs\n"
     )
-    try:
-        _own_names.cache_clear()
-        found = "\n".join(_violations(probe))
-    finally:
-        probe.unlink()
-        _own_names.cache_clear()
-    for expected in ("import _update_dataloader", "._signal_connector", "Probe._get_process_group_backend",
+    found = "\n".join(_violations(probe))
+    for expected in ("import torch._utils", "import _update_dataloader", "from torch._utils import *",
+                     "._signal_connector", "'_checkpoint_connector'", "Probe._get_process_group_backend",
                      "Probe._ddp_kwargs"):
         assert expected in found, found

@@ -130,3 +130,41 @@ def test_max_time_with_static_sharing_warns_and_stops_every_worker_together(tmp_
     steps = {load_rank(tmp_path, rank)["state_dict"]["probe"][rank].item() for rank in range(4)}
     assert len(steps) == 1, f"workers stopped after different step counts: {steps}"
     assert (tmp_path / "ckpt" / "last.ckpt").exists()
+
+
+class _Linear(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 1)
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.layer(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 4)), batch_size=4)
+
+
+def test_a_fit_that_fails_while_the_parameters_are_shared_gives_the_module_its_memory_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A peer that died during its own set-up fails the barrier after this worker's parameters moved into the shared
+    vector, before the fit knows of the copy: the module must not be left pointing into it."""
+    strategy = FedHogStrategy(workers_per_device=1)
+    barrier = strategy.barrier
+
+    def failing_barrier(name: str | None = None) -> None:
+        if name == "fedhog-shared":
+            raise RuntimeError("a peer died during its set-up")
+        barrier(name)
+
+    monkeypatch.setattr(strategy, "barrier", failing_barrier)
+    module = _Linear()
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_epochs=1, logger=False,
+                        enable_progress_bar=False, enable_checkpointing=False)
+    with pytest.raises(RuntimeError, match="a peer died during its set-up"):
+        trainer.fit(module)
+    weight = module.layer.weight
+    assert weight.untyped_storage().nbytes() == weight.numel() * weight.element_size(), "still a view of the vector"
