@@ -155,8 +155,8 @@ def fingerprint(values: Tensor) -> Tensor:
     element, a swap of two elements or a flipped sign changes it. Position ``i`` is weighted by ``i mod p + 1`` in
     one sum and by ``i div p + 1`` in the other (``p`` prime): no two positions share both weights, so a swap of
     any two different words changes one of the sums, and each product stays far below 2**63 (a word is at most
-    32 bits: a 64-bit value is read as two). Summing integers in wrap-around arithmetic gives the same result in any order,
-    so it does not depend on the device or on how a sum is split. The vector is read in chunks, so the extra
+    32 bits: a 64-bit value is read as two). Summing integers in wrap-around arithmetic gives the same result in any
+    order, so it does not depend on the device or on how a sum is split. The vector is read in chunks, so the extra
     memory is a few chunk-sized int64 temporaries whatever the model's size.
     """
     words = values.detach().reshape(-1).view(_WORDS[values.element_size()])

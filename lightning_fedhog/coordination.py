@@ -163,9 +163,13 @@ class Coordination:
     def failed(self, error: BaseException) -> None:
         """``fit`` failed on this rank: records why (peers quote it when their collectives break) and logs it.
 
-        A stop (SIGTERM, Ctrl-C) is not a failure: every rank agreed to it.
+        A stop on SIGTERM is not a failure: every rank agreed to it. Nor is a Ctrl-C, but nobody waits for a peer
+        after one: the launching process kills its workers at once (:mod:`lightning_fedhog.interrupt`).
         """
-        if isinstance(error, (SIGTERMException, KeyboardInterrupt)):
+        if isinstance(error, KeyboardInterrupt):
+            self.faults.failed = True  # read by `finish`: the end of `fit` waits for nobody
+            return
+        if isinstance(error, SIGTERMException):
             return
         diagnosis = self.faults.on_failure(error, caused_by_peer=isinstance(error, PeerLostError))
         if diagnosis:

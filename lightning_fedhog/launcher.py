@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import glob
 import os
 import signal
 import subprocess
@@ -27,6 +28,9 @@ from typing_extensions import override
 from lightning_fedhog.checks import check_before_launch
 from lightning_fedhog.config import FedHogConfig
 from lightning_fedhog.internals import ScriptLauncher, set_num_threads_if_needed
+from lightning_fedhog.interrupt import InterruptWatch
+from lightning_fedhog.rendezvous import joining_default_group
+from lightning_fedhog.shared_buffer import SHM_DIR, SHM_PREFIX
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -49,39 +53,92 @@ class FedHogLauncher(ScriptLauncher):
     ) -> None:
         super().__init__(cluster_environment, num_processes, num_nodes)
         self._config = config
+        self._interrupt: InterruptWatch | None = None
+        self._in_fit = threading.Event()  # the main thread is inside `launch` (a Ctrl-C ends it there)
+        self._stopping = threading.Event()  # this process ends its workers on purpose: the observer keeps quiet
+        self._stop_lock = threading.Lock()
 
     @override
     def launch(self, function: Callable, *args: Any, trainer: pl.Trainer | None = None, **kwargs: Any) -> Any:
         if trainer is not None:
             check_before_launch(trainer, self._config)
-        # Lightning's launcher, with fedhog's observer of the workers instead of Lightning's (see `_Observer`)
         self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
-        if not self.cluster_environment.creates_processes_externally:
-            tie = threading.current_thread() is threading.main_thread()  # the workers die with this thread
-            if tie:  # only the children's copy of the environment carries it: later processes must not
-                os.environ[LAUNCHER_PID] = str(os.getpid())
-                atexit.register(self._wait_for_children)
-            try:
-                self._call_children_scripts()
-            finally:
-                os.environ.pop(LAUNCHER_PID, None)
-            if self.procs:  # one process in all: nobody to watch
-                _Observer(self.procs, self._config.timeout.total_seconds()).start()
-        set_num_threads_if_needed(num_processes=self.num_processes)
+        self._in_fit.set()
         try:
-            return function(*args, **kwargs)
-        except BaseException as error:
-            timeout = self._config.timeout.total_seconds()
-            # a stop on SIGTERM saves a checkpoint: the workers get all of `timeout` for it. After a failure nothing
-            # is saved; a worker still blocked in a collective with this process (which keeps its connections
-            # open while it waits here) would only give up after `timeout`, 30 minutes by default
-            self._end_children(timeout if isinstance(error, SIGTERMException) else min(timeout, _FAILURE_GRACE))
+            if not self.cluster_environment.creates_processes_externally:
+                self._start_workers()
+            set_num_threads_if_needed(num_processes=self.num_processes)
+            try:
+                return function(*args, **kwargs)
+            except KeyboardInterrupt:  # Lightning's shutdown follows; the workers are ended first (no watch: here)
+                self._stop_on_interrupt(startup=False)
+                raise
+            except BaseException as error:
+                timeout = self._config.timeout.total_seconds()
+                # a stop on SIGTERM saves a checkpoint: the workers get all of `timeout` for it. After a failure
+                # nothing is saved; a worker still blocked in a collective with this process (which keeps its
+                # connections open while it waits here) would only give up after `timeout`, 30 minutes by default
+                self._end_children(timeout if isinstance(error, SIGTERMException) else min(timeout, _FAILURE_GRACE))
+                raise
+        finally:
+            self._in_fit.clear()
+
+    def _start_workers(self) -> None:
+        """Lightning's start of the workers, with fedhog's observer of them instead of Lightning's (`_Observer`)."""
+        tie = threading.current_thread() is threading.main_thread()  # the workers die with this thread
+        if tie:  # only the children's copy of the environment carries it: later processes must not
+            os.environ[LAUNCHER_PID] = str(os.getpid())
+            atexit.register(self._wait_for_children)
+        if tie and self.num_processes > 1:  # a Ctrl-C to this process alone ends the workers at once
+            self._interrupt = InterruptWatch.install(
+                stop_workers=self._stop_on_interrupt, in_startup=joining_default_group, in_fit=self._in_fit.is_set
+            )
+        try:
+            self._call_children_scripts()
+        except KeyboardInterrupt:
+            self._stop_on_interrupt(startup=False)
             raise
+        finally:
+            os.environ.pop(LAUNCHER_PID, None)
+        if self.procs:  # one process in all: nobody to watch
+            _Observer(self.procs, self._config.timeout.total_seconds(), self._stopping).start()
+
+    def _stop_on_interrupt(self, startup: bool) -> None:
+        """A Ctrl-C (SIGINT) reached this process: says so in one line and kills the workers it started, at once.
+
+        Nothing is saved after an interrupt (as with DDP, whose workers Lightning kills), so there is nothing to
+        wait for; a worker blocked in a collective with this process would otherwise wait for it up to `timeout`.
+        Called from the :class:`~lightning_fedhog.interrupt.InterruptWatch` thread and from the main thread's
+        ``KeyboardInterrupt`` (the only call where there is no watch); the first one prints.
+        """
+        with self._stop_lock:  # held while killing: the main thread's shutdown (it closes the store) waits for it
+            first = not self._stopping.is_set()
+            self._stopping.set()
+            running = [proc for proc in self.procs if proc.poll() is None]  # a later call: any started since
+            if first and running:
+                pids = ", ".join(str(proc.pid) for proc in running)
+                workers = f"{len(running)} worker process{'es' if len(running) > 1 else ''} (pid {pids})"
+                if startup:
+                    line = f"fedhog: interrupted (SIGINT) during start-up: stopping the {workers} and exiting."
+                else:
+                    line = (
+                        f"fedhog: interrupted (SIGINT): stopping the {workers} now; nothing is saved (SIGTERM would"
+                        " stop at the next consensus point with a checkpoint)."
+                    )
+                print(line, file=sys.stderr, flush=True)
+            _kill(running)
 
     def _wait_for_children(self) -> None:
         """At this process's normal exit: the workers die with it (:func:`exit_with_launcher`), so it waits for them
-        to finish first (at most `timeout`, then they are ended)."""
-        self._end_children(self._config.timeout.total_seconds())
+        to finish first (at most `timeout`, then they are ended; at once on a Ctrl-C)."""
+        try:
+            self._end_children(self._config.timeout.total_seconds())
+        except KeyboardInterrupt:
+            self._stop_on_interrupt(startup=False)
+        finally:
+            if self._interrupt is not None:
+                self._interrupt.close()
+                self._interrupt = None
 
     def _end_children(self, grace: float) -> None:
         """After a failure (or SIGTERM) in this process: waits up to ``grace`` seconds for the workers it started
@@ -93,8 +150,20 @@ class FedHogLauncher(ScriptLauncher):
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=max(deadline - time.monotonic(), 0.0))
             if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+                _kill([proc])
+
+
+def _kill(procs: list[subprocess.Popen]) -> None:
+    """SIGKILLs the workers and reaps them; removes the shared-memory file a device leader among them may have
+    created and not yet unlinked (it does so once every worker of its device has mapped it)."""
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+    for proc in procs:
+        proc.wait()
+        for path in glob.glob(os.path.join(SHM_DIR, f"{SHM_PREFIX}{proc.pid}-*")):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
 
 def exit_with_launcher() -> None:
@@ -137,10 +206,11 @@ class _Observer(threading.Thread):
     to stop before it kills what is left.
     """
 
-    def __init__(self, procs: list[subprocess.Popen], timeout: float) -> None:
+    def __init__(self, procs: list[subprocess.Popen], timeout: float, stopping: threading.Event) -> None:
         super().__init__(daemon=True, name="fedhog-observer")
         self._procs = procs
         self._timeout = timeout
+        self._stopping = stopping  # the launcher ends the workers itself (a Ctrl-C): nothing to report
 
     @override
     def run(self) -> None:
@@ -150,6 +220,8 @@ class _Observer(threading.Thread):
             if all(code == 0 for code in codes):
                 return
             failed = [(rank, code) for rank, code in enumerate(codes, start=1) if code]
+            if self._stopping.is_set():  # killed by the launcher since the look above
+                return
             if failed:
                 break
         for rank, code in failed:

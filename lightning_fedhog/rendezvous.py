@@ -8,6 +8,7 @@ one torchrun restart.
 from __future__ import annotations
 
 import os
+import threading
 from datetime import timedelta
 from typing import Any
 
@@ -18,6 +19,14 @@ from lightning_fedhog import internals
 
 STARTUP_TIMEOUT = timedelta(minutes=5)
 """The least time the processes get to start and meet, whatever `timeout` (that one bounds collectives)."""
+
+_joining = threading.Event()
+
+
+def joining_default_group() -> bool:
+    """Whether this process is in :func:`join_default_group`: a native wait for every worker that a Ctrl-C cannot
+    interrupt (see :mod:`lightning_fedhog.interrupt`)."""
+    return _joining.is_set()
 
 
 def store_key(name: str, generation: int) -> str:
@@ -60,5 +69,9 @@ def join_default_group(environment: ClusterEnvironment, timeout: timedelta) -> N
     so the rendezvous gets at least :data:`STARTUP_TIMEOUT`.
     """
     startup = max(timeout, STARTUP_TIMEOUT)
-    internals.init_dist_connection(environment, "gloo", timeout=startup, **restart_safe_store(environment, startup))
+    _joining.set()
+    try:
+        internals.init_dist_connection(environment, "gloo", timeout=startup, **restart_safe_store(environment, startup))
+    finally:
+        _joining.clear()
     internals.set_default_timeout(timeout)

@@ -235,3 +235,7 @@ def test_a_stop_is_not_recorded_as_a_failure_but_an_error_is() -> None:
     clean = _coordination(Calls())
     assert clean.finish() is False
     assert clean.faults.peers.marks == ["exited"]
+    interrupted = _coordination(Calls())
+    interrupted.failed(KeyboardInterrupt())
+    assert interrupted.finish() is True  # a Ctrl-C: the launching process kills the workers, nobody waits for them
+    assert interrupted.faults.peers.marks == []

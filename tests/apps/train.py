@@ -8,10 +8,16 @@ Lightning's subprocess launcher re-runs ``sys.argv`` for every extra local rank,
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import os
 import signal
+import subprocess
+import sys
+import threading
 import time
+import types
 from datetime import timedelta
 from pathlib import Path
 
@@ -226,6 +232,117 @@ class _Stream(torch.utils.data.IterableDataset):
         return (self.data[index] for index in range(len(self.data)))
 
 
+class _Interrupt(L.Callback):
+    """Rank 0 (the launching process) sends itself SIGINT at a global step: a Ctrl-C to it alone."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_rank == 0 and trainer.global_step == self.step:
+            print(f"SIGINT rank 0 at {time.time()}", flush=True)
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def _interrupt_in_join() -> None:
+    """A thread of the launching process: SIGINT to it while it waits for the workers to join the default group."""
+    from lightning_fedhog.rendezvous import joining_default_group
+
+    while not joining_default_group():
+        time.sleep(0.01)
+    time.sleep(0.3)  # in the native wait
+    print(f"SIGINT rank 0 at {time.time()}", flush=True)
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+_TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+                       "ROLE_WORLD_SIZE", "TORCHELASTIC_RUN_ID")
+
+
+class _ForkedWorker:
+    """What Lightning's launcher uses of the `subprocess.Popen` of a worker it started, for a forked worker."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._lock = threading.Lock()  # the launcher's threads poll too: one `waitpid` reaps the worker
+
+    def poll(self) -> int | None:
+        with self._lock:
+            if self.returncode is None:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+            return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout or 0.0)
+            time.sleep(0.01)
+        return code
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def _fork_workers(out: Path, delay: float) -> None:
+    """In a process forked from the test session's zygote: run as a plain script, whose workers Lightning's launcher
+    starts, except that they are forks of this process instead of new interpreters (no ~10 s of imports each).
+
+    The zygote gives its ranks torchrun's environment, which is dropped here, so Lightning picks its own
+    environment and fedhog's launcher; each worker is this script's `main()` again in a fork, with the environment
+    the launcher gives it, after `delay` seconds (a slow start). The launching process's pid and the workers' are
+    written to ``out/pids.txt``.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ:  # a worker, or a real program start
+        return
+    for name in _TORCHRUN_VARIABLES:
+        os.environ.pop(name, None)
+    torch.set_num_threads(1)  # before any op: no OpenMP thread pool, whose copy would hang a forked worker
+    out.mkdir(parents=True, exist_ok=True)
+    pids = out / "pids.txt"
+    pids.write_text(f"{os.getpid()}\n")
+
+    def popen(command: list[str], env: dict[str, str], cwd: str | None = None) -> _ForkedWorker:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: no orphan, whatever happens
+                wakeup = signal.set_wakeup_fd(-1)  # the launcher's Ctrl-C watch belongs to the launching process
+                if wakeup != -1:
+                    os.close(wakeup)
+                os.environ.clear()
+                os.environ.update(env)
+                time.sleep(delay)
+                main()
+                code = 0
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                with contextlib.suppress(Exception):
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                os._exit(code)
+        with pids.open("a") as file:
+            file.write(f"{pid}\n")
+        return _ForkedWorker(pid)
+
+    import lightning.pytorch.strategies.launchers.subprocess_script as script_launcher
+
+    script_launcher.subprocess = types.SimpleNamespace(Popen=popen)  # type: ignore[assignment]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -294,7 +411,17 @@ def main() -> None:
     parser.add_argument("--sigterm-epoch-end", type=int, default=-1,
                         help="--sigterm-rank SIGTERMs every process at the end of this epoch (on_train_epoch_end)")
     parser.add_argument("--strategy", default="object", help="'object', or a registered name")
+    parser.add_argument("--sigint-step", type=int, default=-1, help="rank 0 sends itself SIGINT at this global step")
+    parser.add_argument("--sigint-in-join", action="store_true",
+                        help="rank 0 sends itself SIGINT while it waits for the workers to join the default group")
+    parser.add_argument("--fork-workers", action="store_true",
+                        help="forked from the zygote: a plain script whose workers are forks (see _fork_workers)")
+    parser.add_argument("--worker-delay", type=float, default=0.0, help="with --fork-workers: seconds they wait")
     args = parser.parse_args()
+    if args.fork_workers:
+        _fork_workers(args.out, args.worker_delay)
+    if args.sigint_in_join and "LOCAL_RANK" not in os.environ:  # the launching process of a plain start
+        threading.Thread(target=_interrupt_in_join, daemon=True).start()
     if args.gpu_ids:
         args.devices = len(args.gpu_ids.split(","))
 
@@ -341,7 +468,10 @@ def main() -> None:
         max_time=args.max_time,
         limit_train_batches=args.limit_train,
         precision=args.precision,
-        callbacks=[ModelProbe()] if args.no_checkpoint else [ModelProbe(), checkpoint],
+        callbacks=[
+            ModelProbe(), *([] if args.no_checkpoint else [checkpoint]),
+            *([_Interrupt(args.sigint_step)] if args.sigint_step >= 0 else []),
+        ],
         enable_checkpointing=not args.no_checkpoint,
         logger=L.pytorch.loggers.CSVLogger(args.out / "logs", name="run") if args.csv else False,
         enable_progress_bar=False,
