@@ -30,7 +30,7 @@ from lightning_fedhog.config import FedHogConfig
 from lightning_fedhog.internals import ScriptLauncher, set_num_threads_if_needed
 from lightning_fedhog.interrupt import InterruptWatch
 from lightning_fedhog.rendezvous import joining_default_group
-from lightning_fedhog.shared_buffer import SHM_DIR, SHM_PREFIX
+from lightning_fedhog.shared_buffer import shm_path_prefix
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -161,7 +161,7 @@ def _kill(procs: list[subprocess.Popen]) -> None:
             proc.kill()
     for proc in procs:
         proc.wait()
-        for path in glob.glob(os.path.join(SHM_DIR, f"{SHM_PREFIX}{proc.pid}-*")):
+        for path in glob.glob(shm_path_prefix(proc.pid) + "*"):
             with contextlib.suppress(OSError):
                 os.unlink(path)
 

@@ -36,6 +36,11 @@ SHM_DIR = "/dev/shm"
 SHM_PREFIX = "fedhog-"
 
 
+def shm_path_prefix(pid: int) -> str:
+    """The start of the path of every shared-memory file process ``pid`` creates (it leads a device)."""
+    return os.path.join(SHM_DIR, f"{SHM_PREFIX}{pid}-")
+
+
 @dataclass(frozen=True)
 class FlatLayout:
     """Where each shared tensor lives inside the flat vector.
@@ -191,7 +196,7 @@ class SharedFlatBuffer:
         meta_bytes = _META_SLOTS * 8
         nbytes = meta_bytes + (layout.numel * itemsize if on_cpu else 0)
         if slot == 0:
-            path = os.path.join(SHM_DIR, f"{SHM_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}")
+            path = shm_path_prefix(os.getpid()) + uuid.uuid4().hex[:12]
             try:
                 storage = torch.UntypedStorage.from_file(path, True, nbytes)
                 flat = (

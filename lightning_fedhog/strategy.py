@@ -304,7 +304,7 @@ class FedHogStrategy(DDPStrategy):
         self.model_to_device()
         fit = self._fit
         if fit is not None:
-            fit.shared = self._share_parameters(fit.plan)
+            fit.shared = self._share_parameters(fit)
             internals.replace_sigterm_broadcast(trainer, lambda: check_sigterm_locally(trainer))
             self.setup_optimizers(trainer)
             fit.plan.set_up(trainer, self.lr_scheduler_configs)
@@ -314,7 +314,7 @@ class FedHogStrategy(DDPStrategy):
         if fit is not None:
             internals.optimizers_to_device(self.optimizers, self.root_device)
 
-    def _share_parameters(self, plan: WorkPlan) -> SharedCopy:
+    def _share_parameters(self, fit: FitState) -> SharedCopy:
         """Moves the module into the device's shared flat buffer, gives every device rank 0's values, meets peers."""
         module = self._module()
         layout = checked_layout(self.config, module)  # again here: `configure_model` may have built the layers
@@ -331,11 +331,10 @@ class FedHogStrategy(DDPStrategy):
                 world_size=self.world_size, timeout=self.config.timeout, engine=self._engine,
                 settle=lambda: settle(self.root_device),
             )
-            telemetry = self._fit.telemetry if self._fit is not None else Telemetry()
             coordination = Coordination(
-                points, faults, telemetry, gather=self.gather_object, stop=self._stop, engine=self._engine,
-                publish=partial(telemetry.publish, self._trainer()) if self.is_global_zero else None,
-                stragglers=plan.stragglers, device=place.device_index,
+                points, faults, fit.telemetry, gather=self.gather_object, stop=self._stop, engine=self._engine,
+                publish=partial(fit.telemetry.publish, self._trainer()) if self.is_global_zero else None,
+                stragglers=fit.plan.stragglers, device=place.device_index,
             )
             self.barrier("fedhog-shared")  # fails when a peer died during its own set-up
             peers.load()

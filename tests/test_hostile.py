@@ -132,21 +132,6 @@ def test_max_time_with_static_sharing_warns_and_stops_every_worker_together(tmp_
     assert (tmp_path / "ckpt" / "last.ckpt").exists()
 
 
-class _Linear(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer = nn.Linear(4, 1)
-
-    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self.layer(batch[0]).pow(2).mean()
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    def train_dataloader(self) -> torch.utils.data.DataLoader:
-        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 4)), batch_size=4)
-
-
 def test_a_fit_that_fails_while_the_parameters_are_shared_gives_the_module_its_memory_back(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -161,10 +146,11 @@ def test_a_fit_that_fails_while_the_parameters_are_shared_gives_the_module_its_m
         barrier(name)
 
     monkeypatch.setattr(strategy, "barrier", failing_barrier)
-    module = _Linear()
+    module = _Module()
     trainer = L.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_epochs=1, logger=False,
                         enable_progress_bar=False, enable_checkpointing=False)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 2)), batch_size=4)
     with pytest.raises(RuntimeError, match="a peer died during its set-up"):
-        trainer.fit(module)
+        trainer.fit(module, data)
     weight = module.layer.weight
     assert weight.untyped_storage().nbytes() == weight.numel() * weight.element_size(), "still a view of the vector"
