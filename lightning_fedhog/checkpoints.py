@@ -1,4 +1,4 @@
-"""What fedhog adds to Lightning's checkpoints: every worker's optimizer state, and the checkpoint of a stop.
+"""What fedhog adds to Lightning's checkpoints: every worker's optimizer state, the checkpoint of a stop, a rescue.
 
 ``FedHogStrategy``'s checkpoint hooks call these functions.
 
@@ -10,7 +10,9 @@ only; resuming every worker from rank 0's would change the run. So every worker'
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +21,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
-from lightning_fedhog.internals import PathLike, preemption_checkpoint_path, refresh_last_checkpoint
+from lightning_fedhog.internals import PathLike, dump_checkpoint, preemption_checkpoint_path, refresh_last_checkpoint
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -48,16 +50,21 @@ def add_every_workers_optimizer_state(
 
 
 def own_optimizer_states(checkpoint: Mapping[str, Any], world_size: int, rank: int) -> list[Any]:
-    """This worker's optimizer states: its own when the checkpoint has one per rank of a run of the same size."""
+    """This worker's optimizer states: its own when the checkpoint has one per rank of a run of the same size.
+
+    With another number of workers (a rescue saved by fewer survivors, a restart with more or fewer devices), worker
+    ``r`` takes saved state ``r mod n``: every saved state is used and every worker gets one that trained this model
+    (the workers' momenta and Adam moments all estimate the same averages, so any of them is a sound start).
+    """
     per_rank = (checkpoint.get(CHECKPOINT_KEY) or {}).get("optimizer_states_per_rank")
-    if per_rank is not None and len(per_rank) == world_size:
-        return per_rank[rank]
-    if per_rank is not None:
+    if per_rank is None:
+        return checkpoint["optimizer_states"]
+    if len(per_rank) != world_size:
         rank_zero_warn(
-            f"fedhog: the checkpoint holds optimizer states of {len(per_rank)} workers but this run has"
-            f" {world_size}; every worker starts from rank 0's optimizer state."
+            f"fedhog: the checkpoint holds the optimizer states of {len(per_rank)} workers but this run has"
+            f" {world_size}; worker r starts from saved state r mod {len(per_rank)}."
         )
-    return checkpoint["optimizer_states"]
+    return per_rank[rank % len(per_rank)]
 
 
 def save_stop_checkpoint(trainer: pl.Trainer, broadcast: Callable[[Any], Any]) -> PathLike:
@@ -79,3 +86,44 @@ def save_stop_checkpoint(trainer: pl.Trainer, broadcast: Callable[[Any], Any]) -
             trainer.current_epoch, trainer.global_step, path, str(path),
         )
     return path
+
+
+RESCUE_FILE = "last-rescue.ckpt"
+"""A rescue's file name: ``ckpt_path="last"`` takes the newest file named ``last*.ckpt`` in a ``ModelCheckpoint``'s
+folder, so it resumes from the rescue when that is newer than ``last.ckpt``."""
+
+
+def rescue_path(trainer: pl.Trainer) -> str:
+    """Where a rescue goes: the folder of the first ``ModelCheckpoint``, else ``default_root_dir``."""
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+            return os.path.join(callback.dirpath, RESCUE_FILE)
+    return os.path.join(trainer.default_root_dir, RESCUE_FILE)
+
+
+def write_rescue(
+    trainer: pl.Trainer, save: Callable[[dict[str, Any], str], None], path: str, extra: Mapping[str, Any]
+) -> None:
+    """Writes the checkpoint of this process's state, with ``extra`` on top, to ``path`` atomically.
+
+    It is written to a temporary file next to ``path`` and renamed, so a crash while writing leaves no half file
+    that ``ckpt_path="last"`` would pick (on a local file system; elsewhere it is written in place).
+
+    Args:
+        trainer: the Trainer; its module holds the rescued weights.
+        save: writes a checkpoint dict to a path (the strategy's ``CheckpointIO``).
+        path: the rescue's path.
+        extra: every worker's optimizer state, the work sharing and the rescue's record.
+    """
+    checkpoint = dump_checkpoint(trainer)
+    checkpoint.update(extra)
+    if "://" in path:
+        save(checkpoint, path)
+        return
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        save(checkpoint, temporary)
+        os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)

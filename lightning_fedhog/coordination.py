@@ -32,6 +32,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning_fedhog.consensus import AllWorkers, ConsensusPoints
 from lightning_fedhog.faults import FaultWatch, PeerLostError
 from lightning_fedhog.liveness import PeerRegistry
+from lightning_fedhog.rescue import RescueMeeting
 from lightning_fedhog.stragglers import StragglerWatch
 from lightning_fedhog.telemetry import Telemetry
 
@@ -214,6 +215,7 @@ def meet_peers(
     faults = FaultWatch(
         peers, rank=rank, world_size=world_size, timeout=timeout, stop_key=key("stop"),
         meetings=lambda: points.meetings if points is not None else 0,
+        rescue_key=RescueMeeting.started_key(key("rescue")),
     )
     points = ConsensusPoints(AllWorkers(), faults, engine=engine, settle=settle, arrive=peers.arrive)
     return peers, faults, points

@@ -28,9 +28,10 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 AFTER_FAILURE = (
-    "Nothing is saved after a failure, so the last checkpoint written (e.g. `last.ckpt`) is intact. HINT: find the"
-    " cause in the failed rank's log, then resume with `trainer.fit(..., ckpt_path=\"last\")`, or launch with"
-    " `torchrun --max-restarts=N` to restart automatically"
+    "The survivors save what they trained since the last checkpoint as a rescue when they can (a line says where);"
+    " the last checkpoint written (e.g. `last.ckpt`) is intact either way. HINT: find the cause in the failed rank's"
+    " log, then resume with `trainer.fit(..., ckpt_path=\"last\")` (the newer of `last.ckpt` and the rescue), or"
+    " launch with `torchrun --max-restarts=N` to restart automatically"
 )
 
 SETTLE_SECONDS = 2.0
@@ -53,6 +54,7 @@ class FaultWatch:
         world_size: ranks in the run.
         timeout: the run's collective timeout.
         stop_key: the store key a rank sets when it received SIGTERM.
+        rescue_key: the store key the first survivor of a lost peer sets (:mod:`~lightning_fedhog.rescue`).
         meetings: the number of consensus points met so far (the same sequence on every rank).
         clock, sleep: injected for tests.
     """
@@ -66,6 +68,7 @@ class FaultWatch:
         timeout: timedelta,
         stop_key: str,
         meetings: Callable[[], int],
+        rescue_key: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -75,6 +78,7 @@ class FaultWatch:
         self.rank = rank
         self._world_size, self._timeout = world_size, timeout
         self._stop_key = stop_key
+        self._rescue_key = rescue_key
         self._meetings = meetings
         self._clock, self._sleep = clock, sleep
         self._announced = False
@@ -89,10 +93,11 @@ class FaultWatch:
         self.signal = signum
 
     def watch(self) -> None:
-        """About once a second: stops if a same-host peer's process is gone; announces or picks up a stop.
+        """About once a second: stops if a same-host peer's process is gone or another worker started a rescue;
+        announces or picks up a stop.
 
         Raises:
-            PeerLostError: a same-host peer's process is gone.
+            PeerLostError: a same-host peer's process is gone, or another rank found one gone (on its own host).
         """
         now = self._clock()
         if self.peers is None or now < self._next_look:
@@ -100,12 +105,19 @@ class FaultWatch:
         self._next_look = now + min(LIVENESS_INTERVAL, self._timeout.total_seconds() / 4)
         if self.peers.dead_local_peers():
             raise PeerLostError(f"fedhog: rank {self.rank} stops: {self.peers.diagnose()}. {AFTER_FAILURE}")
+        rescue = False
         with contextlib.suppress(Exception):  # an unreachable store is caught by the next collective
+            rescue = self._rescue_key is not None and self.peers.store.check([self._rescue_key])
             if self.signal is not None and not self._announced:
                 self.peers.store.set(self._stop_key, str(self.rank))
                 self._announced = True
             elif self.signal is None and self.peers.store.check([self._stop_key]):
                 self.signal = signal.SIGTERM  # another rank (maybe on another host) was asked to stop
+        if rescue:
+            raise PeerLostError(
+                f"fedhog: rank {self.rank} stops: another worker found a peer gone and the survivors are saving a"
+                f" rescue ({self.peers.diagnose()}). {AFTER_FAILURE}"
+            )
 
     def collective_failed(self, what: str, error: BaseException, elapsed: float | None = None) -> PeerLostError:
         """The error of a collective that broke, naming the dead or failed peers this rank can find.
@@ -144,6 +156,19 @@ class FaultWatch:
             if failure is error:
                 raise
             raise failure from error
+
+    def peer_lost(self, error: BaseException) -> bool:
+        """Whether ``fit`` ended on this rank because a peer is gone (so the survivors should save a rescue): the
+        error says so, or a same-host peer is dead, or another rank started a rescue. Not on a stop, a Ctrl-C or
+        a non-finite copy (a rescue would save it)."""
+        if self.peers is None or isinstance(error, (KeyboardInterrupt, SIGTERMException, NonFiniteError)):
+            return False
+        if isinstance(error, PeerLostError) or self.peers.dead_local_peers():
+            return True
+        try:
+            return self._rescue_key is not None and bool(self.peers.store.check([self._rescue_key]))
+        except Exception:  # the store's host is gone: no rescue can be agreed
+            return False
 
     def on_failure(self, error: BaseException, *, caused_by_peer: bool) -> str | None:
         """Records this rank's failure for its peers; returns a diagnosis to log when a peer is found dead."""

@@ -23,6 +23,8 @@ The list (what, and why no public API does it):
 - ``trainer._signal_connector._original_handlers``: the user's SIGTERM handler, chained by fedhog's.
 - ``trainer._checkpoint_connector.hpc_save_path``, ``ModelCheckpoint._save_last_checkpoint`` /
   ``_monitor_candidates``: where a preemption checkpoint goes, and refreshing ``last.ckpt`` with it.
+- ``trainer._checkpoint_connector.dump_checkpoint``: the checkpoint ``trainer.save_checkpoint`` would write, without
+  its barrier and the strategy's gather: a rescue is built by one survivor while the default group is broken.
 - ``ModelCheckpoint._every_n_train_steps`` / ``_train_time_interval``, ``trainer._val_check_time_interval``:
   settings that are read-only in public and must be checked before launch.
 - ``Trainer.estimated_stepping_batches``: a read-only property computed from per-worker counts; under dynamic
@@ -175,6 +177,12 @@ def logging_step(trainer: pl.Trainer) -> int:
 def preemption_checkpoint_path(trainer: pl.Trainer) -> PathLike:
     """Where Lightning saves (and a SLURM requeue resumes) a checkpoint taken on preemption."""
     return trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
+
+
+def dump_checkpoint(trainer: pl.Trainer) -> dict[str, Any]:
+    """The full checkpoint of this process's state as ``trainer.save_checkpoint`` builds it (no collective in it;
+    the strategy's ``lightning_module_state_dict`` and the hooks' ``on_save_checkpoint`` are called)."""
+    return trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
 
 
 def refresh_last_checkpoint(callback: ModelCheckpoint, trainer: pl.Trainer) -> None:

@@ -154,6 +154,15 @@ class PeerRegistry:
             return None
         return found
 
+    def gone(self) -> set[int] | None:
+        """Ranks known to have stopped: dead on this host, or that left a failure or an exit mark; None when the
+        store cannot be reached."""
+        failed, exited = self._ends("failed"), self._ends("exited")
+        if failed is None or exited is None:
+            return None
+        dead = {peer.rank for peer in self.peers if process_state(peer, self.host) == "dead"}
+        return (dead | set(failed) | set(exited)) - {self.me.rank}
+
     def diagnose(self, meeting: int = 0) -> str:
         """Names the ranks that are dead or failed, as far as this rank can tell (used when a peer is lost).
 

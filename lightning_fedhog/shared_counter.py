@@ -23,10 +23,26 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import Sampler
 
 from lightning_fedhog.epoch_indices import fingerprint
 from lightning_fedhog.work_budget import WorkBudget, chunks_per_epoch
+
+
+@dataclass(frozen=True)
+class ResumedEpoch:
+    """The epoch a rescue interrupted (:mod:`~lightning_fedhog.rescue`): what of it was trained before.
+
+    Attributes:
+        epoch: the epoch's number.
+        chunks: how many chunks the epoch had then (a resumed run with another batch size or limit cannot use it).
+        trained: the chunks whose batches some worker began to train.
+    """
+
+    epoch: int
+    chunks: int
+    trained: frozenset[int]
 
 
 @dataclass
@@ -64,6 +80,9 @@ class SharedCounterSampler(Sampler[int]):
         on_last_epoch: called when the epoch in which the budget runs out trains its first batch, on every worker.
         on_pass: called when a pass begins (before anything is claimed), e.g. to refuse an unsupported set-up.
         epoch: the epoch the loader starts in (``set_epoch`` may come after the first pass has begun).
+        resumed: the epoch a rescue interrupted and what of it was trained: that epoch hands out only the rest.
+        record: leave every trained chunk's number in the store, so that a rescue after a lost worker knows what
+            the epoch trained (one small request per batch).
     """
 
     def __init__(
@@ -81,6 +100,8 @@ class SharedCounterSampler(Sampler[int]):
         on_last_epoch: Callable[[], None] | None = None,
         on_pass: Callable[[], None] | None = None,
         epoch: int = 0,
+        resumed: ResumedEpoch | None = None,
+        record: bool = False,
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -104,6 +125,17 @@ class SharedCounterSampler(Sampler[int]):
         self._passes = 0
         self._reserved_trained = -1  # the latest epoch whose reserved chunk this worker trained
         self._checked_epoch = -1  # the latest epoch whose index list was compared with the other workers'
+        if resumed is not None and resumed.chunks != self.chunks_per_epoch:
+            rank_zero_warn(
+                f"fedhog: the rescue's epoch {resumed.epoch} had {resumed.chunks} batches but this run's loader"
+                f" gives it {self.chunks_per_epoch} (another batch size, data set or `limit_train_batches`), so the"
+                " batches it trained before the rescue cannot be told apart: the epoch is trained whole."
+            )
+            resumed = None
+        self.resumed = resumed
+        self.record = record
+        # the resumed epoch's chunks still to train, in order: the pass's chunk numbers index this list
+        self._left = [] if resumed is None else [c for c in range(self.chunks_per_epoch) if c not in resumed.trained]
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning at the start of every epoch: a new index list and a new counter."""
@@ -111,7 +143,31 @@ class SharedCounterSampler(Sampler[int]):
 
     def plan(self) -> tuple[int, int]:
         """``(spent, size)`` of the sampler's current epoch, as a pass beginning now would use them."""
-        return self.budget.plan(self.epoch, self.chunks_per_epoch)
+        return self.budget.plan(self.epoch, self._available(self.epoch))
+
+    def _available(self, epoch: int) -> int:
+        """Chunks ``epoch`` can hand out: all of them, or in a resumed epoch those not trained before the rescue (at
+        least one per worker: every worker must reach the epoch's end, so an epoch the rescue found finished trains
+        one chunk per worker again)."""
+        if self.resumed is None or epoch != self.resumed.epoch:
+            return self.chunks_per_epoch
+        return len(self._left) or min(self.budget.world_size, self.chunks_per_epoch)
+
+    def chunk_at(self, epoch: int, position: int) -> int:
+        """The chunk of the epoch's index list that a pass's ``position``-th chunk number stands for."""
+        if self.resumed is None or epoch != self.resumed.epoch:
+            return position % self.num_chunks  # wraps only when the data has < 1 batch per worker
+        order = self._left or list(range(self.chunks_per_epoch))
+        return order[position % len(order)]
+
+    def trained_chunks(self, epoch: int) -> set[int]:
+        """The chunks of ``epoch`` whose batches any worker began to train, as recorded in the store (with
+        ``record``), and those a rescued run had trained before. Readable after a worker died."""
+        keys = [f"{self.key}/epoch{epoch}/trained/{rank}" for rank in range(self.budget.world_size)]
+        found = {int(chunk) for raw in _present(self.store, keys) for chunk in raw.decode().split(",") if chunk}
+        if self.resumed is not None and epoch == self.resumed.epoch:
+            found |= self.resumed.trained
+        return found
 
     def current_pass_is_stale(self) -> bool:
         """Whether the pass in progress began for another epoch or budget than the current ones (a loader iterated
@@ -128,10 +184,13 @@ class SharedCounterSampler(Sampler[int]):
             return
         chunk = current.yielded[current.trained]
         current.trained += 1
+        if self.record:
+            trained = f"{self.key}/epoch{current.epoch}/trained/{self.rank}"
+            self.store.append(trained, f"{self.chunk_at(current.epoch, chunk)},")
         self.trained_through = max(self.trained_through, current.spent + chunk + 1)
         if chunk < self.budget.world_size:  # numbers below the world size are the workers' reserved chunks
             self._reserved_trained = current.epoch
-        _, last = self.budget.begin_epoch(current.epoch, self.chunks_per_epoch)
+        _, last = self.budget.begin_epoch(current.epoch, self._available(current.epoch))
         if last and self.on_last_epoch is not None:
             self.on_last_epoch()
 
@@ -149,7 +208,7 @@ class SharedCounterSampler(Sampler[int]):
         for chunk in self._claims(current):
             if current.closed:  # a newer pass took over (it gave back what this one claimed)
                 return
-            if self._short_last and chunk % self.num_chunks == self.num_chunks - 1:
+            if self._short_last and self.chunk_at(current.epoch, chunk) == self.num_chunks - 1:
                 current.held.append(chunk)  # the short chunk goes last, or it would merge with the next batch
                 continue
             yield from self._yield(current, chunk, order)
@@ -158,7 +217,7 @@ class SharedCounterSampler(Sampler[int]):
 
     def _yield(self, current: _Pass, chunk: int, order: list[int]) -> Iterator[int]:
         current.yielded.append(chunk)
-        start = (chunk % self.num_chunks) * self.chunk_size  # wraps only when the data has < 1 batch per worker
+        start = self.chunk_at(current.epoch, chunk) * self.chunk_size
         yield from order[start : start + self.chunk_size]
 
     def _claims(self, current: _Pass) -> Iterator[int]:
@@ -207,3 +266,8 @@ class SharedCounterSampler(Sampler[int]):
                 f" HINT: make the sampler a function of its seed and `set_epoch`, or use `work_sharing='static'`."
             )
         self._checked_epoch = epoch
+
+
+def _present(store: Any, keys: list[str]) -> list[bytes]:
+    """The values of those ``keys`` that exist in ``store``."""
+    return [store.get(key) for key in keys if store.check([key])]

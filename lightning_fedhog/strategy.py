@@ -35,6 +35,7 @@ from lightning.pytorch.strategies.ddp import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -42,7 +43,14 @@ from typing_extensions import override
 from lightning_fedhog import internals
 from lightning_fedhog.blocks import BlockRule
 from lightning_fedhog.callbacks import ConsensusFirst
-from lightning_fedhog.checkpoints import add_every_workers_optimizer_state, own_optimizer_states, save_stop_checkpoint
+from lightning_fedhog.checkpoints import (
+    CHECKPOINT_KEY,
+    add_every_workers_optimizer_state,
+    own_optimizer_states,
+    rescue_path,
+    save_stop_checkpoint,
+    write_rescue,
+)
 from lightning_fedhog.checks import check_accelerator, check_equal_batches, checked_layout, refuse_sync_batchnorm
 from lightning_fedhog.compression import Compression
 from lightning_fedhog.config import (
@@ -66,12 +74,13 @@ from lightning_fedhog.partial import PartialSteps
 from lightning_fedhog.partitions import Partition
 from lightning_fedhog.placement import Placement
 from lightning_fedhog.rendezvous import join_default_group, store_key
+from lightning_fedhog.rescue import GROUP_TIMEOUT, RescueError, RescueMeeting, describe_trained, gather_rescue
 from lightning_fedhog.shared_buffer import SharedFlatBuffer, unbind_module
 from lightning_fedhog.stragglers import StragglerWatch
 from lightning_fedhog.telemetry import Telemetry
 from lightning_fedhog.topology import Topology
 from lightning_fedhog.work_plan import WorkPlan
-from lightning_fedhog.work_sharing import DynamicWork
+from lightning_fedhog.work_sharing import RESCUE_KEY, DynamicWork
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -103,6 +112,7 @@ class FitState:
     telemetry: Telemetry = field(default_factory=Telemetry)
     shared: SharedCopy | None = None  # from `setup` on
     engine: AveragingEngine | None = None  # a device leader's, from `on_train_start` to the end of training
+    rescuing: bool = False  # a survivor writes a rescue: no consensus point (the default group is broken)
 
 
 class FedHogStrategy(DDPStrategy):
@@ -435,7 +445,7 @@ class FedHogStrategy(DDPStrategy):
         A collective over all workers (:class:`~lightning_fedhog.coordination.Coordination`); Lightning calls it
         at the same points on every rank: validation start, checkpoint save, end of fit.
         """
-        if (shared := self._shared()) is not None:
+        if (shared := self._shared()) is not None and not self._fit.rescuing:  # type: ignore[union-attr]
             shared.coordination.consensus()
 
     def _epoch_ends(self, epoch: int, skipped: bool) -> None:
@@ -514,6 +524,12 @@ class FedHogStrategy(DDPStrategy):
     @override
     def load_checkpoint(self, checkpoint_path: internals.PathLike, weights_only: bool | None = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        if (rescue := checkpoint.get(RESCUE_KEY)) is not None:
+            rank_zero_info(
+                f"fedhog: resuming from a rescue, saved by {len(rescue['survivors'])} of {rescue['world_size']} workers"
+                f" after rank(s) {', '.join(map(str, rescue['lost']))} were lost, at epoch {checkpoint.get('epoch')}"
+                f"{describe_trained(rescue.get('trained'))}."
+            )
         if self._fit is not None:  # `validate`/`test` from a checkpoint: no work to share
             self._fit.plan.resume_from(checkpoint, self._trainer())
         return checkpoint
@@ -532,8 +548,51 @@ class FedHogStrategy(DDPStrategy):
         if (engine := self._engine()) is not None:
             engine.stop()
         if (shared := self._shared()) is not None:
+            if shared.coordination.faults.peer_lost(exception):
+                self._rescue(shared)
             shared.coordination.failed(exception)
         super().on_exception(exception)
+
+    def _rescue(self, shared: SharedCopy) -> None:
+        """A peer is lost: the survivors save their average, optimizer states and progress (:mod:`~.rescue`)."""
+        fit, trainer, place = self._fit, self._trainer(), self.placement
+        peers = shared.coordination.faults.peers
+        if fit is None or peers is None:
+            return
+        try:
+            meeting = RescueMeeting(
+                internals.default_store(), self._key("rescue"), rank=self.global_rank, device=place.device_index,
+                world_size=self.world_size, gone=peers.gone, timeout=min(self.config.timeout, GROUP_TIMEOUT),
+            )
+            members = meeting.members()
+            states = [apply_to_collection(o.state_dict(), Tensor, lambda t: t.detach().cpu()) for o in self.optimizers]
+            rescued = gather_rescue(meeting.group(members), members, self.global_rank, shared.buffer.flat, states)
+            if rescued is None:
+                return  # the first member writes it
+            if not bool(torch.isfinite(rescued.average).all()):
+                raise RescueError("the surviving devices' average is not finite")
+            shared.buffer.flat.copy_(rescued.average)  # the module's tensors are views of it
+            fit.rescuing = True
+            lost = sorted(set(range(self.world_size)) - {member.rank for member in members})
+            record = {"lost": lost, "survivors": [m.rank for m in members], "world_size": self.world_size}
+            extra = {
+                CHECKPOINT_KEY: {"world_size": len(members), "optimizer_states_per_rank": rescued.optimizer_states},
+                **fit.plan.rescue_state(record),
+            }
+            path = rescue_path(trainer)
+            write_rescue(trainer, self.checkpoint_io.save_checkpoint, path, extra)
+        except Exception as error:  # RescueError, or the rescue's own group broke (a second failure)
+            log.error(
+                "fedhog: rank %d: no rescue was saved: %s. The last checkpoint is as it was.", self.global_rank, error
+            )
+            return
+        log.warning(
+            "fedhog: rank(s) %s lost; the %d surviving workers saved a rescue to %s: the average of %d devices' copies"
+            " at epoch %d%s, and every survivor's optimizer state. Resume with `trainer.fit(..., ckpt_path=\"last\")`"
+            " (the newer of `last.ckpt` and the rescue) or `ckpt_path=%r`.",
+            ", ".join(map(str, lost)), len(members), path, len({m.device for m in members}), trainer.current_epoch,
+            describe_trained(extra[RESCUE_KEY].get("trained")), path,
+        )
 
     @override
     def teardown(self) -> None:

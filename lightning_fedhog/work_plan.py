@@ -18,7 +18,7 @@ from lightning_fedhog.checks import loader_blocker, settings_blocking_dynamic_sh
 from lightning_fedhog.config import WorkSharing
 from lightning_fedhog.stragglers import StragglerWatch
 from lightning_fedhog.telemetry import log_as_lightning_does
-from lightning_fedhog.work_sharing import SHARING_KEY, DynamicWork
+from lightning_fedhog.work_sharing import RESCUE_KEY, SHARING_KEY, DynamicWork
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -134,6 +134,14 @@ class WorkPlan:
         if self.work is None:
             return {SHARING_KEY: "static"}
         return {SHARING_KEY: "dynamic", **self.work.checkpoint_state()}
+
+    def rescue_state(self, record: dict[str, Any]) -> dict[str, Any]:
+        """What a rescue adds to its checkpoint: how work was shared, the budget, and ``record`` under
+        ``RESCUE_KEY`` with (dynamic sharing) what of the interrupted epoch was trained."""
+        if self.work is None:
+            return {SHARING_KEY: "static", RESCUE_KEY: record}
+        state, trained = self.work.rescue_state()
+        return {SHARING_KEY: "dynamic", **state, RESCUE_KEY: {**record, "trained": trained}}
 
     def resume_from(self, checkpoint: Mapping[str, Any], trainer: pl.Trainer) -> None:
         """Before the strategy's ``setup``: a checkpoint saved under dynamic sharing resumes into it with ``"auto"``."""

@@ -21,7 +21,7 @@ from lightning_fedhog import internals
 from lightning_fedhog.checks import claims_by_batch, in_order, refuse_several_loaders
 from lightning_fedhog.epoch_indices import EpochIndices
 from lightning_fedhog.lr_pacing import pace_step_schedulers, unpace
-from lightning_fedhog.shared_counter import SharedCounterSampler
+from lightning_fedhog.shared_counter import ResumedEpoch, SharedCounterSampler
 from lightning_fedhog.work_budget import WorkBudget
 
 if TYPE_CHECKING:
@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 
 CHECKPOINT_KEY = "fedhog_work"
 """The checkpoint entry of the dynamic work-sharing budget (chunks spent, epoch)."""
+
+RESCUE_KEY = "fedhog_rescue"
+"""The checkpoint entry a rescue adds (:mod:`~lightning_fedhog.rescue`): who was lost, and what the interrupted epoch
+trained (under dynamic sharing, the chunks of it any worker began to train)."""
 
 SHARING_KEY = "fedhog_work_sharing"
 """The checkpoint entry that says how work was shared when it was saved (``"static"`` or ``"dynamic"``)."""
@@ -64,6 +68,7 @@ class DynamicWork:
         self._limit: int | float = 1.0
         self._accumulate = 1
         self._loaders = 0  # training loaders set up in this fit: each gets counters of its own
+        self.resumed: ResumedEpoch | None = None  # the epoch a rescue interrupted, and what of it was trained
 
     def take_over(self, trainer: pl.Trainer) -> None:
         """Moves ``max_steps`` and ``limit_train_batches`` from Lightning's per-worker loops into the budget."""
@@ -134,6 +139,8 @@ class DynamicWork:
             on_last_epoch=last_epoch,
             on_pass=lambda: refuse_several_loaders(trainer),
             epoch=epoch,
+            resumed=self.resumed,
+            record=self.world_size > 1,  # a rescue after a lost worker reads what the epoch trained
         )
         self._end_if_spent(trainer, epoch)
         return internals.update_dataloader(dataloader, self.sampler, mode=RunningStage.TRAINING)
@@ -213,10 +220,15 @@ class DynamicWork:
         return None if self.sampler is None else self.budget.state_dict()
 
     def resume_from(self, checkpoint: Mapping[str, Any], trainer: pl.Trainer) -> None:
-        """Picks up a checkpoint's epoch and budget (or, saved without dynamic sharing, its global step)."""
+        """Picks up a checkpoint's epoch and budget (or, saved without dynamic sharing, its global step), and from a
+        rescue, what of the interrupted epoch was trained already: the rest is trained, each batch once."""
         self.resume_epoch = internals.checkpoint_epochs_done(checkpoint)
+        rescued = (checkpoint.get(RESCUE_KEY) or {}).get("trained")
         if CHECKPOINT_KEY in checkpoint:
             self.budget.load_state_dict(checkpoint[CHECKPOINT_KEY])
+            if rescued is not None:  # the budget was saved as it stood before the interrupted epoch
+                self.resumed = ResumedEpoch(rescued["epoch"], rescued["chunks"], frozenset(rescued["chunks_trained"]))
+                self.budget.spent += len(self.resumed.trained)
         else:  # the budget goes on from the checkpoint's step
             self.resume_steps = int(checkpoint.get("global_step", 0))
             self.budget.resumed_epoch = None
@@ -224,6 +236,19 @@ class DynamicWork:
                 self.budget.spent = self.resume_steps * self._accumulate * self.world_size
         if self.resume_epoch is not None:
             self._end_if_spent(trainer, self.resume_epoch)
+
+    def rescue_state(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """What a rescue saves of dynamic sharing: the budget as it stood before the interrupted epoch, and the chunks
+        of that epoch that any worker (a lost one too) began to train, as the store recorded them."""
+        sampler = self.sampler
+        if sampler is None:
+            return self.checkpoint_state(), None
+        epoch = sampler.epoch
+        budget = self.budget.state_dict()
+        if self.resumed is not None and budget["epoch"] == epoch == self.resumed.epoch:
+            budget["spent"] -= len(self.resumed.trained)  # counted again from the trained chunks when resumed
+        trained = sorted(sampler.trained_chunks(epoch))
+        return {CHECKPOINT_KEY: budget}, {"epoch": epoch, "chunks": sampler.chunks_per_epoch, "chunks_trained": trained}
 
     def on_train_batch(self) -> None:
         """Called before every training batch: counts it against the pass it came from (and its epoch)."""

@@ -81,6 +81,7 @@ def test_trainer_internals(trainer: L.Trainer) -> None:
     assert isinstance(trainer._signal_connector._original_handlers, dict)
     _has(trainer._checkpoint_connector, "hpc_save_path", internals.preemption_checkpoint_path)
     assert str(internals.preemption_checkpoint_path(trainer)).endswith(".ckpt")
+    _has(trainer._checkpoint_connector, "dump_checkpoint", internals.dump_checkpoint)
     _has(trainer._logger_connector, "_first_loop_iter", internals.in_training_batch)
     assert internals.in_training_batch(trainer) is False
     _has(trainer._logger_connector, "_progress_bar_metrics", internals.show_in_progress_bar)
