@@ -21,7 +21,13 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
-from lightning_fedhog.internals import PathLike, dump_checkpoint, preemption_checkpoint_path, refresh_last_checkpoint
+from lightning_fedhog.internals import (
+    PathLike,
+    dump_checkpoint,
+    preemption_checkpoint_path,
+    refresh_last_checkpoint,
+    reopen_epoch,
+)
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -102,7 +108,12 @@ def rescue_path(trainer: pl.Trainer) -> str:
 
 
 def write_rescue(
-    trainer: pl.Trainer, save: Callable[[dict[str, Any], str], None], path: str, extra: Mapping[str, Any]
+    trainer: pl.Trainer,
+    save: Callable[[dict[str, Any], str], None],
+    path: str,
+    extra: Mapping[str, Any],
+    *,
+    batches_left: bool,
 ) -> None:
     """Writes the checkpoint of this process's state, with ``extra`` on top, to ``path`` atomically.
 
@@ -114,9 +125,13 @@ def write_rescue(
         save: writes a checkpoint dict to a path (the strategy's ``CheckpointIO``).
         path: the rescue's path.
         extra: every worker's optimizer state, the work sharing and the rescue's record.
+        batches_left: other workers' batches of the epoch are left (dynamic sharing): the resumed run trains them
+            even where this worker's loader was exhausted.
     """
     checkpoint = dump_checkpoint(trainer)
     checkpoint.update(extra)
+    if batches_left:
+        reopen_epoch(checkpoint)
     if "://" in path:
         save(checkpoint, path)
         return

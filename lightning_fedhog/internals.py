@@ -24,7 +24,8 @@ The list (what, and why no public API does it):
 - ``trainer._checkpoint_connector.hpc_save_path``, ``ModelCheckpoint._save_last_checkpoint`` /
   ``_monitor_candidates``: where a preemption checkpoint goes, and refreshing ``last.ckpt`` with it.
 - ``trainer._checkpoint_connector.dump_checkpoint``: the checkpoint ``trainer.save_checkpoint`` would write, without
-  its barrier and the strategy's gather: a rescue is built by one survivor while the default group is broken.
+  its barrier and the strategy's gather: a rescue is built by one survivor while the default group is broken; and
+  the ``is_last_batch`` flag in its ``loops`` entry, cleared when other workers' batches of the epoch are left.
 - ``ModelCheckpoint._every_n_train_steps`` / ``_train_time_interval``, ``trainer._val_check_time_interval``:
   settings that are read-only in public and must be checked before launch.
 - ``Trainer.estimated_stepping_batches``: a read-only property computed from per-worker counts; under dynamic
@@ -183,6 +184,16 @@ def dump_checkpoint(trainer: pl.Trainer) -> dict[str, Any]:
     """The full checkpoint of this process's state as ``trainer.save_checkpoint`` builds it (no collective in it;
     the strategy's ``lightning_module_state_dict`` and the hooks' ``on_save_checkpoint`` are called)."""
     return trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+
+
+def reopen_epoch(checkpoint: dict[str, Any]) -> None:
+    """Makes a checkpoint saved during a training epoch resume into that epoch even if the saving worker's loader
+    was exhausted (another worker's batches are left): Lightning ends a restored epoch whose last batch was seen.
+    Nothing changes once the epoch's training has ended (its epoch-end hooks were under way)."""
+    fit_loop = checkpoint["loops"]["fit_loop"]
+    epoch = fit_loop["epoch_progress"]["current"]
+    if epoch["processed"] < epoch["started"]:
+        fit_loop["epoch_loop.batch_progress"]["is_last_batch"] = False
 
 
 def refresh_last_checkpoint(callback: ModelCheckpoint, trainer: pl.Trainer) -> None:

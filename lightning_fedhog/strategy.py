@@ -580,18 +580,20 @@ class FedHogStrategy(DDPStrategy):
                 **fit.plan.rescue_state(record),
             }
             path = rescue_path(trainer)
-            write_rescue(trainer, self.checkpoint_io.save_checkpoint, path, extra)
+            trained = extra[RESCUE_KEY].get("trained")
+            left = trained is not None and len(trained["chunks_trained"]) < trained["chunks"]
+            write_rescue(trainer, self.checkpoint_io.save_checkpoint, path, extra, batches_left=left)
         except Exception as error:  # RescueError, or the rescue's own group broke (a second failure)
             log.error(
                 "fedhog: rank %d: no rescue was saved: %s. The last checkpoint is as it was.", self.global_rank, error
             )
             return
         log.warning(
-            "fedhog: rank(s) %s lost; the %d surviving workers saved a rescue to %s: the average of %d devices' copies"
-            " at epoch %d%s, and every survivor's optimizer state. Resume with `trainer.fit(..., ckpt_path=\"last\")`"
-            " (the newer of `last.ckpt` and the rescue) or `ckpt_path=%r`.",
+            "fedhog: rank(s) %s lost; the surviving workers (%d) saved a rescue to %s: the average of their devices'"
+            " (%d) copies at epoch %d%s, and every survivor's optimizer state. Resume with"
+            " `trainer.fit(..., ckpt_path=\"last\")` (the newer of `last.ckpt` and the rescue) or `ckpt_path=%r`.",
             ", ".join(map(str, lost)), len(members), path, len({m.device for m in members}), trainer.current_epoch,
-            describe_trained(extra[RESCUE_KEY].get("trained")), path,
+            describe_trained(trained), path,
         )
 
     @override

@@ -45,6 +45,7 @@ class WorkBudget:
     current: int = 0
     resumed_epoch: int | None = None  # a checkpoint's epoch: it counts as finished if training starts after it
     resumed_current: int = 0
+    resumed_trained: int = 0  # chunks of the resumed epoch a rescue found trained (spent, if it resumes in it)
 
     def left(self) -> int | None:
         """Chunks of the budget not yet handed out at the start of the current epoch (None: no budget)."""
@@ -62,6 +63,8 @@ class WorkBudget:
         if self.resumed_epoch is not None:
             if epoch > self.resumed_epoch:
                 spent += self.resumed_current
+            elif epoch == self.resumed_epoch:
+                spent += self.resumed_trained
         elif self.epoch >= 0 and epoch > self.epoch:
             spent += self.current
         left = None if self.total is None else max(self.total - spent, 0)
@@ -87,3 +90,4 @@ class WorkBudget:
         self.spent = state["spent"]  # the total comes from this run's `max_steps`, which may have been raised
         self.epoch, self.current = -1, 0
         self.resumed_epoch, self.resumed_current = state["epoch"], state["current"]
+        self.resumed_trained = 0

@@ -228,7 +228,7 @@ class DynamicWork:
             self.budget.load_state_dict(checkpoint[CHECKPOINT_KEY])
             if rescued is not None:  # the budget was saved as it stood before the interrupted epoch
                 self.resumed = ResumedEpoch(rescued["epoch"], rescued["chunks"], frozenset(rescued["chunks_trained"]))
-                self.budget.spent += len(self.resumed.trained)
+                self.budget.resumed_trained = len(self.resumed.trained)
         else:  # the budget goes on from the checkpoint's step
             self.resume_steps = int(checkpoint.get("global_step", 0))
             self.budget.resumed_epoch = None

@@ -64,6 +64,7 @@ class Net(L.LightningModule):
         estimate_in_setup: bool = False,
         out: str = "",
         sleep_from_epoch: int = 0,
+        trace: str = "",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -110,6 +111,10 @@ class Net(L.LightningModule):
         (pids / str(self.global_rank)).write_text(str(os.getpid()))  # for a SIGTERM to every rank of this run
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        if self.hparams.trace:  # every batch as it starts, flushed: what a killed worker trained is known
+            path = Path(self.hparams.out) / f"trace-{self.hparams.trace}-rank{self.global_rank}.jsonl"
+            with path.open("a") as file:
+                file.write(json.dumps([self.current_epoch, batch[2].tolist()]) + "\n")
         work = getattr(self.trainer.strategy, "work", None)
         self.sharing[self.current_epoch] = "dynamic" if work is not None and work.sampler is not None else "static"
         if self.global_rank == self.hparams.sleep_rank and self.current_epoch >= self.hparams.sleep_from_epoch:
@@ -343,6 +348,21 @@ def _fork_workers(out: Path, delay: float) -> None:
     script_launcher.subprocess = types.SimpleNamespace(Popen=popen)  # type: ignore[assignment]
 
 
+def _die_in_rescue(rank: int) -> None:
+    """A second failure during a rescue: ``rank`` dies as it is about to send its copy to the other survivors."""
+    import lightning_fedhog.strategy as fedhog_strategy
+
+    gather = fedhog_strategy.gather_rescue
+
+    def dying(group, members, me, *args, **kwargs):
+        if me == rank:
+            print(f"KILLED rank {rank} in the rescue at {time.time()}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return gather(group, members, me, *args, **kwargs)
+
+    fedhog_strategy.gather_rescue = dying
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -389,6 +409,10 @@ def main() -> None:
     parser.add_argument("--nan-rank", type=int, default=-1, help="corrupt this rank's device copy in epoch 1")
     parser.add_argument("--kill-rank", type=int, default=-1, help="SIGKILL this rank in epoch 1 (first attempt only)")
     parser.add_argument("--kill-step", type=int, default=-1, help="with --kill-rank: die at this global step instead")
+    parser.add_argument("--die-in-rescue", type=int, default=-1,
+                        help="this rank is SIGKILLed when it is about to send its copy in a rescue")
+    parser.add_argument("--trace", default="", help="append each training batch's epoch and indices to"
+                        " OUT/trace-TRACE-rank{R}.jsonl as it starts")
     parser.add_argument("--sigterm-rank", type=int, default=-1, help="this rank sends itself SIGTERM at --sigterm-step")
     parser.add_argument("--sigterm-step", type=int, default=-1)
     parser.add_argument("--sigterm-group", action="store_true", help="SIGTERM the whole process group instead")
@@ -424,6 +448,8 @@ def main() -> None:
         threading.Thread(target=_interrupt_in_join, daemon=True).start()
     if args.gpu_ids:
         args.devices = len(args.gpu_ids.split(","))
+    if args.die_in_rescue >= 0:
+        _die_in_rescue(args.die_in_rescue)
 
     L.seed_everything(1234)
     world_size = args.devices * args.num_nodes * args.workers
@@ -431,7 +457,7 @@ def main() -> None:
         args.kind, world_size, args.lr, args.sleep_rank, args.sleep, args.crash_rank, args.nan_rank, args.kill_rank,
         args.kill_step, args.sigterm_rank, args.sigterm_step, args.sigterm_group, args.schedule,
         args.sigterm_epoch_end, args.estimate_in_setup, str(args.out),
-        args.sleep_from_epoch,
+        args.sleep_from_epoch, args.trace,
     )
     strategy = (
         FedHogStrategy(
