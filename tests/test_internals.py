@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.strategies.ddp import DDPStrategy
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -175,3 +176,24 @@ def test_training_loop_internals_for_dynamic_work_sharing(trainer: L.Trainer) ->
     _has(wrapped.dataset, "_sampler", internals.sampler_inside_wrapper)
     assert internals.sampler_inside_wrapper(wrapped) is user_sampler
     assert internals.sampler_inside_wrapper(user_sampler) is None
+
+
+def test_a_checkpoint_dumped_during_the_last_batch_can_be_reopened() -> None:
+    """The rescue's two touches: the checkpoint Lightning would save now, and its `is_last_batch` flag."""
+    dumped: dict = {}
+
+    class Dump(L.Callback):
+        def on_train_batch_start(self, trainer: L.Trainer, module: object, batch: object, index: int) -> None:
+            if index == 1:
+                dumped.update(internals.dump_checkpoint(trainer))
+
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, limit_train_batches=2, limit_val_batches=0, callbacks=[Dump()], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(BoringModel())
+    assert {"state_dict", "loops", "optimizer_states", "callbacks"} <= set(dumped)
+    progress = dumped["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+    assert progress["is_last_batch"] is True, "update lightning_fedhog.internals.reopen_epoch"
+    internals.reopen_epoch(dumped)
+    assert progress["is_last_batch"] is False

@@ -54,8 +54,9 @@ def test_torchrun_restart_resumes_from_the_survivors_rescue(tmp_path: Path) -> N
     assert [r["rank"] for r in reports] == [0, 1]
     for report in reports:
         assert report["attempt"] == 1  # the reports come from the restarted workers
-        # resumed from the rescue: rank 0's work in epoch 1 (one batch at least) is kept, not only epoch 0's
-        assert report["started"]["epoch"] == rescue["epoch"] >= 1
+        # resumed from the rescue: rank 0's work in epoch 1 (one batch at least) is kept, not only epoch 0's (and
+        # when rank 0 had trained its whole shard of epoch 1 before it noticed, the run goes on with epoch 2)
+        assert report["started"]["epoch"] in (1, 2) and rescue["epoch"] == 1
         assert report["started"]["global_step"] == rescue["global_step"] > STEPS_PER_EPOCH
         assert report["current_epoch"] == 3  # and it finished the whole run
     assert_one_model(tmp_path, 2)
