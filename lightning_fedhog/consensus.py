@@ -14,6 +14,7 @@ sequence that depends on nothing a rank knows alone (tests/test_consensus.py che
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -37,18 +38,57 @@ class Collectives(Protocol):
 
 
 class AllWorkers:
-    """:class:`Collectives` over the default process group (gloo, CPU tensors), which every worker belongs to."""
+    """:class:`Collectives` over the default process group (gloo, CPU tensors), which every worker belongs to.
+
+    A gloo collective with a dead member only fails on the ranks that talk to it directly; the others wait for the
+    run's ``timeout`` (30 minutes by default). So the wait looks at the peers a few times a second (``give_up``):
+    once a peer is seen dead, or another worker started a rescue (:mod:`~lightning_fedhog.rescue`), this worker
+    stops waiting and fails with the reason, and can take part in the rescue.
+
+    Args:
+        give_up: why this worker should stop waiting for a collective (None: keep waiting).
+        look_every: seconds between two calls of ``give_up`` while a collective waits.
+    """
+
+    def __init__(self, give_up: Callable[[], str | None] | None = None, look_every: float = 0.25) -> None:
+        self._give_up = give_up
+        self._look_every = look_every
 
     def agree(self, flag: bool) -> bool:
         return self.count((flag,))[0] > 0
 
     def count(self, flags: tuple[bool, ...]) -> tuple[int, ...]:
         totals = torch.tensor([float(flag) for flag in flags])
-        dist.all_reduce(totals)
+        self._run(lambda: dist.all_reduce(totals))
         return tuple(int(total) for total in totals.tolist())
 
     def barrier(self, name: str) -> None:
-        dist.barrier()
+        self._run(dist.barrier)
+
+    def _run(self, collective: Callable[[], object]) -> None:
+        """Runs ``collective`` in a helper thread while this one looks at the peers (a gloo collective cannot be
+        polled: asking whether it completed blocks while it runs). A collective given up on stays blocked in its
+        thread until it fails, which it does once the ranks it waits for exit."""
+        if self._give_up is None:
+            collective()
+            return
+        failure: list[BaseException] = []
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                collective()
+            except BaseException as error:  # re-raised in the calling thread
+                failure.append(error)
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name="fedhog-collective", daemon=True).start()
+        while not done.wait(self._look_every):
+            if (reason := self._give_up()) is not None:
+                raise RuntimeError(reason)
+        if failure:
+            raise failure[0]
 
 
 class ParkableEngine(Protocol):

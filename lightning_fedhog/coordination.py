@@ -217,5 +217,5 @@ def meet_peers(
         meetings=lambda: points.meetings if points is not None else 0,
         rescue_key=RescueMeeting.started_key(key("rescue")),
     )
-    points = ConsensusPoints(AllWorkers(), faults, engine=engine, settle=settle, arrive=peers.arrive)
+    points = ConsensusPoints(AllWorkers(faults.stop_waiting), faults, engine=engine, settle=settle, arrive=peers.arrive)
     return peers, faults, points

@@ -157,6 +157,20 @@ class FaultWatch:
                 raise
             raise failure from error
 
+    def stop_waiting(self) -> str | None:
+        """Why a collective this rank waits in will not complete: a same-host peer is dead, or another rank started
+        a rescue (it found a peer gone). None when neither is known."""
+        if self.peers is None:
+            return None
+        if dead := self.peers.dead_local_peers():
+            return f"{', '.join(peer.describe() for peer in dead)} is gone"
+        try:
+            if self._rescue_key is not None and self.peers.store.check([self._rescue_key]):
+                return "another worker found a peer gone and started a rescue"
+        except Exception:  # an unreachable store is caught by the collective itself
+            return None
+        return None
+
     def peer_lost(self, error: BaseException) -> bool:
         """Whether ``fit`` ended on this rank because a peer is gone (so the survivors should save a rescue): the
         error says so, or a same-host peer is dead, or another rank started a rescue. Not on a stop, a Ctrl-C or

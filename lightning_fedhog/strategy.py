@@ -74,7 +74,14 @@ from lightning_fedhog.partial import PartialSteps
 from lightning_fedhog.partitions import Partition
 from lightning_fedhog.placement import Placement
 from lightning_fedhog.rendezvous import join_default_group, store_key
-from lightning_fedhog.rescue import GROUP_TIMEOUT, RescueError, RescueMeeting, describe_trained, gather_rescue
+from lightning_fedhog.rescue import (
+    GROUP_TIMEOUT,
+    JOIN_SECONDS,
+    RescueError,
+    RescueMeeting,
+    describe_trained,
+    gather_rescue,
+)
 from lightning_fedhog.shared_buffer import SharedFlatBuffer, unbind_module
 from lightning_fedhog.stragglers import StragglerWatch
 from lightning_fedhog.telemetry import Telemetry
@@ -563,6 +570,7 @@ class FedHogStrategy(DDPStrategy):
             meeting = RescueMeeting(
                 internals.default_store(), self._key("rescue"), rank=self.global_rank, device=place.device_index,
                 world_size=self.world_size, gone=peers.gone, timeout=min(self.config.timeout, GROUP_TIMEOUT),
+                wait=min(JOIN_SECONDS, self.config.timeout.total_seconds()),
             )
             members = meeting.members()
             states = [apply_to_collection(o.state_dict(), Tensor, lambda t: t.detach().cpu()) for o in self.optimizers]
