@@ -49,10 +49,16 @@ class FedHogLauncher(ScriptLauncher):
     """Starts ``num_processes = devices * workers_per_device`` ranks per node after validating the model."""
 
     def __init__(
-        self, cluster_environment: ClusterEnvironment, num_processes: int, num_nodes: int, config: FedHogConfig
+        self,
+        cluster_environment: ClusterEnvironment,
+        num_processes: int,
+        num_nodes: int,
+        config: FedHogConfig,
+        after_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
         super().__init__(cluster_environment, num_processes, num_nodes)
         self._config = config
+        self._after_failure = after_failure  # the strategy's part after a failure (a rescue), before workers end
         self._interrupt: InterruptWatch | None = None
         self._in_fit = threading.Event()  # the main thread is inside `launch` (a Ctrl-C ends it there)
         self._stopping = threading.Event()  # this process ends its workers on purpose: the observer keeps quiet
@@ -74,6 +80,8 @@ class FedHogLauncher(ScriptLauncher):
                 self._stop_on_interrupt(startup=False)
                 raise
             except BaseException as error:
+                if self._after_failure is not None:  # Lightning's `on_exception` comes only after this returns
+                    self._after_failure(error)
                 timeout = self._config.timeout.total_seconds()
                 # a stop on SIGTERM saves a checkpoint: the workers get all of `timeout` for it. After a failure
                 # nothing is saved; a worker still blocked in a collective with this process (which keeps its

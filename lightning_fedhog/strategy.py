@@ -120,6 +120,7 @@ class FitState:
     shared: SharedCopy | None = None  # from `setup` on
     engine: AveragingEngine | None = None  # a device leader's, from `on_train_start` to the end of training
     rescuing: bool = False  # a survivor writes a rescue: no consensus point (the default group is broken)
+    failed: bool = False  # the engine was stopped and the rescue tried after a failure
 
 
 class FedHogStrategy(DDPStrategy):
@@ -278,7 +279,9 @@ class FedHogStrategy(DDPStrategy):
         # refused here, at `Trainer(...)`, before any worker exists
         self.leader_backend = leader_backend(self.config.averaging_backend, self.parallel_devices or [])
         processes = self.num_processes  # chooses `workers_per_device="auto"` if Lightning has not asked yet
-        self._launcher = FedHogLauncher(self.cluster_environment, processes, self.num_nodes, self.config)
+        self._launcher = FedHogLauncher(
+            self.cluster_environment, processes, self.num_nodes, self.config, after_failure=self._after_failure
+        )
 
     @override
     def setup_distributed(self) -> None:
@@ -552,13 +555,23 @@ class FedHogStrategy(DDPStrategy):
     # ----------------------------------------------------------------------------------------------- teardown
     @override
     def on_exception(self, exception: BaseException) -> None:
-        if (engine := self._engine()) is not None:
-            engine.stop()
+        self._after_failure(exception)
         if (shared := self._shared()) is not None:
-            if shared.coordination.faults.peer_lost(exception):
-                self._rescue(shared)
             shared.coordination.failed(exception)
         super().on_exception(exception)
+
+    def _after_failure(self, error: BaseException) -> None:
+        """``fit`` failed on this rank: stops the engine and, if a peer was lost, takes part in the rescue. Called
+        once, by the launcher (in the launching process, before it waits for its workers to end: they may wait in
+        the rescue for this rank) or else by ``on_exception``."""
+        fit = self._fit
+        if fit is None or fit.failed:
+            return
+        fit.failed = True
+        if fit.engine is not None:
+            fit.engine.stop()
+        if fit.shared is not None and fit.shared.coordination.faults.peer_lost(error):
+            self._rescue(fit.shared)
 
     def _rescue(self, shared: SharedCopy) -> None:
         """A peer is lost: the survivors save their average, optimizer states and progress (:mod:`~.rescue`)."""
