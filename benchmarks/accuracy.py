@@ -149,7 +149,21 @@ def summarize_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
     if all(r.get("fedhog") for r in runs):
         summary["fedhog"] = harness.median_figures(runs)
+    if any("faults" in r for r in runs):  # P11: every fault of every seed, and their medians
+        summary["all_process_wall_s"] = [r["process_wall_s"] for r in runs]
+        summary["all_faults"] = [r.get("faults", []) for r in runs]
+        summary["fault_medians"] = fault_medians(summary["all_faults"])
     return summary
+
+
+def fault_medians(per_run: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """The median number of faults per run, and each fault figure's median over every fault of every run."""
+    faults = [fault for run in per_run for fault in run]
+    medians: dict[str, Any] = {"count": statistics.median(len(run) for run in per_run) if per_run else 0}
+    for key in ("detect_s", "resume_s", "steps_lost"):
+        values = [fault[key] for fault in faults if fault.get(key) is not None]
+        medians[key] = statistics.median(values) if values else None
+    return medians
 
 
 def median_reached(seconds: Sequence[float | None]) -> float | None:

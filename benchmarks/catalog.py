@@ -142,6 +142,13 @@ BENCHMARKS: dict[str, Benchmark] = {  # in the order they run and the README sho
         " scenario; <= 0.9x DDP's time with no hindrance, <= 0.75x with a straggler, <= 0.85x with one from halfway",
         ("halfway_fedhog",),  # no knobs, a straggler from epoch 1, the early stop
     ),
+    "p11_chaos": Benchmark(
+        "P11 chaos: rank 1's worker SIGKILLed every ~2 epochs, torchrun restarts the run", "benchmarks.chaos",
+        "accuracy",
+        "fedhog's goodput >= 90% with a fault every ~2 epochs (DDP's beside it); work lost per fault no more than"
+        " about one averaging period of the dead device",
+        ("fedhog_faults",),  # two agents, one kill, the rescue and the restart
+    ),
 }
 
 

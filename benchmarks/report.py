@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks import defaults
+from benchmarks import chaos, defaults
 from benchmarks.catalog import BENCHMARKS, NO_ROUNDS, RESULTS, is_accuracy
 
 PAGE = RESULTS.parent.parent / "docs" / "benchmarks.md"
@@ -114,6 +114,8 @@ def section(report: dict[str, Any], image: str | None = None) -> str:
         return "\n".join([*out, f"{report['skipped']}."])
     if report["benchmark"] == "p10_defaults":
         out += [*defaults.matrix_lines(report), "", "Every scenario and method (the thin_link rows: time to 0.85):", ""]
+    if report["benchmark"] == "p11_chaos":
+        out += [*chaos.chaos_lines(report), "", "Every run (the time to the target counts restarts too):", ""]
     if is_accuracy(report["benchmark"]):
         target = report["settings"].get("target_accuracy", 0.90)
         out += [f"| method | time to {target:.2f} (spread) | epochs to {target:.2f} (seeds) | time per epoch |"

@@ -13,8 +13,9 @@ run's rendezvous store, which outlives any worker except the one that hosts it (
 SLURM, the torchrun agent under torchrun):
 
 1. Every survivor marks itself in the store (the first also raises a flag that peers still training notice within a
-   second, :class:`~lightning_fedhog.faults.FaultWatch`) and waits until every rank has either joined or is known gone
-   (dead on this host, or left a failure or exit mark), or :data:`JOIN_SECONDS` passed.
+   second, :class:`~lightning_fedhog.faults.FaultWatch`, and peers waiting in a consensus point's collective within
+   a quarter of a second) and waits until every rank has either joined or is known gone (dead on its host as some
+   survivor sees it, or left a failure or exit mark), or :data:`JOIN_SECONDS` passed.
 2. The first survivor to finish waiting writes the set of members (``compare_set``: one set for everybody); a rank
    that joins later is not in it and stops as before.
 3. The members build a fresh gloo group over the store, without the lost ranks; each device's lowest member sends
@@ -106,10 +107,14 @@ class RescueMeeting:
         try:
             self.store.compare_set(self.started_key(self.prefix), "", str(self.rank))
             self.store.set(f"{self.prefix}/joined/{self.rank}", str(self.device))
-            deadline = self._clock() + self._wait
+            deadline, told = self._clock() + self._wait, None
             while True:
                 joined = self._joined()
-                gone = self._gone() or set()
+                seen = self._gone() or set()
+                if seen != told:  # what this rank sees (its own host's dead processes) helps the other hosts
+                    self.store.set(f"{self.prefix}/gone/{self.rank}", json.dumps(sorted(seen)))
+                    told = seen
+                gone = seen | self._gone_elsewhere(joined)
                 unknown = set(range(self.world_size)) - set(joined) - gone
                 if not unknown or self._clock() >= deadline:
                     break
@@ -131,6 +136,15 @@ class RescueMeeting:
             key = f"{self.prefix}/joined/{rank}"
             if self.store.check([key]):
                 found[rank] = int(self.store.get(key))
+        return found
+
+    def _gone_elsewhere(self, joined: dict[int, int]) -> set[int]:
+        """The ranks the other joined survivors saw gone (dead processes on their hosts)."""
+        found: set[int] = set()
+        for rank in joined:
+            key = f"{self.prefix}/gone/{rank}"
+            if rank != self.rank and self.store.check([key]):
+                found.update(json.loads(self.store.get(key)))
         return found
 
     def group(self, members: list[Member]) -> Any:

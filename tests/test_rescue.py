@@ -115,6 +115,16 @@ def test_survivors_agree_on_themselves_and_average_one_copy_per_surviving_device
     assert rescued.optimizer_states == [{"rank": 0}, {"rank": 1}, {"rank": 2}]
 
 
+def test_a_survivor_on_another_host_learns_who_is_dead_from_one_that_sees_it() -> None:
+    """Rank 0 cannot see rank 2's process (another host); rank 1 can: rank 0 does not wait out its 60 s."""
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    seen = {0: set(), 1: {2}}
+    members = run_in_threads(
+        lambda rank: _meeting(server.port, rank, rank, gone=seen[rank], wait=60.0).members(), 2, timeout=20.0
+    )
+    assert [[m.rank for m in agreed] for agreed in members] == [[0, 1], [0, 1]]
+
+
 def test_a_rank_that_joins_after_the_members_were_agreed_takes_no_part() -> None:
     server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     first = _meeting(server.port, 0, 0, gone=set(), world_size=2, wait=0.2)  # rank 1's fate is unknown
