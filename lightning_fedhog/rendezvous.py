@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -29,11 +30,23 @@ def joining_default_group() -> bool:
     return _joining.is_set()
 
 
-def store_key(name: str, generation: int) -> str:
-    """A rendezvous-store key unique to one ``fit``: torchrun restarts reuse the store, so the key holds the restart
-    count; a second ``fit`` in the same processes gets the next set-up ``generation``."""
-    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return f"fedhog/{restart}/{generation}/{name}"
+def store_key(name: str, generation: int, attempt: str) -> str:
+    """A rendezvous-store key unique to one ``fit``: torchrun restarts may reuse the store, so the key holds the
+    attempt's token (:func:`attempt_token`); a second ``fit`` in the same processes gets the next ``generation``."""
+    return f"fedhog/{attempt}/{generation}/{name}"
+
+
+def attempt_token() -> str:
+    """A name for this start of the run's processes, the same on every rank (rank 0's, broadcast: a collective).
+
+    torchrun's ``TORCHELASTIC_RESTART_COUNT`` cannot serve: each agent counts its own restarts, and with the c10d
+    rendezvous an agent whose workers are stopped for a membership change (the other node's worker died and it
+    rejoins) does not count one, so two workers of one attempt can read different counts and write under keys
+    the other never reads.
+    """
+    token = [f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}-{uuid.uuid4().hex[:12]}"]
+    dist.broadcast_object_list(token, src=0)
+    return str(token[0])
 
 
 def restart_safe_store(environment: ClusterEnvironment, timeout: timedelta) -> dict[str, Any]:

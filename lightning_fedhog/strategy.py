@@ -73,7 +73,7 @@ from lightning_fedhog.launcher import FedHogLauncher, exit_with_launcher
 from lightning_fedhog.partial import PartialSteps
 from lightning_fedhog.partitions import Partition
 from lightning_fedhog.placement import Placement
-from lightning_fedhog.rendezvous import join_default_group, store_key
+from lightning_fedhog.rendezvous import attempt_token, join_default_group, store_key
 from lightning_fedhog.rescue import (
     GROUP_TIMEOUT,
     JOIN_SECONDS,
@@ -195,6 +195,7 @@ class FedHogStrategy(DDPStrategy):
         self._fit: FitState | None = None
         self._placement: Placement | None = None  # computed once the ranks are known
         self._generation = 0  # set-ups so far: store keys unique to one fit
+        self._attempt = "0"  # this start of the processes, agreed once the default group exists
         self._carried_budget: dict[str, Any] | None = None  # dynamic sharing's budget as the last fit left it
         self._warned_local_reduce = False
         self._partial = (
@@ -261,7 +262,7 @@ class FedHogStrategy(DDPStrategy):
         return self.parallel_devices[self.placement.local_device]
 
     def _key(self, name: str) -> str:
-        return store_key(name, self._generation)
+        return store_key(name, self._generation, self._attempt)
 
     @property
     def _layer_sync(self) -> None:  # an override point (internals.OVERRIDE_POINTS): `sync_batchnorm=True` is refused
@@ -290,6 +291,7 @@ class FedHogStrategy(DDPStrategy):
         if self.cluster_environment is None:
             raise RuntimeError("fedhog: the Trainer did not set a cluster environment.")
         join_default_group(self.cluster_environment, self.config.timeout)
+        self._attempt = attempt_token()
 
     @override
     def setup_environment(self) -> None:
