@@ -585,7 +585,7 @@ class FedHogStrategy(DDPStrategy):
             meeting = RescueMeeting(
                 internals.default_store(), self._key("rescue"), rank=self.global_rank, device=place.device_index,
                 world_size=self.world_size, gone=peers.gone, timeout=min(self.config.timeout, GROUP_TIMEOUT),
-                wait=min(JOIN_SECONDS, self.config.timeout.total_seconds()),
+                wait=min(JOIN_SECONDS, self.config.timeout.total_seconds() / 2),
             )
             members = meeting.members()
             states = [apply_to_collection(o.state_dict(), Tensor, lambda t: t.detach().cpu()) for o in self.optimizers]

@@ -158,7 +158,10 @@ def test_smoke_mode_runs_every_benchmark_and_its_methods(smoke: Path) -> None:
             assert figures["command"], method
             if is_accuracy(name):
                 assert 0.0 < figures["final_accuracy"] <= 1.0, (method, figures)
-                assert len(figures["curve"]) == 2, "one (seconds, accuracy) point per epoch"
+                if name == "p11_chaos":  # an epoch whose training a kill ended is not validated after the restart
+                    assert 1 <= len(figures["curve"]) <= 2 and len(figures["all_faults"][0]) == 1, figures
+                else:
+                    assert len(figures["curve"]) == 2, "one (seconds, accuracy) point per epoch"
             else:
                 assert figures["samples_per_s"] > 0 and figures["step_s"] > 0, (method, figures)
                 assert all(steps >= 4 for run in figures["steps_per_rank"] for steps in run), (method, figures)
