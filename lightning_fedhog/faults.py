@@ -83,6 +83,7 @@ class FaultWatch:
         self._clock, self._sleep = clock, sleep
         self._announced = False
         self._next_look = 0.0
+        self.waited_out = False  # a collective failed after waiting `timeout`: every live rank had time to come
 
     @property
     def stop_requested(self) -> bool:
@@ -129,7 +130,8 @@ class FaultWatch:
         Args:
             elapsed: seconds the collective ran before it failed; None when unknown (then it may have broken early).
         """
-        if self.peers is not None and (elapsed is None or elapsed < 0.9 * self._timeout.total_seconds()):
+        self.waited_out = elapsed is not None and elapsed >= 0.9 * self._timeout.total_seconds()
+        if self.peers is not None and not self.waited_out:
             deadline = self._clock() + SETTLE_SECONDS
             while not self.peers.dead_local_peers() and self._clock() < deadline:
                 self._sleep(0.05)

@@ -578,14 +578,16 @@ class FedHogStrategy(DDPStrategy):
     def _rescue(self, shared: SharedCopy) -> None:
         """A peer is lost: the survivors save their average, optimizer states and progress (:mod:`~.rescue`)."""
         fit, trainer, place = self._fit, self._trainer(), self.placement
-        peers = shared.coordination.faults.peers
+        faults = shared.coordination.faults
+        peers = faults.peers
         if fit is None or peers is None:
             return
         try:
             meeting = RescueMeeting(
                 internals.default_store(), self._key("rescue"), rank=self.global_rank, device=place.device_index,
                 world_size=self.world_size, gone=peers.gone, timeout=min(self.config.timeout, GROUP_TIMEOUT),
-                wait=min(JOIN_SECONDS, self.config.timeout.total_seconds() / 2),
+                # a rank that did not come to a collective within `timeout` is stuck: the others time out together
+                wait=1.0 if faults.waited_out else min(JOIN_SECONDS, self.config.timeout.total_seconds() / 2),
             )
             members = meeting.members()
             states = [apply_to_collection(o.state_dict(), Tensor, lambda t: t.detach().cpu()) for o in self.optimizers]
