@@ -61,7 +61,7 @@ def mnist1d(
     """
 
     def run(out: Path) -> dict[str, Any]:
-        seed = int(out.name.rsplit("-", 1)[-1]) if out.name.rsplit("-", 1)[-1].isdigit() else 0
+        seed = harness.repeat_seed(out)
         command = [
             sys.executable, "-m", "recipes.mnist1d", "fit", *strategy,
             f"--trainer.max_epochs={epochs or scale.mnist_epochs}", "--trainer.enable_progress_bar=false",

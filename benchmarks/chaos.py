@@ -86,7 +86,7 @@ def chaos_run(strategy: list[str], faults: int, scale: Scale, data: Path) -> Met
     """One P11 run: two torchrun agents, and ``faults`` kills of rank 1's worker at random points."""
 
     def run(out: Path) -> dict[str, Any]:
-        seed = int(out.name.rsplit("-", 1)[-1]) if out.name.rsplit("-", 1)[-1].isdigit() else 0
+        seed = harness.repeat_seed(out)
         out.mkdir(parents=True, exist_ok=True)
         command = _agent_command(strategy, out, harness.free_port(), scale, data, seed)
         env = {**harness.threads_env(2), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}

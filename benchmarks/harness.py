@@ -198,6 +198,12 @@ def ranks_command(command: Sequence[str], processes: int, prefix: Sequence[str] 
     return [*prefix, sys.executable, "-m", "benchmarks.ranks", str(processes), *command]
 
 
+def repeat_seed(out: Path) -> int:
+    """The seed of the repeat whose run folder is ``out`` (its name ends in ``-<repeat>``), 0 without one."""
+    tail = out.name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
 def free_port() -> int:
     """A TCP port nobody listens on now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:

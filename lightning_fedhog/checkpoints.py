@@ -50,9 +50,14 @@ def add_every_workers_optimizer_state(
     states = checkpoint.get("optimizer_states")
     if states is None or world_size == 1:
         return
-    gathered = gather(apply_to_collection(states, Tensor, lambda tensor: tensor.detach().cpu()))
+    gathered = gather(on_cpu(states))
     if gathered is not None:
         checkpoint[CHECKPOINT_KEY] = {"world_size": world_size, "optimizer_states_per_rank": gathered}
+
+
+def on_cpu(states: Any) -> Any:
+    """``states`` (optimizer states, nested) with every tensor detached and copied to the CPU, to send or save."""
+    return apply_to_collection(states, Tensor, lambda tensor: tensor.detach().cpu())
 
 
 def own_optimizer_states(checkpoint: Mapping[str, Any], world_size: int, rank: int) -> list[Any]:

@@ -106,15 +106,13 @@ class FaultWatch:
         self._next_look = now + min(LIVENESS_INTERVAL, self._timeout.total_seconds() / 4)
         if self.peers.dead_local_peers():
             raise PeerLostError(f"fedhog: rank {self.rank} stops: {self.peers.diagnose()}. {AFTER_FAILURE}")
-        rescue = False
         with contextlib.suppress(Exception):  # an unreachable store is caught by the next collective
-            rescue = self._rescue_key is not None and self.peers.store.check([self._rescue_key])
             if self.signal is not None and not self._announced:
                 self.peers.store.set(self._stop_key, str(self.rank))
                 self._announced = True
             elif self.signal is None and self.peers.store.check([self._stop_key]):
                 self.signal = signal.SIGTERM  # another rank (maybe on another host) was asked to stop
-        if rescue:
+        if self._rescue_started():
             raise PeerLostError(
                 f"fedhog: rank {self.rank} stops: another worker found a peer gone and the survivors are saving a"
                 f" rescue ({self.peers.diagnose()}). {AFTER_FAILURE}"
@@ -166,11 +164,8 @@ class FaultWatch:
             return None
         if dead := self.peers.dead_local_peers():
             return f"{', '.join(peer.describe() for peer in dead)} is gone"
-        try:
-            if self._rescue_key is not None and self.peers.store.check([self._rescue_key]):
-                return "another worker found a peer gone and started a rescue"
-        except Exception:  # an unreachable store is caught by the collective itself
-            return None
+        if self._rescue_started():
+            return "another worker found a peer gone and started a rescue"
         return None
 
     def peer_lost(self, error: BaseException) -> bool:
@@ -179,11 +174,16 @@ class FaultWatch:
         a non-finite copy (a rescue would save it)."""
         if self.peers is None or isinstance(error, (KeyboardInterrupt, SIGTERMException, NonFiniteError)):
             return False
-        if isinstance(error, PeerLostError) or self.peers.dead_local_peers():
-            return True
+        return isinstance(error, PeerLostError) or bool(self.peers.dead_local_peers()) or self._rescue_started()
+
+    def _rescue_started(self) -> bool:
+        """Whether another rank raised the rescue flag in the store (False when the store cannot be reached: a
+        collective then fails on its own, and no rescue can be agreed)."""
+        if self.peers is None or self._rescue_key is None:
+            return False
         try:
-            return self._rescue_key is not None and bool(self.peers.store.check([self._rescue_key]))
-        except Exception:  # the store's host is gone: no rescue can be agreed
+            return bool(self.peers.store.check([self._rescue_key]))
+        except Exception:  # the store's host is gone
             return False
 
     def on_failure(self, error: BaseException, *, caused_by_peer: bool) -> str | None:

@@ -23,6 +23,8 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from lightning_fedhog.rendezvous import present_values
+
 ProcessState = Literal["alive", "dead", "unknown"]
 
 
@@ -144,15 +146,12 @@ class PeerRegistry:
 
     def _ends(self, what: str) -> dict[int, dict[str, Any]] | None:
         """What each rank left under ``what``; None when the store cannot be reached."""
-        found: dict[int, dict[str, Any]] = {}
+        prefix = f"{self.prefix}/{what}/"
         try:
-            for rank in range(self.world_size):
-                key = f"{self.prefix}/{what}/{rank}"
-                if self.store.check([key]):
-                    found[rank] = json.loads(self.store.get(key))
+            ends = present_values(self.store, [f"{prefix}{rank}" for rank in range(self.world_size)])
         except Exception:  # a dead store host is itself the diagnosis
             return None
-        return found
+        return {int(key[len(prefix):]): json.loads(value) for key, value in ends.items()}
 
     def gone(self) -> set[int] | None:
         """Ranks known to have stopped: dead on this host, or that left a failure or an exit mark; None when the
@@ -160,8 +159,8 @@ class PeerRegistry:
         failed, exited = self._ends("failed"), self._ends("exited")
         if failed is None or exited is None:
             return None
-        dead = {peer.rank for peer in self.peers if process_state(peer, self.host) == "dead"}
-        return (dead | set(failed) | set(exited)) - {self.me.rank}
+        marked = (set(failed) | set(exited)) - {self.me.rank}
+        return {peer.rank for peer in self.dead_local_peers()} | marked
 
     def diagnose(self, meeting: int = 0) -> str:
         """Names the ranks that are dead or failed, as far as this rank can tell (used when a peer is lost).

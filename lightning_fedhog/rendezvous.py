@@ -36,6 +36,12 @@ def store_key(name: str, generation: int, attempt: str) -> str:
     return f"fedhog/{attempt}/{generation}/{name}"
 
 
+def present_values(store: Any, keys: list[str]) -> dict[str, bytes]:
+    """The values of those ``keys`` that exist in ``store``, by key (a look and a read each: ``multi_get`` would wait
+    for the missing ones)."""
+    return {key: store.get(key) for key in keys if store.check([key])}
+
+
 def attempt_token() -> str:
     """A name for this start of the run's processes, the same on every rank (rank 0's, broadcast: a collective).
 

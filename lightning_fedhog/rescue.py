@@ -39,6 +39,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lightning_fedhog.rendezvous import present_values
+
 JOIN_SECONDS = 15.0
 """How long survivors wait for ranks whose fate they cannot see (on another host, or stuck in a collective)."""
 
@@ -131,21 +133,15 @@ class RescueMeeting:
         return members
 
     def _joined(self) -> dict[int, int]:
-        found: dict[int, int] = {}
-        for rank in range(self.world_size):
-            key = f"{self.prefix}/joined/{rank}"
-            if self.store.check([key]):
-                found[rank] = int(self.store.get(key))
-        return found
+        """Every joined rank's device."""
+        prefix = f"{self.prefix}/joined/"
+        joined = present_values(self.store, [f"{prefix}{rank}" for rank in range(self.world_size)])
+        return {int(key[len(prefix):]): int(device) for key, device in joined.items()}
 
     def _gone_elsewhere(self, joined: dict[int, int]) -> set[int]:
         """The ranks the other joined survivors saw gone (dead processes on their hosts)."""
-        found: set[int] = set()
-        for rank in joined:
-            key = f"{self.prefix}/gone/{rank}"
-            if rank != self.rank and self.store.check([key]):
-                found.update(json.loads(self.store.get(key)))
-        return found
+        keys = [f"{self.prefix}/gone/{rank}" for rank in joined if rank != self.rank]
+        return {rank for seen in present_values(self.store, keys).values() for rank in json.loads(seen)}
 
     def group(self, members: list[Member]) -> Any:
         """The members' own gloo group (index in ``members`` as rank), over the store, without the lost ranks."""
@@ -160,7 +156,6 @@ class Rescued:
 
     average: torch.Tensor  # the mean of the surviving devices' copies, float32 on the CPU
     optimizer_states: list[Any]  # every member's, in member order
-    members: list[Member]
 
 
 def gather_rescue(
@@ -191,7 +186,7 @@ def gather_rescue(
     states = _gather_objects(group, index, len(members), optimizer_states)
     if index != 0:
         return None
-    return Rescued(total / len(first_of_device), states, members)
+    return Rescued(total / len(first_of_device), states)
 
 
 def _gather_objects(group: Any, index: int, size: int, value: Any) -> list[Any]:

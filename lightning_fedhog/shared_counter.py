@@ -27,6 +27,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import Sampler
 
 from lightning_fedhog.epoch_indices import fingerprint
+from lightning_fedhog.rendezvous import present_values
 from lightning_fedhog.work_budget import WorkBudget, chunks_per_epoch
 
 
@@ -164,7 +165,8 @@ class SharedCounterSampler(Sampler[int]):
         """The chunks of ``epoch`` whose batches any worker began to train, as recorded in the store (with
         ``record``), and those a rescued run had trained before. Readable after a worker died."""
         keys = [f"{self.key}/epoch{epoch}/trained/{rank}" for rank in range(self.budget.world_size)]
-        found = {int(chunk) for raw in _present(self.store, keys) for chunk in raw.decode().split(",") if chunk}
+        records = present_values(self.store, keys).values()
+        found = {int(chunk) for raw in records for chunk in raw.decode().split(",") if chunk}
         if self.resumed is not None and epoch == self.resumed.epoch:
             found |= self.resumed.trained
         return found
@@ -267,7 +269,3 @@ class SharedCounterSampler(Sampler[int]):
             )
         self._checked_epoch = epoch
 
-
-def _present(store: Any, keys: list[str]) -> list[bytes]:
-    """The values of those ``keys`` that exist in ``store``."""
-    return [store.get(key) for key in keys if store.check([key])]

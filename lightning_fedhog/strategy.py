@@ -35,7 +35,6 @@ from lightning.pytorch.strategies.ddp import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -46,6 +45,7 @@ from lightning_fedhog.callbacks import ConsensusFirst
 from lightning_fedhog.checkpoints import (
     CHECKPOINT_KEY,
     add_every_workers_optimizer_state,
+    on_cpu,
     own_optimizer_states,
     rescue_path,
     save_stop_checkpoint,
@@ -590,7 +590,7 @@ class FedHogStrategy(DDPStrategy):
                 wait=1.0 if faults.waited_out else min(JOIN_SECONDS, self.config.timeout.total_seconds() / 2),
             )
             members = meeting.members()
-            states = [apply_to_collection(o.state_dict(), Tensor, lambda t: t.detach().cpu()) for o in self.optimizers]
+            states = on_cpu([optimizer.state_dict() for optimizer in self.optimizers])
             rescued = gather_rescue(meeting.group(members), members, self.global_rank, shared.buffer.flat, states)
             if rescued is None:
                 return  # the first member writes it

@@ -224,18 +224,6 @@ def run_app(out: Path, *app_args: str, launcher: list[str] | None = None, env: d
     return sorted(reports, key=lambda report: report["rank"])
 
 
-def run_app_failing(out: Path, *app_args: str, timeout: float = 240.0) -> str:
-    """Runs tests/apps/train.py (ranks forked from the zygote) where it must fail; returns the ranks' output."""
-    out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    env.pop("PL_GLOBAL_SEED", None)
-    returncode, output = forkserver().run(
-        APP, ["--out", str(out), *app_args], processes_of(app_args), env, Path.cwd(), timeout
-    )
-    assert returncode not in (0, 124), f"{shlex.join(app_args)} should have failed ({returncode}):\n{output[-8000:]}"
-    return output
-
-
 def load_rank(out: Path, rank: int) -> dict:
     return torch.load(out / f"rank{rank}.pt", weights_only=False)
 

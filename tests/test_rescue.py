@@ -16,7 +16,7 @@ from lightning_fedhog.epoch_indices import permutation
 from lightning_fedhog.rescue import RescueError, RescueMeeting, gather_rescue
 from lightning_fedhog.shared_counter import ResumedEpoch, SharedCounterSampler
 from lightning_fedhog.work_budget import WorkBudget
-from tests.conftest import assert_one_model, run_app, run_app_failing, run_in_threads
+from tests.conftest import assert_one_model, run_app, run_in_threads, run_outcome
 from tests.test_work_sharing import _batches, _train
 
 # ----------------------------------------------------------------------------------------- the interrupted epoch
@@ -176,10 +176,12 @@ def test_a_lost_device_costs_only_its_own_batches_and_a_smaller_run_continues_fr
     (not from the epoch-0 checkpoint), trains the rest of epoch 1 with every sample once over both runs, and ends
     with every worker holding the same model."""
     common = ["--work-sharing", "dynamic", "--epochs", "3", "--resume", "last", "--timeout", "30"]
-    output = run_app_failing(
+    outcome = run_outcome(
         tmp_path, "--devices", "2", *common, "--kill-rank", "1", "--sleep-rank", "0", "--sleep", "0.2",
-        "--trace", "first",
+        "--trace", "first", forked=True,
     )
+    output = outcome.output
+    assert outcome.returncode not in (0, 124), output[-4000:]
     assert "saved a rescue to" in output, output[-4000:]
     ckpt = tmp_path / "ckpt"
     rescue = torch.load(ckpt / "last-rescue.ckpt", weights_only=False)
@@ -202,10 +204,12 @@ def test_a_second_failure_during_the_rescue_leaves_the_last_checkpoint_and_says_
     """3 devices: rank 2 is killed in epoch 1, and rank 1 dies while the survivors gather their copies. Rank 0 says
     why no rescue was saved; `last.ckpt` (epoch 0) is untouched and resumes."""
     ckpt = tmp_path / "ckpt"
-    output = run_app_failing(
+    outcome = run_outcome(
         tmp_path, "--devices", "3", "--work-sharing", "dynamic", "--epochs", "2", "--timeout", "30",
-        "--kill-rank", "2", "--sleep-rank", "0", "--sleep", "0.2", "--die-in-rescue", "1",
+        "--kill-rank", "2", "--sleep-rank", "0", "--sleep", "0.2", "--die-in-rescue", "1", forked=True,
     )
+    output = outcome.output
+    assert outcome.returncode not in (0, 124), output[-4000:]
     assert "no rescue was saved" in output and "saved a rescue" not in output, output[-4000:]
     assert not (ckpt / "last-rescue.ckpt").exists() and not list(ckpt.glob("*.tmp"))
     last = torch.load(ckpt / "last.ckpt", weights_only=False)
