@@ -80,13 +80,16 @@ class FedHogLauncher(ScriptLauncher):
                 self._stop_on_interrupt(startup=False)
                 raise
             except BaseException as error:
+                failed_at = time.monotonic()
                 if self._after_failure is not None:  # Lightning's `on_exception` comes only after this returns
                     self._after_failure(error)
                 timeout = self._config.timeout.total_seconds()
                 # a stop on SIGTERM saves a checkpoint: the workers get all of `timeout` for it. After a failure
-                # nothing is saved; a worker still blocked in a collective with this process (which keeps its
-                # connections open while it waits here) would only give up after `timeout`, 30 minutes by default
-                self._end_children(timeout if isinstance(error, SIGTERMException) else min(timeout, _FAILURE_GRACE))
+                # only a rescue is saved (above); a worker still blocked in a collective with this process (which
+                # keeps its connections open while it waits here) would only give up after `timeout`, 30 minutes by
+                # default. The grace counts from the failure: the workers stopped on their own during the rescue too
+                grace = timeout if isinstance(error, SIGTERMException) else min(timeout, _FAILURE_GRACE)
+                self._end_children(max(grace - (time.monotonic() - failed_at), 0.0))
                 raise
         finally:
             self._in_fit.clear()
