@@ -44,14 +44,14 @@ class ConsensusFirst(L.Callback):
     reaches these hooks at the same points, in the same order.
 
     Args:
-        consensus: the consensus point.
+        consensus: the consensus point (``consensus(True)``: the exact average).
         epoch_ends: this worker's epoch ends: ``epoch_ends(epoch, skipped)`` meets the others (once per epoch);
             ``skipped``: the epoch ended because ``on_train_batch_start`` returned -1.
         epoch_over: the epoch's validation is over too (``on_train_epoch_end``).
     """
 
     def __init__(
-        self, consensus: Callable[[], None], epoch_ends: Callable[[int, bool], None], epoch_over: Callable[[], None]
+        self, consensus: Callable[..., None], epoch_ends: Callable[[int, bool], None], epoch_over: Callable[[], None]
     ) -> None:
         self._consensus = consensus
         self._epoch_ends = epoch_ends
@@ -77,4 +77,4 @@ class ConsensusFirst(L.Callback):
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._consensus()
+        self._consensus(True)  # the model `fit` hands over is the exact average

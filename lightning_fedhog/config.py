@@ -232,9 +232,13 @@ class FedHogConfig:
     compressed. Compressed rounds send each copy's difference from the last average of that block, which every
     device holds (one more fp32 copy of the vector per device, allocated when the first round compresses), so the
     mean of the copies is still preserved and what quantisation drops goes out with the next round of that block.
-    Consensus points stay full averages in the model's dtype. The rounds become all-gathers, whose bytes per device
-    grow with the number of devices: against an fp32 all-reduce, int8 sends a quarter with 2 devices and less up to
-    7, bf16 half with 2 devices and less up to 3. Gossip rounds always send fp32 (``"auto"`` is then fp32; a fixed
+    Consensus points send what the rounds send: while rounds compress, validation and checkpoints get the model every
+    device agreed on from compressed differences (the same bits everywhere, within quantisation error of the exact
+    average; what quantisation drops stays in each copy, so nothing is lost), and the end of ``fit`` the exact
+    average (while a compressed consensus holds, each device keeps its residual aside: one more fp32 copy of the
+    vector). ``"none"`` keeps every consensus point an exact fp32 average. The rounds become all-gathers, whose
+    bytes per device grow with the number of devices: against an fp32 all-reduce, int8 sends a quarter with 2
+    devices and less up to 7, bf16 half with 2 devices and less up to 3. Gossip rounds always send fp32 (``"auto"`` is then fp32; a fixed
     codec is refused).
     """
 

@@ -101,6 +101,10 @@ class ParkableEngine(Protocol):
 
     def full_average(self) -> None: ...
 
+    def consensus_average(self) -> None: ...
+
+    def make_exact(self) -> None: ...
+
     def resume(self) -> None: ...
 
 
@@ -128,6 +132,7 @@ class ConsensusPoints:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.at_consensus = False
+        self._exact = False  # the copies at this consensus point are the exact average
         self.meetings = 0  # consensus points met so far in this fit (the same count on every rank)
         self.parked_seconds = 0.0
         self._collectives = collectives
@@ -137,14 +142,22 @@ class ConsensusPoints:
         self._arrive_at = arrive
         self._clock = clock
 
-    def enter(self) -> bool | None:
-        """Parks every worker and leaves the exact average on every device.
+    def enter(self, exact: bool = False) -> bool | None:
+        """Parks every worker and leaves the same model on every device.
+
+        Args:
+            exact: the exact average, whatever the rounds send (the end of ``fit``). Otherwise a consensus point
+                sends what the rounds send: with compressed rounds every device holds the same model within
+                quantisation error of the exact average, and what that drops is added back when training resumes
+                (:meth:`~lightning_fedhog.engine.AveragingEngine.consensus_average`).
 
         Returns:
-            None when this worker is still parked at the previous consensus point (nothing was done); else whether
-            the ranks agreed to stop here.
+            None when this worker is still parked at the previous consensus point (nothing was done but, if
+            ``exact`` and that point was not, making it exact); else whether the ranks agreed to stop here.
         """
         if self.at_consensus:
+            if exact and not self._exact:
+                self._make_exact()
             return None
         began = self._clock()
         self._settle()  # this worker's last optimizer step has landed before the average is taken
@@ -154,11 +167,21 @@ class ConsensusPoints:
             self._faults.run_engine_command(engine.pause, "pause the averaging with the other devices")
         stop = self._agree("park the workers for a consensus point")
         if engine is not None:
-            self._faults.run_engine_command(engine.full_average, "average with the other devices at a consensus point")
+            average = engine.full_average if exact else engine.consensus_average
+            self._faults.run_engine_command(average, "average with the other devices at a consensus point")
         self._collective("finish the consensus average", lambda: self._collectives.barrier("fedhog-consensus"))
-        self.at_consensus = True
+        self.at_consensus, self._exact = True, exact
         self.parked_seconds += self._clock() - began
         return stop
+
+    def _make_exact(self) -> None:
+        """Still parked: the devices' copies become the exact average (a no-op for the engines when the point
+        already was), then every worker waits until its device's copy is (the same barrier on every rank)."""
+        engine = self._engine()
+        if engine is not None:
+            self._faults.run_engine_command(engine.make_exact, "average exactly with the other devices")
+        self._collective("finish the exact average", lambda: self._collectives.barrier("fedhog-consensus-exact"))
+        self._exact = True
 
     def leave(self) -> bool:
         """Resumes training after a consensus point, once every worker has finished with the consensus model.

@@ -138,14 +138,16 @@ class Coordination:
                 self._stop()
             self.consensus()
 
-    def consensus(self) -> None:
-        """Makes every device hold the exact average of all devices' copies, with every worker parked.
+    def consensus(self, exact: bool = False) -> None:
+        """Makes every device hold the same model, the average of all devices' copies, with every worker parked
+        (``exact``: the exact average even where the rounds compress, :meth:`ConsensusPoints.enter`).
 
-        Nothing happens when the workers are still parked at the previous point (validation, then a checkpoint).
+        Nothing happens when the workers are still parked at the previous point (validation, then a checkpoint),
+        but making it exact when asked.
         """
         if self.stragglers is not None:
             self.stragglers.pause()  # validation, checkpoints and waiting here are not training
-        stop = self.points.enter()
+        stop = self.points.enter(exact)
         if stop is None:
             return
         if stop:

@@ -32,7 +32,7 @@ from torch import Tensor
 from lightning_fedhog.auto_compression import CodecChoice, round_load
 from lightning_fedhog.averaging import all_finite, differing_copies, exchange_average_
 from lightning_fedhog.blocks import BlockRule, block_bounds, next_block
-from lightning_fedhog.compression import Compression
+from lightning_fedhog.compression import Compression, consensus_compressed_, restore_residual_
 from lightning_fedhog.rounds import InFlight, Rounds
 from lightning_fedhog.self_pacing import START_PERIOD, Seen, SelfPacing, agreed_period
 from lightning_fedhog.telemetry import RoundFigures
@@ -158,6 +158,7 @@ class AveragingEngine:
         self._abandon = False
         self._command: str | None = None
         self._commands_done = 0
+        self._residual: Tensor | None = None  # after a compressed consensus: what it dropped from this copy
         self._thread = threading.Thread(target=self._run, name="fedhog-averaging", daemon=True)
 
     @classmethod
@@ -194,8 +195,28 @@ class AveragingEngine:
         """While parked: replaces the whole vector by the exact average over all leaders."""
         self._command_and_wait("full")
 
+    def consensus_average(self) -> None:
+        """While parked: every leader ends with the same copy, sent as the rounds send.
+
+        With fp32 rounds it is :meth:`full_average`. When the rounds compress, the copies become
+        ``c = r + mean(Q(x_i - r))`` (the same bits everywhere) and each leader keeps what quantisation dropped,
+        which :meth:`resume` adds back, so nothing is lost
+        (:func:`~lightning_fedhog.compression.consensus_compressed_`).
+        """
+        self._command_and_wait("consensus")
+
+    def make_exact(self) -> None:
+        """While parked after :meth:`consensus_average`: makes the copies the exact average (nothing to do after
+        an exact one). The end of ``fit`` hands over the exact average."""
+        self._command_and_wait("exact")
+
+    @property
+    def lossy_consensus(self) -> bool:
+        """Whether the copies hold a compressed consensus whose residual :meth:`resume` will add back."""
+        return self._residual is not None
+
     def resume(self) -> None:
-        """While parked: restarts the background rounds."""
+        """While parked: adds back a compressed consensus's residual and restarts the background rounds."""
         self._command_and_wait("resume")
 
     def stop(self) -> bool:
@@ -406,23 +427,14 @@ class AveragingEngine:
                 if self._abandon:
                     return False
                 command, self._command = self._command, None
-            if command == "full":
-                stats: dict[str, float] = {}
-                finite = torch.tensor([float(all_finite(self.flat))], device=self.flat.device)
-                exchange_average_(
-                    self.flat, self._group, len(self._group_ranks), finite, exact=True, stats=stats,
-                    accept=lambda summed: bool(summed[0] == len(self._group_ranks)),
-                )
-                if "moved" not in stats:  # a consensus cannot be formed from non-finite copies: always stop
-                    raise FloatingPointError(
-                        "non-finite values (NaN/Inf) in the parameters of at least one device at a consensus point;"
-                        " the average was not formed and every device keeps its own copy. HINT: lower the learning"
-                        " rate or clip gradients (`Trainer(gradient_clip_val=...)`)."
-                    )
-                self._check_identical()
+            pending, self._residual = self._residual, None  # any command ends a compressed consensus
+            if pending is not None:
+                restore_residual_(self.flat, pending)
                 self._synchronize()
-                self.figures.consensus(stats["moved"], self._device_steps())
-                self._rounds.consensus_done()
+            if command == "full" or (command == "exact" and pending is not None):
+                self._exact_consensus()
+            elif command == "consensus":
+                self._consensus()
             with self._cond:
                 if command == "resume":
                     self._pause_requested = False
@@ -433,6 +445,39 @@ class AveragingEngine:
                 self._cond.notify_all()
             if command in ("resume", "stop"):
                 return command == "resume"
+
+    def _exact_consensus(self) -> None:
+        stats: dict[str, float] = {}
+        finite = torch.tensor([float(all_finite(self.flat))], device=self.flat.device)
+        exchange_average_(
+            self.flat, self._group, len(self._group_ranks), finite, exact=True, stats=stats,
+            accept=lambda summed: bool(summed[0] == len(self._group_ranks)),
+        )
+        self._consensus_formed(stats, exact=True)
+
+    def _consensus(self) -> None:
+        codec = self._rounds.consensus_codec
+        shared = self._rounds.shared
+        if codec == "none" or shared is None:
+            self._exact_consensus()
+            return
+        stats: dict[str, float] = {}
+        self._residual = consensus_compressed_(
+            self.flat, shared.values, self._group, len(self._group_ranks), codec, stats
+        )
+        self._consensus_formed(stats, exact=False)
+
+    def _consensus_formed(self, stats: dict[str, float], exact: bool) -> None:
+        if "moved" not in stats:  # a consensus cannot be formed from non-finite copies: always stop
+            raise FloatingPointError(
+                "non-finite values (NaN/Inf) in the parameters of at least one device at a consensus point;"
+                " the average was not formed and every device keeps its own copy. HINT: lower the learning"
+                " rate or clip gradients (`Trainer(gradient_clip_val=...)`)."
+            )
+        self._check_identical()
+        self._synchronize()
+        self.figures.consensus(stats["moved"], self._device_steps())
+        self._rounds.consensus_done(exact)
 
     def _check_identical(self) -> None:
         """After a consensus average every device must hold the same bits; a few bytes per leader prove it. A copy

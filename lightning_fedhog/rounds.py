@@ -166,9 +166,19 @@ class Rounds:
 
         return InFlight(block, finish, measured)
 
-    def consensus_done(self) -> None:
-        """After an exact average of the whole vector: it is every block's reference."""
+    @property
+    def consensus_codec(self) -> Codec:
+        """What a consensus point may send: the rounds' codec once every block has a shared reference, else fp32
+        (the same on every leader: the codec and the references' readiness change in agreed rounds only)."""
+        codec = self.codec
+        if codec == "none" or self.shared is None or not all(map(self.shared.ready, range(len(self._bounds)))):
+            return "none"
+        return codec
+
+    def consensus_done(self, exact: bool = True) -> None:
+        """After a consensus average of the whole vector: it is every block's reference (a compressed consensus
+        has already advanced the shared reference to it)."""
         if self._reference is not None:
             self._reference.copy_(self.flat)
-        if self.shared is not None:  # "auto" keeps no reference before it first compresses
+        if self.shared is not None and exact:  # "auto" keeps no reference before it first compresses
             self.shared.reset_(self.flat, allocate=self.choice is None)

@@ -436,7 +436,7 @@ class FedHogStrategy(DDPStrategy):
 
     @override
     def on_train_end(self) -> None:
-        self.consensus()
+        self.consensus(exact=True)
         if self._fit is not None and self._fit.engine is not None:
             self._fit.engine.stop()
             self._fit.engine = None
@@ -451,14 +451,16 @@ class FedHogStrategy(DDPStrategy):
         )
 
     # ------------------------------------------------------------------------------------------- consensus
-    def consensus(self) -> None:
-        """Makes every device hold the exact average of all devices' copies, with every worker parked.
+    def consensus(self, exact: bool = False) -> None:
+        """Makes every device hold the same model, the average of all devices' copies, with every worker parked.
 
         A collective over all workers (:class:`~lightning_fedhog.coordination.Coordination`); Lightning calls it
-        at the same points on every rank: validation start, checkpoint save, end of fit.
+        at the same points on every rank: validation start, checkpoint save, end of fit. Where the rounds compress,
+        validation and checkpoints get the model every device agreed on with compressed codes (within quantisation
+        error of the exact average, nothing dropped from the copies); ``exact`` (the end of fit) the exact average.
         """
         if (shared := self._shared()) is not None and not self._fit.rescuing:  # type: ignore[union-attr]
-            shared.coordination.consensus()
+            shared.coordination.consensus(exact)
 
     def _epoch_ends(self, epoch: int, skipped: bool) -> None:
         """Every worker meets once per epoch after its last batch, before any epoch-end collective (the stop is

@@ -52,6 +52,14 @@ class FakeEngine:
         if self.error is not None:
             raise self.error
 
+    def consensus_average(self) -> None:
+        self.calls.append("engine.consensus_average")
+        if self.error is not None:
+            raise self.error
+
+    def make_exact(self) -> None:
+        self.calls.append("engine.make_exact")
+
     def resume(self) -> None:
         self.calls.append("engine.resume")
         self.parked = False

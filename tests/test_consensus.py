@@ -31,13 +31,32 @@ def test_a_consensus_point_parks_averages_and_costs_one_for_consecutive_points()
     engine = FakeEngine(calls)
     points = _points(calls, _watch(), engine)
     assert points.enter() is False
-    assert calls == ["settle", "arrive 1", "engine.pause", "agree", "engine.full_average", "barrier"]
+    assert calls == ["settle", "arrive 1", "engine.pause", "agree", "engine.consensus_average", "barrier"]
     calls.clear()
     assert points.enter() is None  # validation, then a checkpoint: still parked, nothing to do
     assert calls == []
     assert points.leave() is False
     assert calls == ["arrive 2", "agree", "engine.resume"]
     assert not points.at_consensus and points.meetings == 2
+
+
+def test_the_end_of_fit_makes_a_compressed_point_exact_and_workers_run_the_same_collectives() -> None:
+    leader_calls, worker_calls = Calls(), Calls()
+    leader = _points(leader_calls, _watch(), FakeEngine(leader_calls))
+    worker = _points(worker_calls, _watch(), None)
+    for points in (leader, worker):
+        points.enter()  # validation: what the rounds send
+        points.enter(exact=True)  # the end of fit right after it: made exact, once
+        points.enter(exact=True)
+    assert leader_calls[-2:] == ["engine.make_exact", "barrier"]
+    assert leader_calls.count("engine.make_exact") == 1
+    collectives = [call for call in leader_calls if call in ("agree", "barrier")]
+    assert collectives == [call for call in worker_calls if call in ("agree", "barrier")]
+    fresh = Calls()
+    exact = _points(fresh, _watch(), FakeEngine(fresh))
+    exact.enter(exact=True)  # a fresh exact point: the exact average, nothing to make exact afterwards
+    exact.enter(exact=True)
+    assert "engine.full_average" in fresh and "engine.make_exact" not in fresh
 
 
 def test_a_worker_without_engine_runs_the_same_collectives_as_a_leader() -> None:

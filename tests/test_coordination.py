@@ -82,7 +82,7 @@ def test_a_consensus_point_averages_then_gathers_telemetry() -> None:
     coordination = _coordination(calls, engine=engine, training=True)
     coordination.consensus()
     assert calls == [
-        "settle", "engine.pause", "agree", "engine.full_average", "barrier",
+        "settle", "engine.pause", "agree", "engine.consensus_average", "barrier",
         "engine.take_stats", ("gather", "telemetry"), ("publish", 2),
     ]
 

@@ -72,6 +72,26 @@ def test_registered_name_and_bf16_mixed_on_cpu(tmp_path: Path) -> None:
     assert reports[0]["metrics"]["val_acc"] > 0.5
 
 
+def test_int8_rounds_validate_one_model_everywhere_and_fit_ends_with_the_exact_average(tmp_path: Path) -> None:
+    reports = run_app(tmp_path, "--devices", "2", "--workers", "1", "--compression", "int8", "--period", "1",
+                      "--epochs", "3")
+    # every device validated the same bits at every consensus point (the compressed consensus's model) ...
+    seen = [r["hook_sums"]["callback.on_validation_start"] for r in reports]
+    assert len(seen[0]) == 4 and seen[0] == seen[1]  # the sanity check, then one per epoch
+    # ... and the checkpoint saved after the last validation holds that model
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    saved = sum(float(value.double().sum()) for key, value in checkpoint["state_dict"].items() if key.startswith("net"))
+    assert saved == seen[0][-1]
+    # the end of fit makes it the exact average: every rank the same bits, the probe exactly the mean of its steps
+    states = [load_rank(tmp_path, rank)["state_dict"] for rank in range(2)]
+    assert all(torch.equal(states[0][key], states[1][key]) for key in states[0])
+    steps = 3 * _steps_per_rank(256, 16, 2)
+    torch.testing.assert_close(states[0]["probe"], torch.full((2,), -steps * 0.125 / 2), rtol=0, atol=1e-6)
+    ended = [r["hook_sums"]["callback.on_train_end"][-1] for r in reports]
+    assert ended[0] == ended[1] and ended[0] != seen[0][-1], "the compressed consensus was not made exact"
+    assert reports[0]["metrics"]["val_acc"] > 0.9
+
+
 def test_resume_restores_every_workers_optimizer_state_and_the_schedule(tmp_path: Path) -> None:
     first = tmp_path / "first"
     args = ("--devices", "2", "--workers", "2", "--kind", "adam", "--lr", "0.01")
