@@ -238,8 +238,8 @@ class FedHogConfig:
     average (while a compressed consensus holds, each device keeps its residual aside: one more fp32 copy of the
     vector). ``"none"`` keeps every consensus point an exact fp32 average. The rounds become all-gathers, whose
     bytes per device grow with the number of devices: against an fp32 all-reduce, int8 sends a quarter with 2
-    devices and less up to 7, bf16 half with 2 devices and less up to 3. Gossip rounds always send fp32 (``"auto"`` is then fp32; a fixed
-    codec is refused).
+    devices and less up to 7, bf16 half with 2 devices and less up to 3. Gossip rounds always send fp32 (``"auto"``
+    is then fp32; a fixed codec is refused).
     """
 
     rounds_in_flight: int = 1
