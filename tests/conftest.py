@@ -89,8 +89,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     log = (out / "smoke.log").open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", "benchmarks", "--smoke", "--output", str(out)], cwd=Path(__file__).parents[1],
-        env={**os.environ, "PYTHONWARNINGS": "ignore"}, stdout=log, stderr=subprocess.STDOUT,
-        preexec_fn=lambda: os.nice(19), start_new_session=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", "FEDHOG_ZYGOTE_LOGS": str(out)}, stdout=log,
+        stderr=subprocess.STDOUT, preexec_fn=lambda: os.nice(19), start_new_session=True,
     )
     _SMOKE = (process, out)
 

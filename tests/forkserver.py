@@ -23,7 +23,9 @@ class ForkServer:
 
     def __init__(self) -> None:
         self._proc: subprocess.Popen | None = None
-        self._logs = Path(tempfile.mkdtemp(prefix="fedhog-zygote-"))
+        # a process killed before `close` (a smoke run cut short) leaves this folder: the smoke run's is inside its
+        # own output folder, which the test session removes
+        self._logs = Path(tempfile.mkdtemp(prefix="fedhog-zygote-", dir=os.environ.get("FEDHOG_ZYGOTE_LOGS")))
         self._runs = 0
 
     def _start(self) -> subprocess.Popen:
