@@ -31,10 +31,13 @@ about the link; the last one to arrive waits for nothing but the bytes.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, replace
 from statistics import median
 from typing import Literal
+
+log = logging.getLogger("lightning_fedhog.engine")  # the engine reports its own rounds
 
 AutoCodec = Literal["none", "int8"]
 Sent = Literal["none", "bf16", "int8"]
@@ -153,3 +156,21 @@ def agreed(values: list[float]) -> float:
     """The leaders' smallest value (the one that waited least); 0 when some leader has not measured it."""
     finite = [value for value in values if math.isfinite(value)]
     return min(finite) if len(finite) == len(values) and finite else 0.0
+
+
+def report_codec(before: CodecChoice, after: CodecChoice | None) -> None:
+    """One line when ``compression="auto"`` changes what the rounds send or keeps int8 after a trial."""
+    if after is None or after == before:
+        return
+    if after.codec == "int8" and before.codec == "none":
+        log.info("fedhog: fp32 averaging rounds keep the link busy (%.3f s each, over a quarter of their period):"
+                 " trying int8 rounds (`compression='auto'`).", after.exact_seconds)
+    elif before.trial and not after.trial and after.codec == "int8":
+        log.info("fedhog: int8 rounds are %.1fx as fast as fp32 ones: the link is the limit; rounds send int8"
+                 " (`compression='auto'`).", after.slowdown)
+    elif before.trial and after.codec == "none":
+        log.info("fedhog: int8 rounds were not faster than fp32 ones (%.3f s): the link is not the limit; back to"
+                 " fp32 rounds, next try in %d rounds (`compression='auto'`).", before.exact_seconds, after.wait)
+    elif before.codec == "int8" and after.codec == "none":
+        log.info("fedhog: fp32 rounds would leave the link mostly idle again: rounds send fp32"
+                 " (`compression='auto'`).")

@@ -19,8 +19,9 @@ correction, so it stays in the live copy's difference from the new reference and
 that block. Nothing accumulates: after a round without training the copy is within one quantisation step of the
 reference (tests/test_compression.py checks both). A block's first round has no reference yet and sends fp32
 (``r`` starts at zero, so that round is an exact average). An exact consensus point leaves every copy equal to the
-exact average, which becomes every block's reference; a compressed one (:func:`consensus_compressed_`) is a round of
-the whole vector after which every copy is set to the reference and keeps its residual for later.
+exact average, which becomes every block's reference; a compressed one
+(:func:`~lightning_fedhog.consensus_average.consensus_compressed_`) is a round of the whole vector after which every
+copy is set to the reference and keeps its residual for later.
 """
 
 from __future__ import annotations
@@ -239,47 +240,6 @@ def start_compressed(
         return summed
 
     return finish
-
-
-def consensus_compressed_(
-    flat: Tensor, reference: Tensor, group: Any, world_size: int, codec: Codec, stats: dict[str, float] | None = None
-) -> Tensor | None:
-    """A consensus point that sends what the rounds send: every leader ends with the same copy ``c``.
-
-    One compressed round of the whole vector against the shared reference ``r`` leaves ``x_i' = c + e_i`` on each
-    leader, with ``c = r + mean(q)`` the same bits everywhere and ``e_i`` what quantisation dropped from this
-    leader's difference. The copy becomes ``c`` (the model that is validated and saved: identical on every device,
-    within half a quantisation step per element of the exact average) and ``e_i`` is returned; adding it back when
-    training resumes (:func:`restore_residual_`) makes the mean of the copies exactly the mean before the point, as
-    after any round, and what quantisation dropped goes out with the next round. The reference becomes ``c``.
-
-    Worked in pieces, like the rounds: the extra memory is the residual (one fp32 copy of the vector) and a few
-    pieces of workspace besides the gathered codes.
-
-    Returns:
-        This leader's residual (fp32), or None when some leader's copy held NaN/Inf (nothing was changed).
-    """
-    control = torch.zeros(1, dtype=_CONTROL_DTYPE, device=flat.device)
-    finish = start_compressed(flat, reference, group, world_size, control, codec, nonfinite_slot=0)
-    stats = {} if stats is None else stats
-    finish(accept=lambda summed: not bool(summed[0] > 0), stats=stats)
-    if "moved" not in stats:  # not applied anywhere
-        return None
-    values, ref = flat.view(-1), reference.view(-1)
-    residual = torch.empty(values.numel(), dtype=torch.float32, device=flat.device)
-    for start in range(0, values.numel(), PIECE):
-        stop = start + PIECE
-        agreed = ref[start:stop].to(values.dtype)
-        residual[start:stop].copy_(values[start:stop].float() - agreed.float())
-        values[start:stop].copy_(agreed)
-    return residual
-
-
-def restore_residual_(flat: Tensor, residual: Tensor) -> None:
-    """Adds a consensus point's residual (:func:`consensus_compressed_`) back to the copy, in pieces."""
-    values = flat.view(-1)
-    for start in range(0, values.numel(), PIECE):
-        values[start : start + PIECE].add_(residual[start : start + PIECE].to(values.dtype))
 
 
 class SharedReference:

@@ -9,7 +9,9 @@ Every leader must issue the same collectives in the same order. Rounds are numbe
 depends only on its number; pausing is agreed *inside* the round's message: a leader that wants to pause sets a
 flag, and in the round where any flag is set, every leader parks. Parked, the engine only does what its main
 thread asks, and all main threads ask the same things in the same order at consensus points:
-``full_average`` (an exact average of the whole vector), then ``resume`` or ``stop``.
+``consensus_average`` or ``full_average`` (:mod:`~lightning_fedhog.consensus_average`: sent as the rounds send, or
+exact), perhaps ``make_exact``, then ``resume`` or ``stop``. Whether a command sends anything, and what, depends only
+on values every leader holds alike (the agreed codec, the references' readiness, the summed control of the rounds).
 
 With ``rounds_in_flight`` = D > 1, a leader starts round t + D - 1 before it finishes round t, so it learns of a
 pause agreed in round t with rounds t + 1 .. t + D - 1 started, on every leader alike: each finishes them, then
@@ -18,7 +20,6 @@ parks (:mod:`~lightning_fedhog.rounds`).
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections import deque
@@ -29,10 +30,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
-from lightning_fedhog.auto_compression import CodecChoice, round_load
-from lightning_fedhog.averaging import all_finite, differing_copies, exchange_average_
+from lightning_fedhog.auto_compression import report_codec, round_load
+from lightning_fedhog.averaging import differing_copies
 from lightning_fedhog.blocks import BlockRule, block_bounds, next_block
-from lightning_fedhog.compression import Compression, consensus_compressed_, restore_residual_
+from lightning_fedhog.compression import Compression
+from lightning_fedhog.consensus_average import form_consensus_, restore_residual_
 from lightning_fedhog.rounds import InFlight, Rounds
 from lightning_fedhog.self_pacing import START_PERIOD, Seen, SelfPacing, agreed_period
 from lightning_fedhog.telemetry import RoundFigures
@@ -43,7 +45,6 @@ if TYPE_CHECKING:
 
 _State = Literal["idle", "running", "parked", "stopped"]
 
-log = logging.getLogger(__name__)
 
 class AveragingError(RuntimeError):
     """The averaging among device leaders failed (a peer gone, stuck or too slow); the message names the leaders."""
@@ -59,24 +60,6 @@ class CopiesDifferError(AveragingError):
 
 _MAX_POLL_SECONDS = 0.05
 """The longest the engine sleeps between two looks at the step counters (how late a round can start)."""
-
-
-def _report_codec(before: CodecChoice, after: CodecChoice | None) -> None:
-    """One line when ``compression="auto"`` changes what the rounds send or keeps int8 after a trial."""
-    if after is None or after == before:
-        return
-    if after.codec == "int8" and before.codec == "none":
-        log.info("fedhog: fp32 averaging rounds keep the link busy (%.3f s each, over a quarter of their period):"
-                 " trying int8 rounds (`compression='auto'`).", after.exact_seconds)
-    elif before.trial and not after.trial and after.codec == "int8":
-        log.info("fedhog: int8 rounds are %.1fx as fast as fp32 ones: the link is the limit; rounds send int8"
-                 " (`compression='auto'`).", after.slowdown)
-    elif before.trial and after.codec == "none":
-        log.info("fedhog: int8 rounds were not faster than fp32 ones (%.3f s): the link is not the limit; back to"
-                 " fp32 rounds, next try in %d rounds (`compression='auto'`).", before.exact_seconds, after.wait)
-    elif before.codec == "int8" and after.codec == "none":
-        log.info("fedhog: fp32 rounds would leave the link mostly idle again: rounds send fp32"
-                 " (`compression='auto'`).")
 
 
 class AveragingEngine:
@@ -98,6 +81,9 @@ class AveragingEngine:
         compression: what all-reduce rounds send (:mod:`~lightning_fedhog.compression`; ``"auto"``:
             :mod:`~lightning_fedhog.auto_compression`); consensus averages stay full averages in the model's dtype.
         pacing_budget: with ``period="auto"``, the share of the workers' throughput averaging may cost.
+        sole_worker: the leader is its device's only worker, so once its main thread asks for a pause nothing but
+            the rounds writes the copy: a block that the round agreeing on the pause leaves in the shared reference,
+            with every device so, needs no second exchange at the consensus point.
         rounds_in_flight: rounds started before the oldest is finished (:mod:`~lightning_fedhog.rounds`); more
             than one needs all-reduce rounds, round-robin blocks and at least that many blocks.
         timeout: how long the main thread waits for the engine to park or finish a command.
@@ -122,6 +108,7 @@ class AveragingEngine:
         pacing_budget: float = 0.05,
         rounds_in_flight: int = 1,
         poll_interval: float = 0.0005,
+        sole_worker: bool = False,
     ) -> None:
         self.flat = flat
         self.period: int | Literal["auto"] = period
@@ -159,12 +146,16 @@ class AveragingEngine:
         self._command: str | None = None
         self._commands_done = 0
         self._residual: Tensor | None = None  # after a compressed consensus: what it dropped from this copy
+        self._sole_worker = sole_worker
+        # blocks whose last round ran with every device frozen for a pause: their average is the shared reference,
+        # "exact" or "compressed" (the same on every leader: decided from summed control values)
+        self._settled: dict[int, str] = {}
         self._thread = threading.Thread(target=self._run, name="fedhog-averaging", daemon=True)
 
     @classmethod
     def configured(
         cls, config: FedHogConfig, flat: Tensor, device_steps: Callable[[], int], group: Any, group_ranks: list[int],
-        *, period: int | Literal["auto"],
+        *, period: int | Literal["auto"], sole_worker: bool = False,
     ) -> AveragingEngine:
         """The engine with the run's settings (``num_blocks``, ``block_rule``, gossip, seed, ``nonfinite``)."""
         return cls(
@@ -172,6 +163,7 @@ class AveragingEngine:
             timeout=config.timeout, block_rule=config.block_rule,
             gossip_topology=config.topology if config.averaging == "gossip" else None, seed=config.seed,
             on_non_finite=config.nonfinite, compression=config.compression, rounds_in_flight=config.rounds_in_flight,
+            sole_worker=sole_worker,
         )
 
     # ----------------------------------------------------------------------------------------------- main thread
@@ -324,7 +316,8 @@ class AveragingEngine:
             proposal = float(self._pacing.proposal()) if auto else 0.0
             link = (round_load(self._rounds.last_seconds, self._seconds_per_step, self.current_period,
                                self._max_in_flight), self._rounds.last_seconds)
-            control = self._rounds.control(want_pause, block, proposal, float(since), link)
+            frozen = want_pause and self._sole_worker
+            control = self._rounds.control(want_pause, block, proposal, float(since), link, frozen=frozen)
             in_flight.append(self._rounds.start(block, self._started, control, self._device_steps))
             self._started += 1
             if len(in_flight) < self._max_in_flight:
@@ -348,6 +341,10 @@ class AveragingEngine:
         bad = [index for index, value in enumerate(summed[1 : 1 + leaders].tolist()) if value > 0]
         if bad:
             self._non_finite(bad, round_.block)
+        if round_.reference and not bad and int(summed[-1]) == leaders:  # every device frozen when it started
+            self._settled[round_.block] = round_.reference
+        else:
+            self._settled.pop(round_.block, None)
         if self.period == "auto":
             self.paced_period = agreed_period(summed[1 + leaders : 1 + 2 * leaders].tolist())
         paused = draining or bool(summed[0] > 0)
@@ -358,8 +355,8 @@ class AveragingEngine:
         before = self._rounds.choice
         self._rounds.agree_codec(summed[2 + 2 * leaders : link_end], round_.measured)
         if before is not None and self._group.rank() == 0:
-            _report_codec(before, self._rounds.choice)
-        scores = summed[link_end:].tolist() if summed.numel() > link_end else None
+            report_codec(before, self._rounds.choice)
+        scores = summed[link_end:-1].tolist() if summed.numel() > link_end + 1 else None
         return paused, scores
 
     def _non_finite(self, bad: list[int], block: int) -> None:
@@ -428,13 +425,14 @@ class AveragingEngine:
                     return False
                 command, self._command = self._command, None
             pending, self._residual = self._residual, None  # any command ends a compressed consensus
+            settled, self._settled = ({} if pending is not None else self._settled), {}
             if pending is not None:
                 restore_residual_(self.flat, pending)
                 self._synchronize()
             if command == "full" or (command == "exact" and pending is not None):
-                self._exact_consensus()
+                self._consensus(exact=True, settled=settled)
             elif command == "consensus":
-                self._consensus()
+                self._consensus(exact=False, settled=settled)
             with self._cond:
                 if command == "resume":
                     self._pause_requested = False
@@ -446,29 +444,19 @@ class AveragingEngine:
             if command in ("resume", "stop"):
                 return command == "resume"
 
-    def _exact_consensus(self) -> None:
-        stats: dict[str, float] = {}
-        finite = torch.tensor([float(all_finite(self.flat))], device=self.flat.device)
-        exchange_average_(
-            self.flat, self._group, len(self._group_ranks), finite, exact=True, stats=stats,
-            accept=lambda summed: bool(summed[0] == len(self._group_ranks)),
-        )
-        self._consensus_formed(stats, exact=True)
-
-    def _consensus(self) -> None:
-        codec = self._rounds.consensus_codec
+    def _consensus(self, exact: bool, settled: dict[int, str]) -> None:
+        """Forms the consensus (:func:`~lightning_fedhog.consensus_average.form_consensus_`): exact, or sent as the
+        rounds send, and without a second exchange of the blocks in ``settled``."""
+        codec = "none" if exact else self._rounds.consensus_codec
         shared = self._rounds.shared
-        if codec == "none" or shared is None:
-            self._exact_consensus()
-            return
-        stats: dict[str, float] = {}
-        self._residual = consensus_compressed_(
-            self.flat, shared.values, self._group, len(self._group_ranks), codec, stats
+        reference = shared.values if shared is not None and shared.allocated else None
+        moved, self._residual = form_consensus_(
+            self.flat, self._group, len(self._group_ranks), self._bounds, codec, reference, settled
         )
-        self._consensus_formed(stats, exact=False)
+        self._consensus_formed(moved, exact=codec == "none")
 
-    def _consensus_formed(self, stats: dict[str, float], exact: bool) -> None:
-        if "moved" not in stats:  # a consensus cannot be formed from non-finite copies: always stop
+    def _consensus_formed(self, moved: float | None, exact: bool) -> None:
+        if moved is None:  # a consensus cannot be formed from non-finite copies: always stop
             raise FloatingPointError(
                 "non-finite values (NaN/Inf) in the parameters of at least one device at a consensus point;"
                 " the average was not formed and every device keeps its own copy. HINT: lower the learning"
@@ -476,7 +464,7 @@ class AveragingEngine:
             )
         self._check_identical()
         self._synchronize()
-        self.figures.consensus(stats["moved"], self._device_steps())
+        self.figures.consensus(moved, self._device_steps())
         self._rounds.consensus_done(exact)
 
     def _check_identical(self) -> None:

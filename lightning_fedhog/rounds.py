@@ -27,12 +27,15 @@ from lightning_fedhog.topology import Topology, peers
 
 @dataclass
 class InFlight:
-    """A started round: its block, what finishes it (returns the summed control), and what the round whose link
-    figures its control message carries had sent (``compression="auto"``)."""
+    """A started round: its block, what finishes it (returns the summed control), what the round whose link
+    figures its control message carries had sent (``compression="auto"``), and what the round leaves in the block's
+    shared reference when applied: the average of the snapshots (``"exact"``), the compressed average
+    (``"compressed"``), or nothing."""
 
     block: int
     finish: Callable[[], Tensor]
     measured: Codec = "none"
+    reference: str = ""
 
 
 class Rounds:
@@ -100,13 +103,15 @@ class Rounds:
         self.choice = self.choice.after_round(load, seconds, measured)
 
     def control(
-        self, want_pause: bool, block: int, proposal: float, steps: float, link: tuple[float, float] = (0.0, 0.0)
+        self, want_pause: bool, block: int, proposal: float, steps: float, link: tuple[float, float] = (0.0, 0.0),
+        frozen: bool = False,
     ) -> Tensor:
         """This leader's control vector, summed over all leaders by the round's message:
         ``[pause flag, one-hot "my block is not finite" per leader, proposed period per leader (auto: the largest is
         agreed), device steps since the previous round, (compression="auto") round load per leader and round time
-        per leader, change score per block (largest_change)]``; ``link``: this leader's load and time of its last
-        finished round."""
+        per leader, change score per block (largest_change), frozen]``; ``link``: this leader's load and time of its
+        last finished round; ``frozen``: nothing but the rounds writes this device's copy until the pause ends (the
+        sum says how many leaders' snapshots are final)."""
         start, stop = self._bounds[block]
         rank = self._group.rank()
         values = [float(want_pause)] + [0.0] * self._world_size
@@ -121,6 +126,7 @@ class Rounds:
             values += [*loads, *times]
         if self._reference is not None:
             values += [float((self.flat[a:b] - self._reference[a:b]).norm()) for a, b in self._bounds]
+        values.append(float(frozen))
         return torch.tensor(values, dtype=self.flat.dtype, device=self.flat.device)
 
     def accept(self, summed: Tensor) -> bool:
@@ -133,16 +139,18 @@ class Rounds:
         live = self.flat[start:stop]
         began = time.monotonic()
         stats: dict[str, float] = {}
-        codec, tracked, measured = self.codec, None, self.last_sent
+        codec, tracked, measured, reference = self.codec, None, self.last_sent, ""
         if self._topology is None:
             mine = 1 + self._group.rank()  # this leader's "not finite" entry: set if what it sends is not
             if codec != "none" and self.shared is not None and self.shared.ready(block):
                 pending = self.shared.start_(live, (start, stop), self._group, self._world_size, control, codec, mine)
+                reference = "compressed"
             else:  # fp32: an all-reduce, which sets a block's reference (its first compressed round) or keeps it
                 if self.shared is not None:
                     tracked = self.shared.values[start:stop] if codec != "none" else self.shared.block_to_track(
                         (start, stop))
                 codec = "none"
+                reference = "exact" if tracked is not None else ""
                 pending = start_average(live, self._group, self._world_size, control, mine, reference=tracked)
         else:
             gossiped = sum_control(control, self._group)
@@ -164,7 +172,7 @@ class Rounds:
             self.last_round[block] = index
             return summed  # type: ignore[return-value]  # never None when a control vector is sent
 
-        return InFlight(block, finish, measured)
+        return InFlight(block, finish, measured, reference)
 
     @property
     def consensus_codec(self) -> Codec:

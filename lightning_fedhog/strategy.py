@@ -390,7 +390,7 @@ class FedHogStrategy(DDPStrategy):
         if shared.leader_group is not None and place.is_leader:
             fit.engine = AveragingEngine.configured(
                 self.config, shared.buffer.flat, shared.buffer.device_steps, shared.leader_group, place.leader_ranks,
-                period=self.config.period_at(trainer.current_epoch),
+                period=self.config.period_at(trainer.current_epoch), sole_worker=place.workers_per_device == 1,
             )
             fit.engine.start()
         shared.coordination.training_starts()

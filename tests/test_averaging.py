@@ -287,10 +287,10 @@ def test_the_fingerprint_sees_one_ulp_a_swap_and_a_sign_and_not_how_the_vector_i
 
 
 def test_after_a_consensus_a_copy_that_differs_fails_loudly_naming_its_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    import lightning_fedhog.engine as engine_module
+    import lightning_fedhog.consensus_average as consensus_module
     from lightning_fedhog.engine import CopiesDifferError
 
-    original = engine_module.exchange_average_
+    original = consensus_module.exchange_average_
 
     def with_a_stray_write(flat: torch.Tensor, group, *args, **kwargs):  # type: ignore[no-untyped-def]
         summed = original(flat, group, *args, **kwargs)
@@ -298,7 +298,7 @@ def test_after_a_consensus_a_copy_that_differs_fails_loudly_naming_its_device(mo
             flat[3] += 1e-6  # something wrote the parameters while the workers were parked
         return summed
 
-    monkeypatch.setattr(engine_module, "exchange_average_", with_a_stray_write)
+    monkeypatch.setattr(consensus_module, "exchange_average_", with_a_stray_write)
     _store, _vectors, _steps, engines = engine_fleet(3, 64, 1, period=1)
     for engine in engines:
         engine.start()

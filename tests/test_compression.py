@@ -173,6 +173,42 @@ def test_a_compressed_consensus_gives_every_device_one_model_and_keeps_the_exact
     run_in_threads(lambda r: engines[r].stop(), world_size)
 
 
+@pytest.mark.parametrize(("num_blocks", "sole_worker", "exchanges"), [(1, True, 0), (2, True, 1), (1, False, 1)])
+def test_a_block_the_pause_round_averaged_with_every_device_frozen_is_not_sent_again(
+    monkeypatch: pytest.MonkeyPatch, num_blocks: int, sole_worker: bool, exchanges: int
+) -> None:
+    import lightning_fedhog.consensus_average as consensus_module
+
+    calls: list[str] = []
+    for name in ("exchange_average_", "consensus_compressed_"):
+        original = getattr(consensus_module, name)
+        def counted(*args, _call=original, _name=name, **kwargs):  # type: ignore[no-untyped-def]
+            calls.append(_name)
+            return _call(*args, **kwargs)
+
+        monkeypatch.setattr(consensus_module, name, counted)
+    world_size, numel = 2, 3 * INT8_CHUNK + 77
+    # no round between consensus points: the only rounds are those that agree on a pause, while the devices wait
+    _store, vectors, _steps, engines = engine_fleet(world_size, numel, num_blocks, period=10**6, compression="int8",
+                                                    sole_worker=sole_worker)
+    for engine in engines:
+        engine.start()
+    for cycle in range(2):  # the first pause round sends fp32 (no reference yet), the second int8 codes
+        for rank in range(world_size):
+            vectors[rank].add_(_values(numel, seed=20 + 2 * cycle + rank, scale=1e-2))  # the devices train apart
+        mean = torch.stack(vectors).mean(0)
+        run_in_threads(lambda r: engines[r].pause(), world_size)
+        calls.clear()
+        run_in_threads(lambda r: engines[r].consensus_average(), world_size)
+        assert len(calls) == world_size * exchanges, calls  # every leader runs the same collectives
+        assert all(torch.equal(vector, vectors[0]) for vector in vectors), "every device validates the same bits"
+        off = float((vectors[0] - mean).abs().max())
+        assert off <= (1e-6 if cycle == 0 else 0.04 / 127), off  # the fp32 pause round: the exact mean
+        run_in_threads(lambda r: engines[r].resume(), world_size)
+        torch.testing.assert_close(torch.stack(vectors).mean(0), mean, rtol=0, atol=1e-6)
+    run_in_threads(lambda r: engines[r].stop(), world_size)
+
+
 def test_a_consensus_is_exact_while_the_rounds_send_fp32() -> None:
     world_size, numel = 2, 1000
     _store, vectors, _steps, engines = engine_fleet(world_size, numel, 1, period=1, compression="none")
