@@ -1,7 +1,8 @@
-"""Consensus points: every worker parked, every device holding the exact average, and the stop agreed there.
+"""Consensus points: every worker parked, every device holding the same average, and the stop agreed there.
 
 Lightning looks at the model at validation start, checkpoint save and the end of ``fit``; there every device must
-hold the same model, the exact average of the devices' copies, and nobody may write it. A consensus point is a
+hold the same model, the average of the devices' copies (exact at the end of ``fit``; while rounds compress, within
+quantisation error of it: :mod:`~lightning_fedhog.consensus_average`), and nobody may write it. A consensus point is a
 collective over all workers, which Lightning reaches at the same points on every rank. Workers stay parked until
 their next training batch, so consecutive consensus points (validate, then checkpoint) cost one.
 
@@ -176,15 +177,21 @@ class ConsensusPoints:
 
     def _make_exact(self) -> None:
         """Still parked: the devices' copies become the exact average (a no-op for the engines when the point
-        already was), then every worker waits until its device's copy is (the same barrier on every rank)."""
+        already was), then every worker waits until its device's copy is (the same barrier on every rank). An
+        engine started after the point (the sanity check's comes before training starts) has nothing to make
+        exact, on every leader alike."""
         engine = self._engine()
-        if engine is not None:
+        if engine is not None and engine.parked:
             self._faults.run_engine_command(engine.make_exact, "average exactly with the other devices")
         self._collective("finish the exact average", lambda: self._collectives.barrier("fedhog-consensus-exact"))
         self._exact = True
 
     def leave(self) -> bool:
         """Resumes training after a consensus point, once every worker has finished with the consensus model.
+
+        The leaders' engines first add back what a compressed consensus left aside; a barrier then keeps every
+        worker from stepping before its device's copy is whole again (a step racing the add-back could lose part
+        of it).
 
         Returns:
             Whether the ranks agreed to stop instead (the engine then stays parked).
@@ -195,6 +202,7 @@ class ConsensusPoints:
         engine = self._engine()
         if engine is not None and engine.parked:  # not parked: started after the consensus point
             self._faults.run_engine_command(engine.resume, "resume the averaging with the other devices")
+        self._collective("resume training", lambda: self._collectives.barrier("fedhog-resume"))
         self.at_consensus = False
         return False
 

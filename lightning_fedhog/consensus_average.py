@@ -25,7 +25,8 @@ from lightning_fedhog.compression import PIECE, Codec, start_compressed
 
 
 def consensus_compressed_(
-    flat: Tensor, reference: Tensor, group: Any, world_size: int, codec: Codec, stats: dict[str, float] | None = None
+    flat: Tensor, reference: Tensor, group: Any, world_size: int, codec: Codec, stats: dict[str, float] | None = None,
+    out: Tensor | None = None,
 ) -> Tensor | None:
     """A consensus point that sends what the rounds send: every leader ends with the same copy ``c``.
 
@@ -39,6 +40,9 @@ def consensus_compressed_(
     Worked in pieces, like the rounds: the extra memory is the residual (one fp32 copy of the vector) and a few
     pieces of workspace besides the gathered codes.
 
+    Args:
+        out: where to write the residual (fp32, ``flat``'s size); a new tensor when None.
+
     Returns:
         This leader's residual (fp32), or None when some leader's copy held NaN/Inf (nothing was changed).
     """
@@ -49,7 +53,7 @@ def consensus_compressed_(
     if "moved" not in stats:  # not applied anywhere
         return None
     values, ref = flat.view(-1), reference.view(-1)
-    residual = torch.empty(values.numel(), dtype=torch.float32, device=flat.device)
+    residual = torch.empty(values.numel(), dtype=torch.float32, device=flat.device) if out is None else out.view(-1)
     for start in range(0, values.numel(), PIECE):
         stop = start + PIECE
         agreed = ref[start:stop].to(values.dtype)
@@ -91,13 +95,7 @@ def form_consensus_(
     """
     exact = codec == "none"
     skip = set() if reference is None else {b for b, kind in settled.items() if kind == "exact" or not exact}
-    residual = None if exact else torch.zeros(flat.numel(), dtype=torch.float32, device=flat.device)
-    for block in sorted(skip):
-        start, stop = bounds[block]
-        agreed = reference[start:stop].to(flat.dtype)  # type: ignore[index]
-        if residual is not None:
-            residual[start:stop] = flat[start:stop].float() - agreed.float()
-        flat[start:stop].copy_(agreed)
+    residual = None if exact else torch.empty(flat.numel(), dtype=torch.float32, device=flat.device)
     moved_sq = 0.0
     for start, stop in _ranges(bounds, skip):
         stats: dict[str, float] = {}
@@ -107,12 +105,17 @@ def form_consensus_(
                               accept=lambda summed: bool(summed[0] == world_size))
         else:
             ref = reference[start:stop]  # type: ignore[index]  # a compressed consensus needs the reference
-            part = consensus_compressed_(flat[start:stop], ref, group, world_size, codec, stats)
-            if part is not None and residual is not None:
-                residual[start:stop] = part
+            out = residual[start:stop]  # type: ignore[index]
+            consensus_compressed_(flat[start:stop], ref, group, world_size, codec, stats, out=out)
         if "moved" not in stats:
             return None, None
         moved_sq += stats["moved"] ** 2
+    for block in sorted(skip):  # after the exchanges, which may find a copy that is not finite and change nothing
+        start, stop = bounds[block]
+        agreed = reference[start:stop].to(flat.dtype)  # type: ignore[index]
+        if residual is not None:
+            residual[start:stop] = flat[start:stop].float() - agreed.float()
+        flat[start:stop].copy_(agreed)
     return moved_sq**0.5, residual
 
 

@@ -5,7 +5,7 @@ that follows a consensus point (leave it together, or stop together), and at the
 (validation start, checkpoint save, end of ``fit``). :class:`Coordination` runs those meetings in one fixed order,
 the same on every rank whatever its data, speed or timing:
 
-1. at a consensus point: ``ConsensusPoints.enter`` (agree on a stop, average exactly), then the telemetry gather
+1. at a consensus point: ``ConsensusPoints.enter`` (agree on a stop, average), then the telemetry gather
    (every rank has telemetry once training started);
 2. before a batch after a consensus point: ``ConsensusPoints.leave`` (agree again on a stop);
 3. once per epoch, after the worker's last batch and before any epoch-end collective of Lightning's or the user's

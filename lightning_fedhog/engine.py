@@ -79,7 +79,8 @@ class AveragingEngine:
         period: device steps between rounds, or ``"auto"`` to choose them from the measured step and round times
             (:mod:`~lightning_fedhog.self_pacing`); the main thread may change it at any time.
         compression: what all-reduce rounds send (:mod:`~lightning_fedhog.compression`; ``"auto"``:
-            :mod:`~lightning_fedhog.auto_compression`); consensus averages stay full averages in the model's dtype.
+            :mod:`~lightning_fedhog.auto_compression`); consensus points send what the rounds send
+            (:mod:`~lightning_fedhog.consensus_average`).
         pacing_budget: with ``period="auto"``, the share of the workers' throughput averaging may cost.
         sole_worker: the leader is its device's only worker, so once its main thread asks for a pause nothing but
             the rounds writes the copy: a block that the round agreeing on the pause leaves in the shared reference,
@@ -193,7 +194,7 @@ class AveragingEngine:
         With fp32 rounds it is :meth:`full_average`. When the rounds compress, the copies become
         ``c = r + mean(Q(x_i - r))`` (the same bits everywhere) and each leader keeps what quantisation dropped,
         which :meth:`resume` adds back, so nothing is lost
-        (:func:`~lightning_fedhog.compression.consensus_compressed_`).
+        (:func:`~lightning_fedhog.consensus_average.consensus_compressed_`).
         """
         self._command_and_wait("consensus")
 

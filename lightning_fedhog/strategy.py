@@ -472,8 +472,11 @@ class FedHogStrategy(DDPStrategy):
         """Every rank agreed to stop (SIGTERM): saves a resumable checkpoint of the consensus model and stops.
 
         :class:`SIGTERMException` then ends ``fit`` the way Lightning does on SIGTERM (a ``SystemExit``: the script
-        ends with status 0 unless it catches it).
+        ends with status 0 unless it catches it). Every rank is parked at the same consensus point here, which is
+        made exact first: the run resumes from the exact average, as from the end of ``fit``, whatever the rounds
+        sent.
         """
+        self.consensus(exact=True)
         save_stop_checkpoint(self._trainer(), self.broadcast)
         raise SIGTERMException()
 

@@ -36,7 +36,7 @@ def test_a_consensus_point_parks_averages_and_costs_one_for_consecutive_points()
     assert points.enter() is None  # validation, then a checkpoint: still parked, nothing to do
     assert calls == []
     assert points.leave() is False
-    assert calls == ["arrive 2", "agree", "engine.resume"]
+    assert calls == ["arrive 2", "agree", "engine.resume", "barrier"]
     assert not points.at_consensus and points.meetings == 2
 
 
@@ -52,6 +52,13 @@ def test_the_end_of_fit_makes_a_compressed_point_exact_and_workers_run_the_same_
     assert leader_calls.count("engine.make_exact") == 1
     collectives = [call for call in leader_calls if call in ("agree", "barrier")]
     assert collectives == [call for call in worker_calls if call in ("agree", "barrier")]
+    started_after = Calls()  # the sanity check's point came before the engine started: nothing to make exact
+    late = FakeEngine(started_after)
+    points = _points(started_after, _watch(), None)
+    points.enter()
+    points._engine = lambda: late  # the engine starts running (not parked) with training
+    points.enter(exact=True)
+    assert "engine.make_exact" not in started_after and started_after[-1] == "barrier"
     fresh = Calls()
     exact = _points(fresh, _watch(), FakeEngine(fresh))
     exact.enter(exact=True)  # a fresh exact point: the exact average, nothing to make exact afterwards

@@ -109,7 +109,7 @@ def test_the_second_point_in_a_row_costs_nothing_and_leaving_resumes_the_engine(
     coordination.consensus()  # validation, then a checkpoint: still parked
     assert calls == []
     coordination.before_batch(batch=[1, 2, 3])
-    assert calls == ["agree", "engine.resume"]
+    assert calls == ["agree", "engine.resume", "barrier"]
     assert not coordination.points.at_consensus
 
 
