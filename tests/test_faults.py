@@ -86,10 +86,12 @@ def test_nan_in_one_device_stops_the_run_without_spreading_and_keeps_the_checkpo
 
 
 def test_sigterm_to_every_process_saves_a_checkpoint_that_resumes(tmp_path: Path) -> None:
-    # as SLURM preempts: SIGTERM to every process at once, here from rank 1 in its step 10 (epoch 1)
+    # as SLURM preempts: SIGTERM to every process at once, here from rank 1 in its step 10 (epoch 1); int8 rounds,
+    # so the stop comes after a compressed consensus point (epoch 0's validation), which the stop makes exact
     first = tmp_path / "first"
     outcome = _run(
-        first, "--devices", "2", "--epochs", "3", "--sigterm-rank", "1", "--sigterm-step", "10", "--sigterm-group"
+        first, "--devices", "2", "--epochs", "3", "--sigterm-rank", "1", "--sigterm-step", "10", "--sigterm-group",
+        "--compression", "int8",
     )
     assert outcome.returncode == 0, outcome.output[-3000:]  # Lightning's SIGTERMException is a SystemExit
     assert "fedhog: stopped by SIGTERM at epoch 1" in outcome.output
@@ -101,7 +103,8 @@ def test_sigterm_to_every_process_saves_a_checkpoint_that_resumes(tmp_path: Path
     _assert_nothing_left(first)
 
     resumed = tmp_path / "resumed"
-    again = _run(resumed, "--devices", "2", "--epochs", "3", "--resume", str(first / "hpc_ckpt_1.ckpt"), forked=True)
+    again = _run(resumed, "--devices", "2", "--epochs", "3", "--resume", str(first / "hpc_ckpt_1.ckpt"),
+                 "--compression", "int8", forked=True)
     assert again.returncode == 0, again.output[-3000:]
     assert _assert_intact(resumed / "ckpt" / "last.ckpt", epoch=2)["global_step"] == 3 * 8
 
