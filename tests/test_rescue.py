@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import collections
 import json
+import os
+import subprocess
+import sys
 import threading
 from datetime import timedelta
 from pathlib import Path
@@ -16,7 +19,7 @@ from lightning_fedhog.epoch_indices import permutation
 from lightning_fedhog.rescue import RescueError, RescueMeeting, gather_rescue
 from lightning_fedhog.shared_counter import ResumedEpoch, SharedCounterSampler
 from lightning_fedhog.work_budget import WorkBudget
-from tests.conftest import assert_one_model, run_app, run_in_threads, run_outcome
+from tests.conftest import APP, assert_one_model, free_port, run_app, run_in_threads, run_outcome
 from tests.test_work_sharing import _batches, _train
 
 # ----------------------------------------------------------------------------------------- the interrupted epoch
@@ -218,3 +221,38 @@ def test_a_second_failure_during_the_rescue_leaves_the_last_checkpoint_and_says_
         tmp_path / "again", "--devices", "1", "--workers", "3", "--epochs", "2", "--resume", str(ckpt / "last.ckpt")
     )
     assert reports[0]["started"]["epoch"] == 1
+
+
+def _slurm_step(out: Path, restart_count: int, *args: str) -> list[tuple[int, str]]:
+    """Two tasks of one SLURM step on this host (2 devices x 1 worker), started as srun starts them; a requeued job
+    runs the same step again with ``SLURM_RESTART_COUNT`` raised."""
+    port, tasks = free_port(), []
+    for rank in range(2):
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2",
+               "SLURM_NNODES": "1", "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0",
+               "SLURM_JOB_ID": "4243", "SLURM_JOB_NAME": "fedhog-requeue", "SLURM_NODELIST": "127.0.0.1",
+               "SLURM_RESTART_COUNT": str(restart_count), "MASTER_PORT": str(port)}
+        command = [sys.executable, str(APP), "--out", str(out), "--devices", "2", "--workers", "1", *args]
+        tasks.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return [(task.returncode, output) for task in tasks for output, _ in [task.communicate(timeout=240)]]
+
+
+@pytest.mark.slow
+def test_a_requeued_slurm_job_resumes_from_the_rescue(tmp_path: Path) -> None:
+    """A SLURM job whose task 1 is SIGKILLed in epoch 1: task 0 saves a rescue and fails (SLURM would then requeue
+    the job); the same step run again (``SLURM_RESTART_COUNT=1``) resumes from the rescue, not from epoch 0's
+    checkpoint, and ends with both devices holding the same model."""
+    args = ("--epochs", "2", "--resume", "last", "--timeout", "30", "--kill-rank", "1", "--sleep-rank", "0",
+            "--sleep", "0.1")
+    first = _slurm_step(tmp_path, 0, *args)
+    assert first[0][0] != 0 and "saved a rescue to" in first[0][1], first[0][1][-4000:]
+    rescue = torch.load(tmp_path / "ckpt" / "last-rescue.ckpt", weights_only=False)
+    assert rescue["epoch"] == 1 and rescue["fedhog_rescue"]["lost"] == [1]
+    again = _slurm_step(tmp_path, 1, *args)
+    assert [code for code, _ in again] == [0, 0], again[0][1][-4000:] + again[1][1][-4000:]
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    for report in reports:
+        assert report["environment"] == "SLURMEnvironment"
+        assert report["started"]["epoch"] == 1 and report["started"]["global_step"] == rescue["global_step"]
+        assert report["current_epoch"] == 2
+    assert_one_model(tmp_path, 2)

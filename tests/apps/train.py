@@ -123,7 +123,8 @@ class Net(L.LightningModule):
             time.sleep(self.hparams.sleep)
         if self.global_rank == self.hparams.crash_rank and self.global_step == 3:
             raise RuntimeError(f"injected failure on rank {self.global_rank}")
-        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        restarts = (os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"), os.environ.get("SLURM_RESTART_COUNT", "0"))
+        first_attempt = restarts == ("0", "0")  # torchrun's restart count, or a requeued SLURM job's
         kill_now = (
             self.global_step == self.hparams.kill_step
             if self.hparams.kill_step >= 0
