@@ -65,6 +65,7 @@ class Net(L.LightningModule):
         out: str = "",
         sleep_from_epoch: int = 0,
         trace: str = "",
+        kill_agent: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -132,6 +133,8 @@ class Net(L.LightningModule):
         )
         if self.global_rank == self.hparams.kill_rank and kill_now and first_attempt:
             print(f"KILLED rank {self.global_rank} at {time.time()}", flush=True)
+            if self.hparams.kill_agent:  # the node is gone: its torchrun agent will not start it again
+                os.kill(os.getppid(), signal.SIGKILL)
             os.kill(os.getpid(), signal.SIGKILL)  # a worker dies without a word
         if self.global_rank == self.hparams.sigterm_rank and self.global_step == self.hparams.sigterm_step:
             print(f"SIGTERM rank {self.global_rank} at {time.time()}", flush=True)
@@ -373,7 +376,10 @@ def main() -> None:
     parser.add_argument("--gpu-ids", default=None,
                         help="comma-separated CUDA device of each fedhog device, e.g. 0,0: two devices on GPU 0")
     parser.add_argument("--averaging-backend", default="auto")
-    parser.add_argument("--num-nodes", type=int, default=1)
+    parser.add_argument("--num-nodes", type=int, default=1,
+                        help="0: as many as the launcher started (torchrun's elastic --nnodes=MIN:MAX)")
+    parser.add_argument("--probe-size", type=int, default=0, help="the probe's length (0: the world size)")
+    parser.add_argument("--kill-agent", action="store_true", help="with --kill-rank: SIGKILL its torchrun agent too")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--samples", type=int, default=256)
@@ -453,12 +459,14 @@ def main() -> None:
         _die_in_rescue(args.die_in_rescue)
 
     L.seed_everything(1234)
-    world_size = args.devices * args.num_nodes * args.workers
+    if args.num_nodes == 0:  # elastic: the nodes of this attempt's rendezvous
+        args.num_nodes = int(os.environ["WORLD_SIZE"]) // int(os.environ["LOCAL_WORLD_SIZE"])
+    world_size = args.probe_size or args.devices * args.num_nodes * args.workers
     model = Net(
         args.kind, world_size, args.lr, args.sleep_rank, args.sleep, args.crash_rank, args.nan_rank, args.kill_rank,
         args.kill_step, args.sigterm_rank, args.sigterm_step, args.sigterm_group, args.schedule,
         args.sigterm_epoch_end, args.estimate_in_setup, str(args.out),
-        args.sleep_from_epoch, args.trace,
+        args.sleep_from_epoch, args.trace, args.kill_agent,
     )
     strategy = (
         FedHogStrategy(
