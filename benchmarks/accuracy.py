@@ -348,7 +348,7 @@ def p9_mixing_per_byte(scale: Scale, workdir: Path) -> dict[str, Any]:
                          "fedhog_defaults": "--trainer.strategy=fedhog, no knob set (compression='auto', 1 worker"
                          " per CPU device)",
                          "fedhog_bf16/int8": "compression='bf16'/'int8': rounds send the difference from the shared"
-                         " reference; consensus points stay exact fp32",
+                         " reference; consensus points send it too (exact at the end of fit)",
                          "fedhog_auto": "averaging_period='auto' (averaging may cost 5% of the workers' throughput)",
                          "fedhog_int8_auto_2blocks/overlap": "num_blocks=2, rounds_in_flight=1 / 2",
                          "ddp": "2 processes", "seeds": "repeat i uses seed_everything=i",

@@ -118,8 +118,8 @@ BENCHMARKS: dict[str, Benchmark] = {  # in the order they run and the README sho
     ),
     "p9_mixing_per_byte": Benchmark(
         "P9 MNIST-1D time to 0.85 on a 20 Mbit/s link, fedhog's link options", _ACCURACY, "accuracy",
-        "the best option within 1.5x of fedhog's own time on an unlimited link (<= 0.25x DDP's), int8 >= 2x the"
-        " rounds/s of fp32 at equal bytes/s",
+        "fedhog with no knob set within 1.5x of its own time on an unlimited link and <= 0.15x DDP's; the best"
+        " option within 1.2x; the time int8 spends at consensus points <= 1.5x the unlimited link's",
         ("fedhog_int8_auto_overlap",),
     ),
     "p12_lpp_accuracy": Benchmark(

@@ -72,6 +72,7 @@ def _row(report: dict[str, Any]) -> list[str]:
                 + (f"{per_epoch:.2f} s" if per_epoch else "-")
                 + f" | {r['final_accuracy']:.3f} | "
                 + ("baseline" if method == own else f"**{ratio:.2f}x** the time" + _of(own, report) if ratio else "-")
+                + _versus_limit(method, report)
                 + " |"
             )
         return lines
@@ -92,6 +93,13 @@ def _row(report: dict[str, Any]) -> list[str]:
             + " |"
         )
     return lines
+
+
+def _versus_limit(method: str, report: dict[str, Any]) -> str:
+    """A time-to-accuracy row's time over the same method's best case (``limit``, e.g. no rate limit on the link)."""
+    limit = report.get("limit")
+    ratio = report["ratios"].get(f"{method}_time_over_{limit}") if method not in (limit, report["baseline"]) else None
+    return f", {ratio:.2f}x {limit}'s" if ratio else ""
 
 
 def _name(method: str) -> str:
@@ -220,6 +228,11 @@ def _period_note(result: dict[str, Any]) -> str:
     return f" at period {period:.0f}" if 0 < period < NO_ROUNDS and not alternated else ""
 
 
+def _seconds(value: float) -> str:
+    """A short duration with two significant digits below a second (0.19 s), one decimal above (3.4 s)."""
+    return f"{value:.2f} s" if value < 1 else f"{value:.1f} s"
+
+
 def _averaging_lines(report: dict[str, Any]) -> list[str]:
     """For time-to-accuracy runs: what fedhog's averaging did (medians over seeds), per method that logged it."""
     if not is_accuracy(report["benchmark"]):
@@ -233,7 +246,7 @@ def _averaging_lines(report: dict[str, Any]) -> list[str]:
             f"{method}: {figures['rounds_per_s']:.1f} rounds/s ({figures['seconds_per_round'] * 1000:.0f} ms each,"
             f" busy {figures['round_busy']:.0%} of the time), {figures['bytes_per_s'] / 1e6:.2f} MB/s, effective"
             f" period {figures['effective_period']:.0f} device steps, consensus distance"
-            f" {figures['consensus_distance']:.2g}, {figures['consensus_s']:.1f} s at consensus points."
+            f" {figures['consensus_distance']:.2g}, {_seconds(figures['consensus_s'])} at consensus points."
         )
     if not lines:
         return []
