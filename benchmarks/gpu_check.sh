@@ -30,7 +30,7 @@ lightning.__version__, "gpus", torch.cuda.device_count())' || exit 1
 parallel=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n 8")
 echo "== GPU tests (limit 150 s) ${parallel:-one at a time}"
 began=$SECONDS
-timeout -k 5 150 "$PY" -m pytest -m gpu tests/test_gpu.py -v --durations=0 -p no:cacheprovider $parallel 2>&1 \
+timeout -k 5 150 "$PY" -m pytest -m gpu tests/test_gpu.py -v -rP --durations=0 -p no:cacheprovider $parallel 2>&1 \
     | tee "$LOGS/tests.log"
 code=${PIPESTATUS[0]}
 echo "== GPU tests: exit $code after $((SECONDS - began)) s"

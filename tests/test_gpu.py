@@ -12,6 +12,7 @@ with the same bits, equal to the checkpoint saved at the end.
 from __future__ import annotations
 
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,45 @@ def test_nccl_leaders_on_two_gpus(tmp_path: Path, averaging: str) -> None:
     assert {r["leader_backend"] for r in reports} == {"nccl"}
     saved = assert_one_consensus_model(tmp_path, 4)
     assert_every_step_landed(saved, reports, devices=2)
+
+
+@pytest.mark.parametrize("codec", ["int8", "bf16"])
+def test_compressed_rounds_and_consensus_on_cuda_stay_within_their_memory_bound(codec: str) -> None:
+    """A compressed round of a 256 MiB block on CUDA (one leader: a gloo group of one, its messages staged
+    through host memory) raises the GPU's peak by at most one fp32 copy of the block plus a fixed workspace; a
+    compressed consensus point by that plus its residual (one fp32 copy, kept until training resumes). The copy
+    ends as the reference, the same bits, and adding the residual back gives the copy before the point."""
+    import torch.distributed as dist
+
+    from lightning_fedhog.compression import PIECE, SharedReference
+    from lightning_fedhog.consensus_average import consensus_compressed_, restore_residual_
+
+    numel, device, workspace = 1 << 26, torch.device("cuda", 0), 16 * PIECE * 4
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    group = dist.ProcessGroupGloo(dist.PrefixStore("gpu-peak", store), 0, 1, timedelta(seconds=60))
+    live = torch.randn(numel, device=device, generator=torch.Generator(device).manual_seed(0))
+    shared = SharedReference(numel, 1, device)
+    shared.values.copy_(live).mul_(0.5)
+    shared.tracked(0)
+    control = torch.zeros(4, device=device)
+    shared.start_(live[:PIECE], (0, PIECE), group, 1, control, codec)(accept=lambda summed: True, stats={})
+
+    def extra(work) -> tuple[int, object]:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        result = work()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before, result
+
+    round_extra, _ = extra(lambda: shared.start_(live, (0, numel), group, 1, control, codec)(
+        accept=lambda summed: True, stats={}))
+    snapshot = live.clone()
+    consensus_extra, residual = extra(lambda: consensus_compressed_(live, shared.values, group, 1, codec))
+    print(f"{codec}: a round of {numel * 4 / 2**20:.0f} MiB raised the peak by {round_extra / 2**20:.0f} MiB,"
+          f" a consensus point by {consensus_extra / 2**20:.0f} MiB (its residual: {numel * 4 / 2**20:.0f} MiB)")
+    assert round_extra <= 4 * numel + workspace, f"{round_extra / 2**20:.0f} MiB"
+    assert consensus_extra <= 8 * numel + workspace, f"{consensus_extra / 2**20:.0f} MiB"
+    assert torch.equal(live, shared.values)
+    restore_residual_(live, residual)
+    torch.testing.assert_close(live, snapshot, rtol=0, atol=1e-5)
