@@ -458,9 +458,16 @@ class FedHogStrategy(DDPStrategy):
         at the same points on every rank: validation start, checkpoint save, end of fit. Where the rounds compress,
         validation and checkpoints get the model every device agreed on with compressed codes (within quantisation
         error of the exact average, nothing dropped from the copies); ``exact`` (the end of fit) the exact average.
+        The points of the last epoch that ``max_epochs`` allows are exact too, the same on every rank (the epoch is
+        agreed): the last checkpoint of such a run then holds the model ``fit`` hands over, and the end of ``fit``,
+        still parked there, sends nothing more.
         """
         if (shared := self._shared()) is not None and not self._fit.rescuing:  # type: ignore[union-attr]
-            shared.coordination.consensus(exact)
+            shared.coordination.consensus(exact or self._in_last_epoch())
+
+    def _in_last_epoch(self) -> bool:
+        trainer = self._trainer()
+        return trainer.max_epochs not in (None, -1) and trainer.current_epoch >= trainer.max_epochs - 1
 
     def _epoch_ends(self, epoch: int, skipped: bool) -> None:
         """Every worker meets once per epoch after its last batch, before any epoch-end collective (the stop is
