@@ -38,8 +38,8 @@ FAULTS = 3
 
 EPOCHS = 4
 SAMPLES = 1_000_000
-"""800,000 training samples: on 2 idle cores an epoch takes about 40 s for fedhog and 70 s for DDP, so a fault every
-~2 epochs comes every 1.5-2.5 minutes. What a fault costs fedhog is mostly a restart of both workers (about 6 s here,
+"""800,000 training samples: on 2 idle cores an epoch takes about 35 s for fedhog and 60 s for DDP, so a fault every
+~2 epochs comes every 1-2 minutes. What a fault costs fedhog is mostly a restart of both workers (about 7 s here,
 for either method), so its goodput is about 1 - restart / time between faults: with 15-second epochs (400,000
 samples, the run in ``benchmarks/results/variants/p11_chaos_400k.json``) it was 87%, with the 8-second epochs of
 60,000 samples (the first P11 run) 71%; such figures say more about process start-up than about what a fault loses."""
