@@ -12,13 +12,13 @@ with the same bits, equal to the checkpoint saved at the end.
 from __future__ import annotations
 
 import sys
-from datetime import timedelta
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import load_rank, run_app
+from tests.conftest import load_rank, run_app, thread_groups
 
 pytestmark = [
     pytest.mark.gpu,
@@ -144,14 +144,11 @@ def test_compressed_rounds_and_consensus_on_cuda_stay_within_their_memory_bound(
     through host memory) raises the GPU's peak by at most one fp32 copy of the block plus a fixed workspace; a
     compressed consensus point by that plus its residual (one fp32 copy, kept until training resumes). The copy
     ends as the reference, the same bits, and adding the residual back gives the copy before the point."""
-    import torch.distributed as dist
-
     from lightning_fedhog.compression import PIECE, SharedReference
     from lightning_fedhog.consensus_average import consensus_compressed_, restore_residual_
 
     numel, device, workspace = 1 << 26, torch.device("cuda", 0), 16 * PIECE * 4
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    group = dist.ProcessGroupGloo(dist.PrefixStore("gpu-peak", store), 0, 1, timedelta(seconds=60))
+    _store, (group,) = thread_groups(1, timeout=60.0)
     live = torch.randn(numel, device=device, generator=torch.Generator(device).manual_seed(0))
     shared = SharedReference(numel, 1, device)
     shared.values.copy_(live).mul_(0.5)
@@ -159,7 +156,7 @@ def test_compressed_rounds_and_consensus_on_cuda_stay_within_their_memory_bound(
     control = torch.zeros(4, device=device)
     shared.start_(live[:PIECE], (0, PIECE), group, 1, control, codec)(accept=lambda summed: True, stats={})
 
-    def extra(work) -> tuple[int, object]:
+    def extra(work: Callable[[], object]) -> tuple[int, object]:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
